@@ -1,0 +1,113 @@
+"""CLIP ViT vision tower (the encoder half of CLIPVisionModel), returning selected hidden states."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llava_jax.config import VisionConfig
+from llava_jax.models.layers import INIT_STD, activation, attention, dense, logical, scan_layers
+
+
+def _layer_norm(config: VisionConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32,
+      scale_init=logical(nn.initializers.ones, ("embed",)),
+      bias_init=logical(nn.initializers.zeros, ("embed",)), name=name)
+
+
+class ClipEmbeddings(nn.Module):
+  config: VisionConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    """pixel_values (N, H, W, C) -> (N, 1 + patches, D): class token, patches, plus positions."""
+    c = self.config
+    patches = nn.Conv(
+        c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size), padding="VALID",
+        use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=logical(nn.initializers.normal(INIT_STD), (None, None, None, "embed")),
+        name="patch_embedding")(pixel_values.astype(self.dtype))
+    n = patches.shape[0]
+    patches = patches.reshape(n, -1, c.hidden_size)
+    cls = self.param("class_embedding", logical(nn.initializers.normal(INIT_STD), ("embed",)), (c.hidden_size,))
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (n, 1, c.hidden_size))
+    positions = nn.Embed(
+        c.num_patches + 1, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+        embedding_init=logical(nn.initializers.normal(INIT_STD), (None, "embed")), name="position_embedding")
+    return jnp.concatenate([cls, patches], axis=1) + positions.embedding.astype(self.dtype)[None]
+
+
+class ClipAttention(nn.Module):
+  config: VisionConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    heads = (c.num_attention_heads, c.head_dim)
+    q, k, v = (dense(heads, ("embed", "heads", "kv"), name=n, dtype=self.dtype, use_bias=True)(x)
+               for n in ("q_proj", "k_proj", "v_proj"))
+    out = attention(q, k, v, None, c.head_dim ** -0.5)
+    return dense(c.hidden_size, ("heads", "kv", "embed"), name="out_proj", dtype=self.dtype, use_bias=True,
+                 contract=(-2, -1))(out)
+
+
+class ClipMlp(nn.Module):
+  config: VisionConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    x = dense(c.intermediate_size, ("embed", "mlp"), name="fc1", dtype=self.dtype, use_bias=True)(x)
+    x = activation(c.hidden_act)(x)
+    return dense(c.hidden_size, ("mlp", "embed"), name="fc2", dtype=self.dtype, use_bias=True)(x)
+
+
+class ClipEncoderLayer(nn.Module):
+  """Pre-LayerNorm transformer block. Also tracks the hidden states LLaVA selects.
+
+  The carry holds the running hidden state and `selected`, one slot per requested hidden-state
+  index; keeping only those (instead of stacking every layer's output) bounds activation memory.
+  """
+  config: VisionConfig
+  dtype: jnp.dtype
+  feature_layers: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, carry, layer_index):
+    h, selected = carry
+    x = _layer_norm(self.config, "layer_norm1")(h).astype(self.dtype)
+    h = h + ClipAttention(self.config, self.dtype, name="self_attn")(x)
+    x = _layer_norm(self.config, "layer_norm2")(h).astype(self.dtype)
+    h = h + ClipMlp(self.config, self.dtype, name="mlp")(x)
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    hidden_index = layer_index + 1  # hidden state 0 is the embeddings output
+    selected = tuple(jnp.where(hidden_index == want, h, s) for want, s in zip(self.feature_layers, selected))
+    return (h, selected), None
+
+
+class ClipVisionTower(nn.Module):
+  """pixel_values (N, H, W, C) -> hidden states at `feature_layers`, each (N, 1 + patches, D)."""
+  config: VisionConfig
+  feature_layers: tuple[int, ...]
+  dtype: jnp.dtype = jnp.float32
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, ...]:
+    c = self.config
+    h = ClipEmbeddings(c, self.dtype, name="embeddings")(pixel_values)
+    h = _layer_norm(c, "pre_layrnorm")(h).astype(self.dtype)
+    selected = tuple(h if want == 0 else jnp.zeros_like(h) for want in self.feature_layers)
+    encoder = scan_layers(
+        ClipEncoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers, in_axes=(0,),
+        name="layers", config=c, dtype=self.dtype, feature_layers=self.feature_layers)
+    (h, selected), _ = encoder((h, selected), jnp.arange(c.num_hidden_layers))
+    if self.is_initializing():
+      # CLIP's pooled output is unused by LLaVA; its norm is created so checkpoints round-trip.
+      _layer_norm(c, "post_layernorm")(h[:, 0])
+    return selected

@@ -1,0 +1,137 @@
+"""LLaMA-family decoder (LLaMA, Vicuna, Mistral): RMSNorm, rotary positions, GQA, SwiGLU, KV cache.
+
+The KV cache is an explicit pytree `{"k", "v"}` of shape (layers, batch, slots, kv_heads, head_dim)
+passed in and returned, so decoding stays pure-functional and runs inside `lax.while_loop`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llava_jax.config import TextConfig
+from llava_jax.models.layers import INIT_STD, activation, attention, dense, logical, scan_layers
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, scaling_factor: float):
+  """cos/sin tables (B, S, head_dim) in float32 for HF's half-split rotary layout."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = (positions.astype(jnp.float32) / scaling_factor)[..., None] * inv_freq
+  angles = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x (B, S, H, D): rotates the two halves of each head as HF's `rotate_half` does."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+class LlamaAttention(nn.Module):
+  config: TextConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    c = self.config
+    proj = lambda heads, axes, name: dense((heads, c.head_dim), ("embed", axes, "kv"), name=name, dtype=self.dtype,
+                                           use_bias=c.attention_bias)(x)
+    q = apply_rotary(proj(c.num_attention_heads, "heads", "q_proj"), cos, sin)
+    k = apply_rotary(proj(c.num_key_value_heads, "kv_heads", "k_proj"), cos, sin)
+    v = proj(c.num_key_value_heads, "kv_heads", "v_proj")
+    if layer_cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
+      layer_cache = {"k": k, "v": v}
+    out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim ** -0.5)
+    out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.attention_bias,
+                contract=(-2, -1))(out)
+    return out, layer_cache
+
+
+class LlamaMlp(nn.Module):
+  config: TextConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", dtype=self.dtype, use_bias=c.mlp_bias)(x)
+    up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", dtype=self.dtype, use_bias=c.mlp_bias)(x)
+    x = activation(c.hidden_act)(gate) * up
+    x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
+    return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", dtype=self.dtype, use_bias=c.mlp_bias)(x)
+
+
+class LlamaDecoderLayer(nn.Module):
+  config: TextConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, h, layer_cache, cos, sin, mask, cache_index):
+    c = self.config
+    x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(h)
+    attn, layer_cache = LlamaAttention(c, self.dtype, name="self_attn")(x, cos, sin, mask, layer_cache, cache_index)
+    h = h + attn
+    x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_norm")(h)
+    h = h + LlamaMlp(c, self.dtype, name="mlp")(x)
+    return nn.with_logical_constraint(h, ("batch", "length", "embed")), layer_cache
+
+
+def init_cache(config: TextConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
+  shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class LlamaModel(nn.Module):
+  """Token embeddings -> scanned decoder layers -> final norm -> vocabulary logits."""
+  config: TextConfig
+  dtype: jnp.dtype = jnp.float32
+  remat_policy: str = "none"
+
+  def setup(self):
+    c = self.config
+    self.embed_tokens = nn.Embed(
+        c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+        embedding_init=logical(nn.initializers.normal(INIT_STD), ("vocab", "embed")))
+    self.layers = scan_layers(
+        LlamaDecoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers,
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), name="layers", config=c,
+        dtype=self.dtype)
+    self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    return self.embed_tokens(input_ids)
+
+  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache: dict | None = None, cache_index: jax.Array | int = 0):
+    """inputs_embeds (B, S, D); positions (B, S); mask (B, S, T) bool over key slots.
+
+    Without a cache, T == S. With one, this call's keys/values are written at slots
+    [cache_index, cache_index + S) and the queries attend over all T cache slots.
+    Returns float32 logits (B, S, vocab) and the updated cache (None without one).
+    """
+    c = self.config
+    cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor)
+    h = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
+    h, cache = self.layers(h, cache, cos, sin, mask, cache_index)
+    h = self.norm(h)
+    logits = self.embed_tokens.attend(h) if c.tie_word_embeddings else self.lm_head(h)
+    return logits.astype(jnp.float32), cache

@@ -1,0 +1,90 @@
+"""LLaVA: vision tower -> selected features -> projector -> image-token embeddings -> language model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.config import LlavaConfig
+from llava_jax.errors import LlavaJaxError
+from llava_jax.models.clip import ClipVisionTower
+from llava_jax.models.llama import LlamaModel
+from llava_jax.models.projector import Projector
+
+
+def check_image_token_count(input_ids, images_per_row: int, tokens_per_image: int, image_token_index: int) -> None:
+  """Raises when a row's image-token count differs from what its images produce (host-side check)."""
+  counts = np.sum(np.asarray(input_ids) == image_token_index, axis=1)
+  want = images_per_row * tokens_per_image
+  for row, got in enumerate(counts):
+    if got != want:
+      raise LlavaJaxError(
+          f"row {row}: the prompt has {got} image tokens but {images_per_row} image(s) give {want} features "
+          f"({tokens_per_image} per image)")
+
+
+def attention_layout(kv_mask: jax.Array, num_queries: int, cache_index):
+  """Positions (B, S) and the causal mask (B, S, T) for queries at slots [cache_index, cache_index + S).
+
+  kv_mask (B, T) marks the valid key slots (False for left padding and unwritten cache slots).
+  Positions count valid slots, so left-padded rows start at 0 exactly as HF's generate does.
+  """
+  query_slots = cache_index + jnp.arange(num_queries)
+  positions = jnp.maximum(jnp.cumsum(kv_mask.astype(jnp.int32), axis=1) - 1, 0)
+  positions = jnp.take(positions, query_slots, axis=1)
+  causal = jnp.arange(kv_mask.shape[1])[None, :] <= query_slots[:, None]
+  return positions, kv_mask[:, None, :].astype(bool) & causal[None]
+
+
+class Llava(nn.Module):
+  config: LlavaConfig
+
+  def setup(self):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    self.vision_tower = ClipVisionTower(c.vision, c.feature_layers, dtype, c.remat_policy)
+    self.projector = Projector(c.projector_type, c.text.hidden_size, c.projector_hidden_act,
+                               c.multimodal_projector_bias, dtype)
+    self.language_model = LlamaModel(c.text, dtype, c.remat_policy)
+
+  def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, tokens_per_image, text_hidden)."""
+    hidden = self.vision_tower(pixel_values)
+    if self.config.vision_feature_select_strategy == "default":
+      hidden = tuple(h[:, 1:] for h in hidden)  # drop the class token
+    return self.projector(jnp.concatenate(hidden, axis=-1))
+
+  def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
+    """Token embeddings with each row's image features written, in order, at its image tokens.
+
+    pixel_values (B, M, H, W, C): row b's M images fill row b's image tokens; slots beyond a
+    row's image tokens (padding images) are computed and ignored.
+    """
+    embeds = self.language_model.embed(input_ids)
+    if pixel_values is None:
+      return embeds
+    b, m = pixel_values.shape[:2]
+    features = self.encode_images(pixel_values.reshape((b * m,) + pixel_values.shape[2:]))
+    features = features.reshape(b, -1, features.shape[-1]).astype(embeds.dtype)
+    is_image = input_ids == self.config.image_token_index
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features, index[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered, embeds)
+
+  def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, cache: dict | None = None, cache_index=0):
+    """Logits (B, S, vocab) float32 and the updated cache.
+
+    attention_mask: (B, S) without a cache (1 = real token; left or right padding), or (B, T)
+    over the cache slots with one (including the slots this call writes).
+    """
+    if pixel_values is not None and not isinstance(input_ids, jax.core.Tracer):
+      c = self.config
+      check_image_token_count(input_ids, pixel_values.shape[1], c.image_seq_length, c.image_token_index)
+    embeds = self.embed(input_ids, pixel_values)
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape if cache is None else cache["k"].shape[1:3], bool)
+    positions, mask = attention_layout(attention_mask, input_ids.shape[1], cache_index)
+    return self.language_model(embeds, positions, mask, cache, cache_index)

@@ -1,0 +1,232 @@
+"""The one table between Hugging Face LLaVA tensor names and llava-jax parameter paths.
+
+Both directions read `rules(config)`: each rule names an HF tensor (with `{i}` for the layer
+index when the parameter is stacked on a leading `layers` axis), our parameter path, and a
+transform (transpose, head reshape, conv layout). Everything here is numpy and streams one
+tensor at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import numpy as np
+
+from llava_jax.config import LlavaConfig
+from llava_jax.errors import LlavaJaxError
+
+# ---- transforms: (HF array, our per-layer shape) -> ours, and ours -> HF ----------------------
+
+
+def _linear_in(w, shape):  # (out, in) -> (in, *out)
+  return w.T.reshape(shape)
+
+
+def _linear_in_back(p):
+  return p.reshape(p.shape[0], -1).T
+
+
+def _linear_out(w, shape):  # (out, heads*head_dim) -> (heads, head_dim, out)
+  return w.T.reshape(shape)
+
+
+def _linear_out_back(p):
+  return p.reshape(-1, p.shape[-1]).T
+
+
+TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
+    "copy": (lambda w, shape: w.reshape(shape), lambda p: p),
+    "linear": (_linear_in, _linear_in_back),
+    "linear_out": (_linear_out, _linear_out_back),
+    "bias_heads": (lambda w, shape: w.reshape(shape), lambda p: p.reshape(-1)),
+    "conv": (lambda w, shape: w.transpose(2, 3, 1, 0), lambda p: p.transpose(3, 2, 0, 1)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  hf: str  # canonical HF name; "{i}" marks a stacked per-layer tensor
+  path: str  # our parameter path, "/"-separated
+  transform: str
+  shape: tuple[int, ...]  # our per-layer shape
+
+  @property
+  def stacked(self) -> bool:
+    return "{i}" in self.hf
+
+
+def rules(config: LlavaConfig) -> list[Rule]:
+  v, t = config.vision, config.text
+  vh, th = (v.num_attention_heads, v.head_dim), (t.num_attention_heads, t.head_dim)
+  kvh = (t.num_key_value_heads, t.head_dim)
+  out: list[Rule] = []
+
+  def add(hf, path, transform, shape):
+    out.append(Rule(hf, path, transform, tuple(shape)))
+
+  vt, vl = "vision_tower.", "vision_tower.encoder.layers.{i}."
+  add(vt + "embeddings.patch_embedding.weight", "vision_tower/embeddings/patch_embedding/kernel", "conv",
+      (v.patch_size, v.patch_size, v.num_channels, v.hidden_size))
+  add(vt + "embeddings.class_embedding", "vision_tower/embeddings/class_embedding", "copy", (v.hidden_size,))
+  add(vt + "embeddings.position_embedding.weight", "vision_tower/embeddings/position_embedding/embedding", "copy",
+      (v.num_patches + 1, v.hidden_size))
+  for norm in ("pre_layrnorm", "post_layernorm"):
+    add(vt + f"{norm}.weight", f"vision_tower/{norm}/scale", "copy", (v.hidden_size,))
+    add(vt + f"{norm}.bias", f"vision_tower/{norm}/bias", "copy", (v.hidden_size,))
+  for norm in ("layer_norm1", "layer_norm2"):
+    add(vl + f"{norm}.weight", f"vision_tower/layers/{norm}/scale", "copy", (v.hidden_size,))
+    add(vl + f"{norm}.bias", f"vision_tower/layers/{norm}/bias", "copy", (v.hidden_size,))
+  for proj in ("q_proj", "k_proj", "v_proj"):
+    add(vl + f"self_attn.{proj}.weight", f"vision_tower/layers/self_attn/{proj}/kernel", "linear", (v.hidden_size,) + vh)
+    add(vl + f"self_attn.{proj}.bias", f"vision_tower/layers/self_attn/{proj}/bias", "bias_heads", vh)
+  add(vl + "self_attn.out_proj.weight", "vision_tower/layers/self_attn/out_proj/kernel", "linear_out",
+      vh + (v.hidden_size,))
+  add(vl + "self_attn.out_proj.bias", "vision_tower/layers/self_attn/out_proj/bias", "copy", (v.hidden_size,))
+  add(vl + "mlp.fc1.weight", "vision_tower/layers/mlp/fc1/kernel", "linear", (v.hidden_size, v.intermediate_size))
+  add(vl + "mlp.fc1.bias", "vision_tower/layers/mlp/fc1/bias", "copy", (v.intermediate_size,))
+  add(vl + "mlp.fc2.weight", "vision_tower/layers/mlp/fc2/kernel", "linear", (v.intermediate_size, v.hidden_size))
+  add(vl + "mlp.fc2.bias", "vision_tower/layers/mlp/fc2/bias", "copy", (v.hidden_size,))
+
+  projections = ["linear_1"] if config.projector_type == "linear" else ["linear_1", "linear_2"]
+  for name in projections:
+    fan_in = config.vision_feature_size if name == "linear_1" else t.hidden_size
+    add(f"multi_modal_projector.{name}.weight", f"projector/{name}/kernel", "linear", (fan_in, t.hidden_size))
+    if config.multimodal_projector_bias:
+      add(f"multi_modal_projector.{name}.bias", f"projector/{name}/bias", "copy", (t.hidden_size,))
+
+  lm, ll = "language_model.model.", "language_model.model.layers.{i}."
+  add(lm + "embed_tokens.weight", "language_model/embed_tokens/embedding", "copy", (t.vocab_size, t.hidden_size))
+  add(lm + "norm.weight", "language_model/norm/scale", "copy", (t.hidden_size,))
+  add(ll + "input_layernorm.weight", "language_model/layers/input_norm/scale", "copy", (t.hidden_size,))
+  add(ll + "post_attention_layernorm.weight", "language_model/layers/post_attention_norm/scale", "copy",
+      (t.hidden_size,))
+  for proj, heads in (("q_proj", th), ("k_proj", kvh), ("v_proj", kvh)):
+    add(ll + f"self_attn.{proj}.weight", f"language_model/layers/self_attn/{proj}/kernel", "linear",
+        (t.hidden_size,) + heads)
+    if t.attention_bias:
+      add(ll + f"self_attn.{proj}.bias", f"language_model/layers/self_attn/{proj}/bias", "bias_heads", heads)
+  add(ll + "self_attn.o_proj.weight", "language_model/layers/self_attn/o_proj/kernel", "linear_out",
+      th + (t.hidden_size,))
+  if t.attention_bias:
+    add(ll + "self_attn.o_proj.bias", "language_model/layers/self_attn/o_proj/bias", "copy", (t.hidden_size,))
+  for proj, fan_in, fan_out in (("gate_proj", t.hidden_size, t.intermediate_size),
+                                ("up_proj", t.hidden_size, t.intermediate_size),
+                                ("down_proj", t.intermediate_size, t.hidden_size)):
+    add(ll + f"mlp.{proj}.weight", f"language_model/layers/mlp/{proj}/kernel", "linear", (fan_in, fan_out))
+    if t.mlp_bias:
+      add(ll + f"mlp.{proj}.bias", f"language_model/layers/mlp/{proj}/bias", "copy", (fan_out,))
+  if not t.tie_word_embeddings:
+    add("language_model.lm_head.weight", "language_model/lm_head/kernel", "linear", (t.hidden_size, t.vocab_size))
+  return out
+
+
+def layer_count(rule: Rule, config: LlavaConfig) -> int:
+  if rule.path.startswith("vision_tower/"):
+    return config.vision.num_hidden_layers
+  return config.text.num_hidden_layers
+
+
+def hf_names(rule: Rule, config: LlavaConfig) -> list[str]:
+  if not rule.stacked:
+    return [rule.hf]
+  return [rule.hf.format(i=i) for i in range(layer_count(rule, config))]
+
+
+# ---- the three HF key layouts ------------------------------------------------------------------
+# "saved": what transformers 5 writes to disk (canonical here); "memory": its in-memory module
+# names; "hub": older hub checkpoints with CLIPVisionModel's `vision_model.` level.
+
+_LAYOUT_PREFIXES = {
+    "saved": [],
+    "memory": [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")],
+    "hub": [("vision_tower.", "vision_tower.vision_model.")],
+}
+LAYOUTS = tuple(_LAYOUT_PREFIXES)
+
+
+def detect_layout(names) -> str:
+  names = list(names)
+  if any(n.startswith("model.language_model.") or n.startswith("model.vision_tower.") for n in names):
+    return "memory"
+  if any(n.startswith("vision_tower.vision_model.") for n in names):
+    return "hub"
+  return "saved"
+
+
+def to_layout(canonical: str, layout: str) -> str:
+  for old, new in _LAYOUT_PREFIXES[layout]:
+    if canonical.startswith(old):
+      return new + canonical[len(old):]
+  return canonical
+
+
+# ---- whole-model conversion --------------------------------------------------------------------
+
+
+def _set(tree: dict, path: str, value) -> None:
+  *parents, leaf = path.split("/")
+  for p in parents:
+    tree = tree.setdefault(p, {})
+  tree[leaf] = value
+
+
+def _get(tree: dict, path: str):
+  for p in path.split("/"):
+    tree = tree[p]
+  return tree
+
+
+def hf_to_params(read: Callable[[str], np.ndarray], config: LlavaConfig, layout: str = "saved",
+                 source: str = "checkpoint") -> dict:
+  """Builds our parameter tree by reading HF tensors one at a time with `read(name)`.
+
+  `read` must raise KeyError for a missing tensor. Tensors keep their stored dtype.
+  """
+  params: dict = {}
+  for rule in rules(config):
+    forward, _ = TRANSFORMS[rule.transform]
+    stacked = None
+    for i, name in enumerate(hf_names(rule, config)):
+      name = to_layout(name, layout)
+      try:
+        tensor = read(name)
+      except KeyError:
+        raise LlavaJaxError(f"{source}: missing tensor {name}") from None
+      value = _transform_checked(forward, tensor, rule, name, source)
+      if not rule.stacked:
+        _set(params, rule.path, value)
+        continue
+      if stacked is None:
+        stacked = np.empty((layer_count(rule, config),) + rule.shape, value.dtype)
+      stacked[i] = value
+    if stacked is not None:
+      _set(params, rule.path, stacked)
+  return params
+
+
+def _transform_checked(forward, tensor: np.ndarray, rule: Rule, name: str, source: str) -> np.ndarray:
+  expected = _hf_shape(rule)
+  if tuple(tensor.shape) != expected:
+    raise LlavaJaxError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected}")
+  return forward(tensor, rule.shape)
+
+
+def _hf_shape(rule: Rule) -> tuple[int, ...]:
+  _, backward = TRANSFORMS[rule.transform]
+  return tuple(backward(np.empty(rule.shape, np.uint8)).shape)
+
+
+def params_to_hf(params: dict, config: LlavaConfig, layout: str = "saved") -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (HF name, array) one tensor at a time, in table order."""
+  for rule in rules(config):
+    _, backward = TRANSFORMS[rule.transform]
+    value = _get(params, rule.path)
+    for i, name in enumerate(hf_names(rule, config)):
+      layer_value = np.asarray(value[i] if rule.stacked else value)
+      yield to_layout(name, layout), np.ascontiguousarray(backward(layer_value))
+
+
+def expected_hf_names(config: LlavaConfig, layout: str = "saved") -> list[str]:
+  return [to_layout(name, layout) for rule in rules(config) for name in hf_names(rule, config)]

@@ -1,0 +1,64 @@
+"""Tiny random transformers LLaVA models (float32, built in-process) used as the parity reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+from llava_jax.config import LlavaConfig
+
+VOCAB = 128
+IMAGE_TOKEN = 127
+
+
+def tiny_hf_config(*, text="llama", projector_act="gelu", feature_layer=-2, strategy="default",
+                   image_size=28, patch_size=7, tie=False, rope_scaling=None) -> transformers.LlavaConfig:
+  """A LLaVA config small enough to run in milliseconds but with every structural feature on.
+
+  text="llama": Vicuna-style multi-head attention; text="mistral": grouped-query with rope_theta 1e6.
+  """
+  vision = transformers.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=image_size,
+      patch_size=patch_size, projection_dim=16, initializer_range=0.1, initializer_factor=3.0)
+  common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=tie, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+  if text == "llama":
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:
+      rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": rope_scaling}
+    text_config = transformers.LlamaConfig(num_key_value_heads=4, rope_parameters=rope, **common)
+  else:
+    text_config = transformers.MistralConfig(
+        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, sliding_window=None,
+        **common)
+  tokens = (image_size // patch_size) ** 2 + (1 if strategy == "full" else 0)
+  return transformers.LlavaConfig(
+      vision_config=vision, text_config=text_config, image_token_index=IMAGE_TOKEN, image_seq_length=tokens,
+      projector_hidden_act=projector_act, vision_feature_layer=feature_layer,
+      vision_feature_select_strategy=strategy, tie_word_embeddings=tie)
+
+
+def tiny_hf_model(seed=0, **kwargs) -> transformers.LlavaForConditionalGeneration:
+  torch.manual_seed(seed)
+  model = transformers.LlavaForConditionalGeneration(tiny_hf_config(**kwargs)).eval()
+  # Norm weights and biases start at 1/0; perturb them so a mapping mistake cannot hide.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias") or "layrnorm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def our_config(hf_model) -> LlavaConfig:
+  return LlavaConfig.from_hf_dict(hf_model.config.to_dict())
+
+
+def hf_state(hf_model) -> dict[str, np.ndarray]:
+  """The model's tensors under the names transformers writes to disk."""
+  import tempfile, os
+  from safetensors.numpy import load_file
+  with tempfile.TemporaryDirectory() as d:
+    hf_model.save_pretrained(d)
+    return load_file(os.path.join(d, "model.safetensors"))
