@@ -1,0 +1,128 @@
+"""The `llava-jax` command line: parse, call the library, print. Nothing else lives here.
+
+Bad input anywhere below raises LlavaJaxError; it becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llava_jax.errors import LlavaJaxError
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
+    raise LlavaJaxError(f"{self.prog}: {message}")
+
+
+def _convert(args) -> None:
+  from llava_jax.weights import convert
+  if args.direction == "hf-to-jax":
+    convert.hf_to_jax(args.src, args.out)
+  elif args.direction == "jax-to-hf":
+    convert.jax_to_hf(args.src, args.out, dtype=args.dtype, max_shard_bytes=_bytes(args.max_shard_size))
+  else:
+    convert.llava_to_hf(args.src, args.out, vision_tower=args.vision_tower)
+  print(args.out)
+
+
+def _bytes(text: str) -> int:
+  units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+  upper = text.strip().upper()
+  for unit in sorted(units, key=len, reverse=True):
+    if upper.endswith(unit):
+      number = upper[:-len(unit)]
+      break
+  else:
+    unit, number = None, upper
+  try:
+    value = float(number)
+  except ValueError:
+    raise LlavaJaxError(f"--max-shard-size: expected a size like 5GB or 500MB, got {text!r}") from None
+  return int(value * (units[unit] if unit else 1))
+
+
+def _generate(args) -> None:
+  from llava_jax.infer import run
+  run.generate_command(
+      model=args.model, images=args.image, prompt=args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
+      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, out=sys.stdout)
+
+
+def _chat(args) -> None:
+  from llava_jax.infer import chat
+  chat.chat_command(model=args.model, image=args.image, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, inp=sys.stdin, out=sys.stdout)
+
+
+def _train(args) -> None:
+  from llava_jax.train import main as train_main
+  train_main.run(args.flags)
+
+
+def _demo(args) -> None:
+  from llava_jax import demo
+  demo.demo_command(workdir=args.workdir, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="llava-jax", description="LLaVA in JAX: convert, generate, chat, train, demo.")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+  p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and llava-jax formats")
+  p.add_argument("direction", choices=["hf-to-jax", "jax-to-hf", "llava-to-hf"])
+  p.add_argument("src", help="input folder (HF folder, llava-jax checkpoint or training workdir, or original LLaVA)")
+  p.add_argument("out", help="output folder (must not exist)")
+  p.add_argument("--vision-tower", help="llava-to-hf: the CLIP vision model folder the original release names")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                 help="jax-to-hf: tensor dtype to write (default: as stored)")
+  p.add_argument("--max-shard-size", default="5GB", help="jax-to-hf: largest safetensors shard (default 5GB)")
+  p.set_defaults(func=_convert)
+
+  def add_sampling(p):
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k")
+    p.add_argument("--seed", type=int, default=0)
+
+  p = sub.add_parser("generate", help="answer one prompt about one or more images")
+  p.add_argument("--model", required=True, help="HF folder, llava-jax checkpoint, or training workdir")
+  p.add_argument("--image", action="append", default=[], help="image file; repeat for several")
+  p.add_argument("--prompt", required=True)
+  p.add_argument("--raw", action="store_true", help="use the prompt verbatim (one <image> per --image)")
+  add_sampling(p)
+  p.set_defaults(func=_generate)
+
+  p = sub.add_parser("chat", help="interactive conversation (/image PATH, /reset, /quit)")
+  p.add_argument("--model", required=True)
+  p.add_argument("--image")
+  p.add_argument("--max-new-tokens", type=int, default=256)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.set_defaults(func=_chat)
+
+  p = sub.add_parser("train", help="train with a config file: --config FILE.py:ARGS --workdir DIR [--config.KEY=V]",
+                     add_help=False)
+  p.add_argument("flags", nargs=argparse.REMAINDER)
+  p.set_defaults(func=_train)
+
+  p = sub.add_parser("demo", help="train a miniature LLaVA from nothing on ShapesWorld and evaluate it")
+  p.add_argument("--workdir", default="demo_workdir")
+  p.add_argument("--quick", action="store_true", help="a smaller, faster run (about 2 minutes)")
+  p.set_defaults(func=_demo)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+  except LlavaJaxError as e:
+    print(f"llava-jax: error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()
