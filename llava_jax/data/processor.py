@@ -1,0 +1,246 @@
+"""Inference-side processor: (prompt text, images) -> model inputs, as transformers' LlavaProcessor.
+
+`Processor.prepare` is what `llava-jax generate` calls: format the user's message (chat template
+of the folder, else a named fallback template), expand each `<image>` to the model's number of
+image tokens, tokenize with the folder's tokenizer and preprocess the images (NHWC).
+"""
+
+import dataclasses
+import os
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from llava_jax.data import images as images_lib
+from llava_jax.errors import LlavaJaxError
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+CHAT_TEMPLATE_JSON = "chat_template.json"
+
+ImageLike = Union[Image.Image, images_lib.ImageSource]
+PathLike = Union[str, os.PathLike]
+
+
+# --- Fallback conversation templates (folders without a chat template) --------------------------
+# Placeholder until llava_jax/data/templates.py (the training templates) provides these; only this
+# block should need replacing.
+
+_VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def fallback_generation_prompt(template_name: str, user_message: str) -> str:
+  """A one-turn prompt ending where the assistant's answer starts, for a named template."""
+  if template_name == "vicuna_v1":
+    return f"{_VICUNA_V1_SYSTEM} USER: {user_message} ASSISTANT:"
+  raise LlavaJaxError(
+      f"conversation template {template_name!r} is not available for generation "
+      "(the model folder has no chat template); known: vicuna_v1")
+
+# -------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(folder: PathLike):
+  """The folder's tokenizer via transformers.AutoTokenizer, local files only."""
+  import transformers  # pylint: disable=import-outside-toplevel  (slow import, only when needed)
+  try:
+    return transformers.AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise LlavaJaxError(f"{os.fspath(folder)}: cannot load tokenizer ({message})") from None
+
+
+def load_chat_template(folder: PathLike, tokenizer=None) -> Optional[str]:
+  """The chat template LlavaProcessor.from_pretrained would use, else the tokenizer's, else None.
+
+  transformers' processor order: processor_config.json's `chat_template` key, then the legacy
+  chat_template.json, then chat_template.jinja.
+  """
+  processor_config = os.path.join(folder, images_lib.PROCESSOR_CONFIG)
+  if os.path.isfile(processor_config):
+    template = images_lib.read_json(processor_config).get("chat_template")
+    if template is not None:
+      return _default_template(template, processor_config)
+  legacy = os.path.join(folder, CHAT_TEMPLATE_JSON)
+  if os.path.isfile(legacy):
+    template = images_lib.read_json(legacy).get("chat_template")
+    if template is None:
+      raise LlavaJaxError(f"{legacy}: no 'chat_template' key")
+    return _default_template(template, legacy)
+  jinja = os.path.join(folder, CHAT_TEMPLATE_JINJA)
+  if os.path.isfile(jinja):
+    with open(jinja, encoding="utf-8") as f:
+      return f.read()
+  template = getattr(tokenizer, "chat_template", None)
+  return _default_template(template, "tokenizer chat_template") if template else None
+
+
+def _default_template(template, where: str) -> str:
+  """A template string; from a name -> template mapping (or list) take the one named 'default'."""
+  if isinstance(template, list):
+    template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+  if isinstance(template, dict):
+    if "default" not in template:
+      raise LlavaJaxError(f"{where}: several chat templates ({', '.join(map(str, template))}) "
+                          "and none named 'default'")
+    template = template["default"]
+  if not isinstance(template, str):
+    raise LlavaJaxError(f"{where}: chat template is {type(template).__name__}, expected a string")
+  return template
+
+
+def add_image_tags(user_text: str, num_images: int, image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
+  """Puts one `<image>` line per image before the text, unless the text already places them."""
+  if num_images == 0 or image_token in user_text:
+    return user_text
+  return f"{image_token}\n" * num_images + user_text
+
+
+def format_prompt(user_text: str, num_images: int, chat_template: Optional[str],
+                  fallback_template_name: str = "vicuna_v1",
+                  image_token: str = DEFAULT_IMAGE_TOKEN,
+                  template_vars: Optional[dict] = None) -> str:
+  """The generation prompt for one user message, as processor.apply_chat_template renders it.
+
+  With a chat template the message is `[image parts..., text part]` (no image parts when the
+  text already contains `<image>` tags, so they stay where the user put them), rendered with
+  add_generation_prompt=True and `template_vars` (the tokenizer's special tokens, e.g. bos_token).
+  Without one, the named fallback template formats the text with its image tags.
+  """
+  if chat_template is None:
+    return fallback_generation_prompt(
+        fallback_template_name, add_image_tags(user_text, num_images, image_token))
+  from transformers.utils import chat_template_utils  # pylint: disable=import-outside-toplevel
+  content = [] if image_token in user_text else [{"type": "image"}] * num_images
+  content.append({"type": "text", "text": user_text})
+  messages = [{"role": "user", "content": content}]
+  try:
+    rendered, _ = chat_template_utils.render_jinja_template(
+        conversations=[messages], chat_template=chat_template, add_generation_prompt=True,
+        **(template_vars or {}))
+  except Exception as e:  # jinja2 raises many types (TemplateError, UndefinedError, ...).
+    raise LlavaJaxError(f"chat template failed to render ({type(e).__name__}: {e})"
+                        .replace("\n", " ")) from None
+  return rendered[0]
+
+
+@dataclasses.dataclass
+class LlavaInputs:
+  """Model inputs. input_ids int32 (S,) or (B, S); pixel_values float32 (N, H, W, 3), images of
+  all rows in order; attention_mask int32 like input_ids (batched only)."""
+  input_ids: np.ndarray
+  pixel_values: np.ndarray
+  attention_mask: Optional[np.ndarray] = None
+
+
+class Processor:
+  """Tokenizer + image processor + chat template of one model folder."""
+
+  def __init__(self, tokenizer, image_processor: images_lib.ImageProcessor,
+               chat_template: Optional[str] = None, image_token: Optional[str] = None,
+               fallback_template: str = "vicuna_v1"):
+    self.tokenizer = tokenizer
+    self.image_processor = image_processor
+    self.chat_template = chat_template
+    # LlavaProcessor's rule: the tokenizer's own image_token wins over the configured one.
+    self.image_token = getattr(tokenizer, "image_token", None) or image_token or DEFAULT_IMAGE_TOKEN
+    self.fallback_template = fallback_template
+
+  @classmethod
+  def from_folder(cls, folder: PathLike, image_size: Optional[int] = None,
+                  fallback_template: str = "vicuna_v1",
+                  image_aspect_ratio: Optional[str] = None) -> "Processor":
+    """Loads a model folder's tokenizer, image processor (default CLIP one of `image_size` when
+    the folder has none) and chat template."""
+    if not os.path.isdir(folder):
+      raise LlavaJaxError(f"{os.fspath(folder)}: model folder not found")
+    tokenizer = load_tokenizer(folder)
+    image_processor = images_lib.ImageProcessor.from_folder(folder, image_size, image_aspect_ratio)
+    processor_config = os.path.join(folder, images_lib.PROCESSOR_CONFIG)
+    image_token = None
+    if os.path.isfile(processor_config):
+      image_token = images_lib.read_json(processor_config).get("image_token")
+    return cls(tokenizer, image_processor, load_chat_template(folder, tokenizer), image_token,
+               fallback_template)
+
+  @property
+  def image_token_id(self) -> int:
+    ids = self.tokenizer.encode(self.image_token, add_special_tokens=False)
+    if len(ids) != 1:
+      raise LlavaJaxError(f"tokenizer encodes image token {self.image_token!r} as {len(ids)} "
+                          "tokens, expected one (add it as a special token)")
+    return ids[0]
+
+  @property
+  def pad_token_id(self) -> int:
+    pad = self.tokenizer.pad_token_id
+    return 0 if pad is None else int(pad)
+
+  def format_prompt(self, user_text: str, num_images: int) -> str:
+    return format_prompt(user_text, num_images, self.chat_template, self.fallback_template,
+                         self.image_token, dict(self.tokenizer.special_tokens_map))
+
+  def prepare(self, text: str, images: Sequence[ImageLike], image_seq_length: int,
+              raw: bool = False) -> LlavaInputs:
+    """What `generate` feeds the model: --raw text verbatim, else the formatted user message."""
+    if raw:
+      return self.encode(text, images, image_seq_length)
+    prompt = self.format_prompt(text, len(images))
+    return self.encode(prompt, images, image_seq_length,
+                       add_special_tokens=self.adds_special_tokens(prompt))
+
+  def adds_special_tokens(self, formatted_prompt: str) -> bool:
+    """processor.apply_chat_template(tokenize=True)'s rule: no second BOS when the rendered
+    template already starts with it."""
+    bos = self.tokenizer.bos_token
+    return not (bos is not None and formatted_prompt.startswith(bos))
+
+  def encode(self, prompt_text: str, images: Sequence[ImageLike], image_seq_length: int,
+             image_token: Optional[str] = None, add_special_tokens: bool = True) -> LlavaInputs:
+    """Expands each `<image>` to `image_seq_length` tokens and tokenizes (LlavaProcessor's way)."""
+    image_token = image_token or self.image_token
+    num_tags = prompt_text.count(image_token)
+    if num_tags != len(images):
+      raise LlavaJaxError(f"prompt has {num_tags} {image_token} tag(s) but {len(images)} "
+                          "image(s) were given; they must match")
+    pixel_values = self.image_processor([_as_pil(img) for img in images])
+    expanded = prompt_text.replace(image_token, image_token * image_seq_length)
+    ids = self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
+    if images and ids.count(self.image_token_id) != num_tags * image_seq_length:
+      raise LlavaJaxError(
+          f"tokenized prompt has {ids.count(self.image_token_id)} image tokens, expected "
+          f"{num_tags} x {image_seq_length}; the tokenizer splits or merges {image_token!r}")
+    return LlavaInputs(np.asarray(ids, np.int32), pixel_values)
+
+  def encode_batch(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],
+                   image_seq_length: int, add_special_tokens: bool = True,
+                   length: Optional[int] = None) -> LlavaInputs:
+    """Several prompts, LEFT padded (with the tokenizer's pad id, else 0) to the longest or to
+    `length`; `images[i]` are the images of prompt i."""
+    if len(prompts) != len(images):
+      raise LlavaJaxError(f"{len(prompts)} prompts but {len(images)} image lists; they must match")
+    rows = [self.encode(p, imgs, image_seq_length, add_special_tokens=add_special_tokens)
+            for p, imgs in zip(prompts, images)]
+    longest = max((len(r.input_ids) for r in rows), default=0)
+    width = longest if length is None else length
+    if width < longest:
+      raise LlavaJaxError(f"prompt of {longest} tokens does not fit the length {length}")
+    input_ids = np.full((len(rows), width), self.pad_token_id, np.int32)
+    attention_mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+      n = len(row.input_ids)
+      input_ids[i, width - n:] = row.input_ids
+      attention_mask[i, width - n:] = 1
+    pixel_values = np.concatenate([r.pixel_values for r in rows]) if rows else self.image_processor([])
+    return LlavaInputs(input_ids, pixel_values, attention_mask)
+
+  def decode(self, token_ids: Union[np.ndarray, List[int]]) -> str:
+    """Generated ids -> text without special tokens (as LlavaProcessor.decode is used)."""
+    return self.tokenizer.decode(np.asarray(token_ids).tolist(), skip_special_tokens=True)
+
+
+def _as_pil(image: ImageLike) -> Image.Image:
+  return image if isinstance(image, Image.Image) else images_lib.load_image(image)
