@@ -1,0 +1,350 @@
+"""The training input pipeline (grain): records -> shuffled epochs -> preprocessed samples ->
+length-bucketed batches -> global `jax.Array`s for the mesh.
+
+    records (this host's share) -> shuffle(seed, new order each epoch) -> repeat forever
+      -> Preprocess (parse, template + tokenize + mask, decode + CLIP preprocess)  [worker processes]
+      -> Batcher (skip + count unusable samples, pad to a length bucket)           [main process]
+
+Determinism: every stage before the Batcher is a random-access `MapDataset`, so element i is
+the same whatever the worker count, and grain interleaves workers round-robin in index order:
+N workers give exactly the batches of 0 workers. Unusable samples travel as `Skipped` markers
+(not filtered out) so every worker yields every index and that order holds. The iterator state
+(`get_state`/`set_state`, JSON-serializable) is grain's position plus the skip counters, so a
+resumed run continues with exactly the next batch.
+
+Workers are spawned processes: scripts that use `data.num_workers > 0` need an
+`if __name__ == "__main__":` guard, and grain reads absl flags, so `make_pipeline` marks them
+parsed when the program did not parse them itself (absl.app.run does).
+
+Batch (host-local numpy, B = global batch / process count):
+    input_ids      int32   (B, S)  right-padded with the pad id; S is one of the length buckets
+    attention_mask int32   (B, S)  1 on real tokens
+    loss_mask      float32 (B, S)  1.0 where input_ids[:, t] is a target (predicted from t - 1)
+    pixel_values   float32 (B, M, H, W, 3)  M = data.max_images; unused slots are zeros
+    skipped        int64   ()      unusable samples met so far on this host (running count)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import grain.python as grain
+import numpy as np
+
+from llava_jax.data import images as images_lib
+from llava_jax.data import llava_json, templates
+from llava_jax.data.llava_json import Skipped, SkipReason
+from llava_jax.errors import LlavaJaxError
+
+logger = logging.getLogger("llava_jax.data")
+
+MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The `data.*` config keys (see `from_config` for how they are read)."""
+  json: str = ""                 # LLaVA JSON/JSONL file (source=json; also what source=tfds packs)
+  image_folder: str = ""         # folder the `image` paths are relative to
+  template: str = "vicuna_v1"    # plain | vicuna_v1 | llama_2 | mistral_instruct | chatml
+  max_len: int = 2048            # tokens per sample, image tokens included; longer samples skipped
+  max_images: int = 1            # image slots per sample (M); samples with more are skipped
+  buckets: Tuple[int, ...] = ()  # padded sequence lengths; () = default_buckets(max_len)
+  source: str = "json"           # json | tfds
+  tfds_dir: str = ""             # TFDS data_dir (source=tfds); built from `json` when empty
+  num_workers: int = 0           # grain worker processes (0 = preprocess in this process)
+  worker_buffer: int = 2         # samples each worker prefetches
+  read_threads: int = 4          # threads per process reading/preprocessing samples
+  image_aspect_ratio: str = ""   # "" = the model folder's processor; "pad" (LLaVA-1.5) | "square"
+  max_pixels: int = images_lib.DEFAULT_MAX_PIXELS  # decompression-bomb limit per image
+  shuffle: bool = True
+
+  @classmethod
+  def from_config(cls, data: Any) -> "DataConfig":
+    """From the `data` ConfigDict (or a dict); absent keys keep their defaults, others are ignored."""
+    get = data.get if hasattr(data, "get") else lambda k, d=None: getattr(data, k, d)
+    values = {}
+    for field in dataclasses.fields(cls):
+      value = get(field.name, None)
+      if value is None:
+        continue
+      if field.name == "buckets":
+        value = tuple(int(b) for b in value)
+      values[field.name] = value
+    config = cls(**values)
+    config.validate()
+    return config
+
+  def validate(self) -> None:
+    templates.check_template(self.template)
+    if self.source not in ("json", "tfds"):
+      raise LlavaJaxError(f"data.source: expected 'json' or 'tfds', got {self.source!r}")
+    if self.source == "json" and not self.json:
+      raise LlavaJaxError("data.json: no training data file given")
+    if self.source == "tfds" and not (self.tfds_dir or self.json):
+      raise LlavaJaxError("data.tfds_dir: source=tfds needs data.tfds_dir (or data.json to build it from)")
+    for key in ("max_len", "max_images", "worker_buffer", "read_threads"):
+      if int(getattr(self, key)) < (0 if key == "max_images" else 1):
+        raise LlavaJaxError(f"data.{key}: must be positive, got {getattr(self, key)}")
+    if self.num_workers < 0:
+      raise LlavaJaxError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+    if self.image_aspect_ratio not in ("", "pad", "square"):
+      raise LlavaJaxError(f"data.image_aspect_ratio: expected '', 'pad' or 'square', got {self.image_aspect_ratio!r}")
+
+
+def default_buckets(max_len: int) -> Tuple[int, ...]:
+  """A quarter, a half and all of max_len, rounded up to multiples of 64: a few compiled shapes."""
+  return tuple(sorted({min(max_len, 64 * math.ceil(max_len * f / 64)) for f in (0.25, 0.5, 1.0)}))
+
+
+def resolve_buckets(buckets: Sequence[int], max_len: int) -> Tuple[int, ...]:
+  kept = sorted({int(b) for b in buckets if 0 < int(b) < max_len})
+  return tuple(kept) + (max_len,) if buckets else default_buckets(max_len)
+
+
+class Preprocess(grain.MapTransform):
+  """Raw record -> padded-free training example (dict of numpy arrays), or a `Skipped` marker.
+
+  Cheap checks come first (structure, image count, length) so bad samples cost no decoding.
+  """
+
+  def __init__(self, template: str, tokenizer, image_processor: images_lib.ImageProcessor,
+               image_seq_length: int, max_len: int, max_images: int, image_folder: str = "",
+               max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, image_token: str = templates.IMAGE_TAG):
+    self.template = templates.check_template(template)
+    self.backend = templates.backend_tokenizer(tokenizer)  # pickles small, thread-safe encode
+    self.bos = getattr(tokenizer, "bos_token", None) or ""
+    self.eos = getattr(tokenizer, "eos_token", None) or "</s>"
+    self.image_token = image_token
+    self.image_token_id = self.backend.token_to_id(image_token)
+    if self.image_token_id is None or len(self.backend.encode(image_token, add_special_tokens=False).ids) != 1:
+      raise LlavaJaxError(f"tokenizer: image token {image_token!r} is not a single token (add it as a special token)")
+    self.image_processor = image_processor
+    self.image_seq_length = image_seq_length
+    self.max_len, self.max_images = max_len, max_images
+    self.image_folder, self.max_pixels = image_folder, max_pixels
+
+  def map(self, element: dict):
+    sample = llava_json.parse_sample(element["record"], element["index"], self.image_folder,
+                                     element.get("images"))
+    if isinstance(sample, Skipped):
+      return sample
+    n_images = len(sample.images)
+    if n_images > self.max_images:
+      return Skipped(sample.id, SkipReason.TOO_MANY_IMAGES, f"{n_images} images > data.max_images {self.max_images}")
+    input_ids, loss_mask = self.encode(sample.turns)
+    if len(input_ids) > self.max_len:
+      return Skipped(sample.id, SkipReason.TOO_LONG,
+                     f"{len(input_ids)} tokens (with {n_images} x {self.image_seq_length} image tokens) "
+                     f"> data.max_len {self.max_len}")
+    found = int(np.sum(input_ids == self.image_token_id))
+    if found != n_images * self.image_seq_length:
+      return Skipped(sample.id, SkipReason.IMAGE_COUNT,
+                     f"{found} image tokens after tokenizing, expected {n_images} x {self.image_seq_length}")
+    pil_images = llava_json.read_images(sample, self.max_pixels)
+    if isinstance(pil_images, Skipped):
+      return pil_images
+    try:
+      pixel_values = self.image_processor(pil_images)
+    except (LlavaJaxError, OSError, ValueError) as e:  # decoded, yet unusable (e.g. a 1x0 image)
+      return Skipped(sample.id, SkipReason.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
+    return {"id": sample.id, "input_ids": input_ids, "loss_mask": loss_mask, "pixel_values": pixel_values}
+
+  def encode(self, turns: Sequence[Tuple[str, str]]) -> Tuple[np.ndarray, np.ndarray]:
+    expanded = [(role, text.replace(templates.IMAGE_TAG, self.image_token * self.image_seq_length))
+                for role, text in turns]
+    rendered = templates.render(self.template, expanded, self.bos, self.eos)
+    input_ids, loss_mask = templates.tokenize(rendered, self.backend, self.image_token_id)
+    loss_mask[:1] = 0.0  # nothing predicts the first token (matters for tokenizers without BOS)
+    return input_ids, loss_mask
+
+
+class _Batcher(grain.IterDataset):
+  """Skips and counts `Skipped` markers, then pads kept samples into fixed-shape batches."""
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: Sequence[int], pad_id: int,
+               max_images: int, image_hw: Tuple[int, int], image_seq_length: int, image_token_id: int,
+               records_per_epoch: int, name: str):
+    super().__init__(parent)
+    self.batch_size, self.buckets, self.pad_id = batch_size, tuple(buckets), pad_id
+    self.max_images, self.image_hw = max_images, tuple(image_hw)
+    self.image_seq_length, self.image_token_id = image_seq_length, image_token_id
+    self.records_per_epoch, self.name = records_per_epoch, name
+
+  def __iter__(self):
+    return _BatchIterator(self._parent.__iter__(), self)
+
+  def __str__(self):
+    return f"_Batcher(batch_size={self.batch_size}, buckets={self.buckets})"
+
+
+class _BatchIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, spec: _Batcher):
+    super().__init__(parent)
+    self.spec = spec
+    self.skip_counts: Dict[str, int] = collections.Counter()
+    self.consecutive_skips = 0
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    spec, rows = self.spec, []
+    while len(rows) < spec.batch_size:
+      element = next(self._parent)
+      if isinstance(element, Skipped):
+        self._skip(element)
+        continue
+      self.consecutive_skips = 0
+      rows.append(element)
+    return self._collate(rows)
+
+  def _skip(self, skipped: Skipped) -> None:
+    reason = SkipReason(skipped.reason).value
+    self.skip_counts[reason] += 1
+    self.consecutive_skips += 1
+    logger.warning("skipping sample %s: %s: %s", skipped.id, reason, skipped.detail)
+    # A whole epoch without one usable sample would loop forever: that is bad input, exit 2.
+    if self.consecutive_skips >= self.spec.records_per_epoch:
+      counts = ", ".join(f"{k}={v}" for k, v in sorted(self.skip_counts.items()))
+      raise LlavaJaxError(f"{self.spec.name}: no usable sample in {self.spec.records_per_epoch} "
+                          f"consecutive samples ({counts})")
+
+  def _collate(self, rows) -> Dict[str, np.ndarray]:
+    spec = self.spec
+    longest = max(len(r["input_ids"]) for r in rows)
+    length = next(b for b in spec.buckets if b >= longest)
+    n = spec.batch_size
+    batch = {
+        "input_ids": np.full((n, length), spec.pad_id, np.int32),
+        "attention_mask": np.zeros((n, length), np.int32),
+        "loss_mask": np.zeros((n, length), np.float32),
+        "pixel_values": np.zeros((n, spec.max_images) + spec.image_hw + (3,), np.float32),
+    }
+    for i, row in enumerate(rows):
+      ids, count = row["input_ids"], len(row["input_ids"])
+      n_images = len(row["pixel_values"])
+      # The model writes image i's features over its tokens: the counts must agree exactly.
+      if int(np.sum(ids == spec.image_token_id)) != n_images * spec.image_seq_length:
+        raise AssertionError(f"sample {row['id']}: image tokens do not match its {n_images} image(s)")
+      batch["input_ids"][i, :count] = ids
+      batch["attention_mask"][i, :count] = 1
+      batch["loss_mask"][i, :count] = row["loss_mask"]
+      batch["pixel_values"][i, :n_images] = row["pixel_values"]
+    batch["skipped"] = np.asarray(sum(self.skip_counts.values()), np.int64)
+    return batch
+
+  def get_state(self) -> dict:
+    return {"parent": self._parent.get_state(), "skipped": dict(self.skip_counts),
+            "consecutive_skips": self.consecutive_skips}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self.skip_counts = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
+    self.consecutive_skips = int(state["consecutive_skips"])
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """`iter(pipeline.dataset)` (or `pipeline.iterator()`) gives checkpointable batches."""
+  dataset: grain.IterDataset
+  local_batch_size: int
+  records: int             # records in this host's share (one epoch, before skips)
+  pad_id: int
+  buckets: Tuple[int, ...]
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Batches in one pass over this host's records (skipped samples not yet known)."""
+    return max(1, self.records // self.local_batch_size)
+
+  def iterator(self, state: Optional[dict] = None):
+    it = iter(self.dataset)
+    if state is not None:
+      it.set_state(state)
+    return it
+
+
+def _mark_absl_flags_parsed() -> None:
+  # grain reads its absl flags when starting workers; outside absl.app.run nobody parsed them.
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _records(config: DataConfig, process_index: int, process_count: int):
+  """This host's share of the records as a MapDataset, and a name for messages."""
+  if config.source == "json":
+    source = llava_json.load_llava_json(config.json).shard(process_index, process_count)
+    return grain.MapDataset.source(source), config.json
+  from llava_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel  (slow import)
+  data_dir = config.tfds_dir or tfds_builder.default_data_dir(config.json)
+  source = tfds_builder.open_source(data_dir, config.json, config.image_folder)
+  return grain.MapDataset.source(source)[process_index::process_count].map(tfds_builder.decode_record), data_dir
+
+
+def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.ImageProcessor, *,
+                  image_seq_length: int, global_batch_size: int, seed: int,
+                  image_token: str = templates.IMAGE_TAG, image_token_id: Optional[int] = None,
+                  process_index: Optional[int] = None, process_count: Optional[int] = None) -> Pipeline:
+  """Builds the pipeline for this host (`process_index` of `process_count`, default from jax)."""
+  config.validate()
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch_size % process_count:
+    raise LlavaJaxError(f"batch_size: {global_batch_size} is not divisible by the {process_count} processes")
+  local_batch = global_batch_size // process_count
+  if config.image_aspect_ratio:
+    image_processor = dataclasses.replace(image_processor, pad_to_square=config.image_aspect_ratio == "pad")
+  preprocess = Preprocess(config.template, tokenizer, image_processor, image_seq_length, config.max_len,
+                          config.max_images, config.image_folder, config.max_pixels, image_token)
+  if image_token_id is not None and image_token_id != preprocess.image_token_id:
+    raise LlavaJaxError(f"tokenizer: {image_token!r} has id {preprocess.image_token_id}, but the model's "
+                        f"image_token_index is {image_token_id}")
+  records, name = _records(config, process_index, process_count)
+  if len(records) == 0:
+    raise LlavaJaxError(f"{name}: no samples for process {process_index} of {process_count}")
+  ds = records.shuffle(seed % 2**32) if config.shuffle else records
+  ds = ds.repeat(None).map(preprocess)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                            prefetch_buffer_size=max(2, 2 * local_batch)))
+  if config.num_workers > 0:
+    _mark_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
+                                                     per_worker_buffer_size=config.worker_buffer))
+  pad = getattr(tokenizer, "pad_token_id", None)
+  pad_id = int(pad) if pad is not None else 0
+  buckets = resolve_buckets(config.buckets, config.max_len)
+  batcher = _Batcher(ds, local_batch, buckets, pad_id, config.max_images, image_processor.output_size,
+                     image_seq_length, preprocess.image_token_id, len(records), name)
+  return Pipeline(batcher, local_batch, len(records), pad_id, buckets)
+
+
+def make_global_batch(batch: Dict[str, np.ndarray], mesh, pad_id: int = 0,
+                      batch_axes: Sequence[str] = ("data", "fsdp")) -> Tuple[Dict[str, Any], int]:
+  """Host-local batch -> (global jax.Arrays sharded over `batch_axes` on dim 0, total skipped).
+
+  Hosts may have picked different length buckets: all pad to the longest (one tiny allgather,
+  which also sums the skip counters), so every host builds arrays of the same global shape.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+  length, skipped = batch["input_ids"].shape[1], int(batch.get("skipped", 0))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray([length, skipped], np.int64)))
+    length, skipped = int(gathered.reshape(-1, 2)[:, 0].max()), int(gathered.reshape(-1, 2)[:, 1].sum())
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
+  out = {}
+  for key in MODEL_KEYS:
+    value = batch[key]
+    if key != "pixel_values" and value.shape[1] < length:
+      fill = pad_id if key == "input_ids" else 0
+      value = np.pad(value, ((0, 0), (0, length - value.shape[1])), constant_values=fill)
+    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return out, skipped
