@@ -145,8 +145,10 @@ def test_fallback_template_without_chat_template(tmp_path):
   assert ours.format_prompt("Hi", 0) == f"{system} USER: Hi ASSISTANT:"
   # Tags the user placed stay where they are.
   assert ours.format_prompt("A <image> B", 1) == f"{system} USER: A <image> B ASSISTANT:"
-  with pytest.raises(LlavaJaxError, match="'llama_2'"):
-    processor_lib.format_prompt("Hi", 0, None, "llama_2")
+  # Every training template is available as a fallback, and generation prompts match training.
+  assert processor_lib.format_prompt("Hi", 0, None, "llama_2").startswith("[INST]")
+  with pytest.raises(LlavaJaxError, match="'nope'"):
+    processor_lib.format_prompt("Hi", 0, None, "nope")
 
 
 def test_user_tags_kept_with_chat_template(ours):

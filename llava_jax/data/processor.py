@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.data import images as images_lib
+from llava_jax.data import templates
 from llava_jax.errors import LlavaJaxError
 
 DEFAULT_IMAGE_TOKEN = "<image>"
@@ -21,26 +22,6 @@ CHAT_TEMPLATE_JSON = "chat_template.json"
 
 ImageLike = Union[Image.Image, images_lib.ImageSource]
 PathLike = Union[str, os.PathLike]
-
-
-# --- Fallback conversation templates (folders without a chat template) --------------------------
-# Placeholder until llava_jax/data/templates.py (the training templates) provides these; only this
-# block should need replacing.
-
-_VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-
-
-def fallback_generation_prompt(template_name: str, user_message: str) -> str:
-  """A one-turn prompt ending where the assistant's answer starts, for a named template."""
-  if template_name == "vicuna_v1":
-    return f"{_VICUNA_V1_SYSTEM} USER: {user_message} ASSISTANT:"
-  raise LlavaJaxError(
-      f"conversation template {template_name!r} is not available for generation "
-      "(the model folder has no chat template); known: vicuna_v1")
-
-# -------------------------------------------------------------------------------------------------
 
 
 def load_tokenizer(folder: PathLike):
@@ -111,8 +92,9 @@ def format_prompt(user_text: str, num_images: int, chat_template: Optional[str],
   Without one, the named fallback template formats the text with its image tags.
   """
   if chat_template is None:
-    return fallback_generation_prompt(
-        fallback_template_name, add_image_tags(user_text, num_images, image_token))
+    # The tokenizer adds BOS itself, so the template text starts without one.
+    return templates.generation_prompt(
+        fallback_template_name, add_image_tags(user_text, num_images, image_token), bos="")
   from transformers.utils import chat_template_utils  # pylint: disable=import-outside-toplevel
   content = [] if image_token in user_text else [{"type": "image"}] * num_images
   content.append({"type": "text", "text": user_text})
