@@ -1,0 +1,95 @@
+"""LLaVA-1.5's two training stages (Liu et al., "Improved Baselines with Visual Instruction Tuning").
+
+    llava-jax train --config configs/llava_v1_5.py:stage=pretrain,size=7b --workdir gs://.../stage1
+    llava-jax train --config configs/llava_v1_5.py:stage=finetune,size=7b --workdir gs://.../stage2 \
+        --config.init=gs://.../stage1
+
+Stage 1 (pretrain, feature alignment on LCS-558K): only the projector trains, lr 1e-3, global
+batch 256, template `plain`. Stage 2 (finetune, llava_v1_5_mix665k): projector + language
+model train, lr 2e-5, global batch 128, template `vicuna_v1`. Both: one epoch, cosine decay after
+3% linear warmup, no weight decay, max length 2048; the vision tower is frozen throughout.
+`size=tiny` is the same recipe at toy scale (random init, runs on a laptop CPU).
+"""
+
+import ml_collections
+
+STAGES = {
+    "pretrain": dict(lr=1e-3, batch_size=256, template="plain",
+                     trainable=[("projector/.*", True), (".*", False)]),
+    "finetune": dict(lr=2e-5, batch_size=128, template="vicuna_v1",
+                     trainable=[("vision_tower/.*", False), (".*", True)]),
+}
+
+SIZES = {  # model name in configs/models.py, compute dtype, remat policy, mesh, accumulation
+    "7b": dict(model="7b", dtype="bfloat16", remat_policy="dots_no_batch", fsdp=-1, grad_accum_steps=1,
+               log_every=10, checkpoint_every=1000),
+    "13b": dict(model="13b", dtype="bfloat16", remat_policy="dots_no_batch", fsdp=-1, grad_accum_steps=1,
+                log_every=10, checkpoint_every=1000),
+    "tiny": dict(model="tiny", dtype="float32", remat_policy="none", fsdp=1, grad_accum_steps=1,
+                 log_every=1, checkpoint_every=50),
+}
+
+
+def _parse(arg: str) -> dict:
+  out = {"stage": "pretrain", "size": "7b"}
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if not sep or key not in out:
+      raise ValueError(f"config argument {part!r}: expected stage=pretrain|finetune,size=7b|13b|tiny")
+    out[key] = value
+  if out["stage"] not in STAGES:
+    raise ValueError(f"config argument stage={out['stage']!r}: expected one of {sorted(STAGES)}")
+  if out["size"] not in SIZES:
+    raise ValueError(f"config argument size={out['size']!r}: expected one of {sorted(SIZES)}")
+  return out
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = _parse(arg)
+  stage, size = STAGES[args["stage"]], SIZES[args["size"]]
+  c = ml_collections.ConfigDict()
+  c.stage = args["stage"]
+  c.size = args["size"]
+  c.init = ""                       # HF folder / llava-jax checkpoint / training workdir; "" = random init
+  c.model = size["model"]           # architecture for random init (configs/models.py)
+  c.tokenizer = ""                  # folder with tokenizer/processor files for random init
+  c.trainable = stage["trainable"]  # (regex over "/"-joined param paths, trains?); first match wins
+
+  c.data = ml_collections.ConfigDict()
+  c.data.json = ""
+  c.data.image_folder = ""
+  c.data.template = stage["template"]
+  c.data.max_len = 2048
+  c.data.max_images = 1
+  c.data.buckets = ()               # padded lengths; () = a quarter, half and all of max_len
+  c.data.source = "json"            # json | tfds
+  c.data.tfds_dir = ""
+  c.data.num_workers = 0            # grain worker processes
+  c.data.image_aspect_ratio = "pad"  # LLaVA-1.5 pads images to square with the mean color
+
+  c.batch_size = stage["batch_size"]  # global, over all devices and hosts
+  c.grad_accum_steps = size["grad_accum_steps"]
+  c.total_steps = 0                 # 0 = one epoch
+  c.lr = stage["lr"]
+  c.warmup_ratio = 0.03
+  c.weight_decay = 0.0
+  c.max_grad_norm = 1.0
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+
+  c.checkpoint_every = size["checkpoint_every"]
+  c.keep_checkpoints = 3
+  c.log_every = size["log_every"]
+  c.progress_bar = True
+  c.seed = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = size["fsdp"]
+  c.mesh.tensor = 1
+  if size["fsdp"] != -1:
+    c.mesh.data = -1                # tiny: plain data parallelism over whatever devices exist
+  c.dtype = size["dtype"]
+  c.remat_policy = size["remat_policy"]  # none | full | dots | dots_no_batch
+  return c

@@ -1,0 +1,106 @@
+"""The device mesh and the ONE table that maps logical axis names onto it.
+
+Parameters and key activations carry logical names (see models/layers.py); this module turns
+them into NamedShardings on a `data` x `fsdp` x `tensor` mesh. Batches are split over
+(data, fsdp); weights are split over fsdp (their `embed` dimension) and tensor (heads, mlp,
+vocab), so FSDP and tensor parallelism come from the same rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from llava_jax.errors import LlavaJaxError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis (None = replicated). Flax assigns rules in order and never uses a
+# mesh axis twice in one array, so activations (batch, length, embed) shard only the batch.
+LOGICAL_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("length", None),
+)
+
+
+def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+  """Resolves `mesh.data/fsdp/tensor` (one of them may be -1 = the remaining devices)."""
+  sizes = [int(spec[a]) for a in MESH_AXES]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise LlavaJaxError(f"config: mesh {dict(zip(MESH_AXES, sizes))} must be positive sizes with at most one -1")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise LlavaJaxError(f"config: mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices do not divide by {fixed}")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise LlavaJaxError(
+        f"config: mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(spec: Mapping[str, int], devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(spec, len(devices))
+  # jax.make_mesh defaults to Explicit axes; logical-axis sharding wants Auto (GSPMD propagation).
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(names) -> P:
+  return nn.logical_to_mesh_axes(names, LOGICAL_RULES)
+
+
+def tree_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree whose leaves may be nn.Partitioned boxes (others are replicated).
+
+  Raises a LlavaJaxError naming the parameter when a dimension does not divide its mesh axes.
+  """
+  specs = nn.get_partition_spec(boxed_abstract)
+  shapes = nn.unbox(boxed_abstract)
+
+  def one(path, spec, leaf):
+    spec = logical_to_spec(tuple(spec))
+    for dim, axes in zip(leaf.shape, spec):
+      size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+      if dim % size:
+        raise LlavaJaxError(
+            f"sharding: {jax.tree_util.keystr(path, simple=True, separator='/')} has shape {tuple(leaf.shape)}; "
+            f"dimension {dim} does not divide mesh axes {axes} of size {size} (change mesh.fsdp/mesh.tensor)")
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, rank: int) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (rank - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host-local numpy batches -> global arrays split over (data, fsdp) along the batch axis.
+
+  Each process passes its own rows; the global batch is their concatenation in process order.
+  """
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in local.items()}
+
+
+def batch_devices(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
