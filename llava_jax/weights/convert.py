@@ -1,0 +1,56 @@
+"""The three `llava-jax convert` directions. Each writes into a temporary sibling of the output
+folder that is renamed into place only when everything succeeded (fileio.atomic_output_dir)."""
+
+from __future__ import annotations
+
+import os
+
+from llava_jax.errors import LlavaJaxError
+from llava_jax.fileio import atomic_output_dir
+from llava_jax.weights import checkpoint, hf
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+def _check_output(src: str, out: str) -> None:
+  # Fail before reading gigabytes when the output cannot be written anyway.
+  if os.path.exists(out):
+    raise LlavaJaxError(f"{os.path.abspath(out)}: output folder already exists")
+  if not os.path.isdir(src):
+    raise LlavaJaxError(f"{src}: no such folder")
+
+
+def hf_to_jax(src: str, out: str) -> str:
+  """HF LLaVA folder -> llava-jax checkpoint folder (tensors keep their stored dtype)."""
+  _check_output(src, out)
+  config, params, source = hf.read_hf_llava(src)
+  with atomic_output_dir(out) as tmp:
+    checkpoint.write_checkpoint(tmp, config, params, assets_dir=src, source=source,
+                                config_json=os.path.join(src, "config.json"))
+  return out
+
+
+def jax_to_hf(src: str, out: str, dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+  """Any folder `load_model` accepts -> HF LLaVA folder with the original names, layout and dtypes
+  (or all tensors in `dtype`), sharded at `max_shard_bytes`."""
+  if dtype is not None and dtype not in DTYPES:
+    raise LlavaJaxError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+  if max_shard_bytes <= 0:
+    raise LlavaJaxError(f"--max-shard-size: must be positive, got {max_shard_bytes} bytes")
+  _check_output(src, out)
+  model = checkpoint.load_model(src)
+  with atomic_output_dir(out) as tmp:
+    hf.write_hf_llava(tmp, model.config, model.params, model.hf_source, config_json=model.config_path,
+                      assets_dir=model.assets_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  return out
+
+
+def llava_to_hf(src: str, out: str, vision_tower: str | None = None,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+  """Original haotian-liu LLaVA release (+ a CLIP folder) -> HF LLaVA folder (see llava_orig)."""
+  from llava_jax.weights import llava_orig
+  _check_output(src, out)
+  with atomic_output_dir(out) as tmp:
+    llava_orig.convert(src, tmp, vision_tower, max_shard_bytes=max_shard_bytes)
+  return out

@@ -1,0 +1,277 @@
+"""Import of the original haotian-liu LLaVA release format into a Hugging Face LLaVA folder.
+
+The original folder is a LLaMA checkpoint (`model.layers.*`, `model.embed_tokens`, `model.norm`,
+`lm_head`) plus `model.mm_projector.0/2.*` (mlp2x_gelu) or `model.mm_projector.*` (linear) and a
+config.json with `mm_vision_tower`, `mm_hidden_size`, `mm_vision_select_layer`,
+`mm_vision_select_feature` (patch | cls_patch), `mm_projector_type` and `image_aspect_ratio`. The
+vision tower comes from a separate CLIP folder (`CLIPVisionModel` or `CLIPModel`, keys
+`vision_model.*`), unless the release embeds it (`model.vision_tower.vision_tower.vision_model.*`).
+
+Choices, following transformers' `convert_llava_weights_to_hf.py`:
+- The original vocabulary has no `<image>` token: `<image>` (id V) and a `<pad>` pad token (V+1)
+  are added, and the embedding and lm_head are resized to V+2 rounded up to a multiple of 64.
+  transformers samples the new rows from N(mean, 1e-5 * covariance); we write the mean itself
+  (each matrix's own row mean), which is deterministic and has the same expected value.
+- A release without `lm_head.weight` gets a copy of `model.embed_tokens.weight`, as there.
+- A `linear` projector (LLaVA-1.0) has no HF form of its own: it becomes `linear_1` = W, b and
+  `linear_2` = identity with zero bias, with `projector_hidden_act: "linear"`, so transformers
+  (and our model) compute exactly W x + b.
+- Tensors keep their stored dtypes (typically float16 for the LLM, float32 for CLIP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from llava_jax.config import LlavaConfig, save_config
+from llava_jax.errors import LlavaJaxError
+from llava_jax.weights import hf, mapping
+
+PAD_MULTIPLE = 64
+IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
+_EMBEDDED_CLIP = "model.vision_tower.vision_tower."
+_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "hidden_act",
+              "tie_word_embeddings", "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias", "head_dim",
+              "sliding_window")
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise LlavaJaxError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)}")
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except (OSError, ValueError) as e:
+    raise LlavaJaxError(f"{path}: cannot read JSON: {e}") from None
+  if not isinstance(d, dict):
+    raise LlavaJaxError(f"{path}: expected a JSON object")
+  return d
+
+
+def _vision_config(clip_dir: str) -> dict:
+  path = os.path.join(clip_dir, "config.json")
+  d = _read_json(path)
+  if d.get("model_type") == "clip":
+    d = d.get("vision_config") or {}
+  elif d.get("model_type") != "clip_vision_model":
+    raise LlavaJaxError(f"{path}: model_type {d.get('model_type')!r} is not a CLIP model (clip or clip_vision_model)")
+  return dict(d, model_type="clip_vision_model")
+
+
+def _projector(orig: dict, cfg_path: str) -> str:
+  kind = orig.get("mm_projector_type", "linear")  # LLaVA-1.0 predates the key and is linear
+  if kind not in ("linear", "mlp2x_gelu"):
+    raise LlavaJaxError(f"{cfg_path}: mm_projector_type {kind!r} is not supported (linear, mlp2x_gelu)")
+  if orig.get("mm_use_im_start_end"):
+    raise LlavaJaxError(f"{cfg_path}: mm_use_im_start_end is true; image start/end tokens have no Hugging Face LLaVA form")
+  return kind
+
+
+def build_config(orig: dict, vision: dict, cfg_path: str, image_token: int, pad_token: int, vocab: int) -> LlavaConfig:
+  """The HF LLaVA config for an original release, validated by our own config reader."""
+  text = {k: orig[k] for k in _TEXT_KEYS if k in orig}
+  text.update(model_type="mistral" if "mistral" in str(orig.get("model_type", "")) else "llama",
+              vocab_size=vocab, pad_token_id=pad_token)
+  feature = orig.get("mm_vision_select_feature", "patch")
+  if feature not in ("patch", "cls_patch"):
+    raise LlavaJaxError(f"{cfg_path}: mm_vision_select_feature {feature!r} is not supported (patch, cls_patch)")
+  kind = _projector(orig, cfg_path)
+  d = {
+      "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "text_config": text,
+      "vision_config": vision, "image_token_index": image_token, "pad_token_id": pad_token,
+      "projector_hidden_act": "gelu" if kind == "mlp2x_gelu" else "linear",
+      "vision_feature_layer": orig.get("mm_vision_select_layer", -1),
+      "vision_feature_select_strategy": "default" if feature == "patch" else "full",
+      "tie_word_embeddings": bool(orig.get("tie_word_embeddings", False)),
+  }
+  config = LlavaConfig.from_hf_dict(d, source=cfg_path)
+  mm_hidden = orig.get("mm_hidden_size")
+  if mm_hidden is not None and mm_hidden != config.vision_feature_size:
+    raise LlavaJaxError(f"{cfg_path}: mm_hidden_size is {mm_hidden} but the CLIP tower gives "
+                        f"{config.vision_feature_size} features")
+  return config
+
+
+def _padded(vocab: int) -> int:
+  return -(-(vocab + 2) // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def _resized(read, rows: int):
+  def make():
+    old = read()
+    new = np.empty((rows, old.shape[1]), old.dtype)
+    new[:old.shape[0]] = old
+    new[old.shape[0]:] = old.astype(np.float32).mean(axis=0).astype(old.dtype)
+    return new
+  return make
+
+
+class _Sources:
+  """Where each HF tensor of the output comes from: (reader, source name, transform)."""
+
+  def __init__(self, llava: hf.TensorFolder, clip: hf.TensorFolder | None):
+    self.llava, self.clip = llava, clip
+    self.table: dict[str, tuple[hf.TensorFolder, str]] = {}
+
+  def map_all(self, kind: str, tied: bool) -> None:
+    for name in self.llava.names:
+      if hf.IGNORABLE.search(name):
+        continue
+      if name.startswith(_EMBEDDED_CLIP):
+        self.table["vision_tower." + name[len(_EMBEDDED_CLIP) + len("vision_model."):]] = (self.llava, name)
+      elif name.startswith("model.mm_projector."):
+        rest = name[len("model.mm_projector."):]
+        index, _, param = rest.partition(".") if kind == "mlp2x_gelu" else ("0", "", rest)
+        linear = {"0": "linear_1", "2": "linear_2"}.get(index)
+        if linear is None:
+          raise LlavaJaxError(f"{self.llava.file_of(name)}: unexpected projector tensor {name} for mm_projector_type {kind}")
+        self.table[f"multi_modal_projector.{linear}.{param}"] = (self.llava, name)
+      elif name.startswith("model."):
+        self.table["language_model." + name] = (self.llava, name)
+      elif name == "lm_head.weight":
+        if not tied:
+          self.table["language_model.lm_head.weight"] = (self.llava, name)
+      else:
+        raise LlavaJaxError(f"{self.llava.file_of(name)}: unexpected tensor {name} in an original LLaVA checkpoint")
+    if self.clip is not None and not any(k.startswith("vision_tower.") for k in self.table):
+      for name in self.clip.names:
+        if name.startswith("vision_model.") and not hf.IGNORABLE.search(name):
+          self.table["vision_tower." + name[len("vision_model."):]] = (self.clip, name)
+    if not tied and "language_model.lm_head.weight" not in self.table:
+      self.table["language_model.lm_head.weight"] = self.table.get("language_model.model.embed_tokens.weight")
+
+
+def _expected_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
+  shapes = {}
+  for rule in mapping.rules(config):
+    _, backward = mapping.TRANSFORMS[rule.transform]
+    shape = tuple(backward(np.empty(rule.shape, np.uint8)).shape)
+    for name in mapping.hf_names(rule, config):
+      shapes[name] = shape
+  return shapes
+
+
+def _add_tokens(src: str, out: str, vocab: int) -> tuple[int, int, bool]:
+  """Adds `<image>` and `<pad>` to the release's tokenizer (when it has one) and saves it to `out`."""
+  if not any(os.path.isfile(os.path.join(src, f)) for f in ("tokenizer.json", "tokenizer.model")):
+    return vocab, vocab + 1, False
+  import transformers
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+  except Exception as e:  # tokenizer loaders raise many types; any of them means a bad folder
+    raise LlavaJaxError(f"{src}: cannot load the tokenizer: {' '.join(str(e).split())[:200]}") from None
+  tokenizer.add_tokens(transformers.AddedToken(IMAGE_TOKEN, special=True, normalized=False), special_tokens=True)
+  tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+  tokenizer.save_pretrained(out)
+  return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id, True
+
+
+def _write_processor(out: str, clip_dir: str | None, src: str, orig: dict, config: LlavaConfig, tokenizer: bool) -> None:
+  """preprocessor_config.json from the release or its CLIP folder; LLaVA-1.5's pad-to-square is
+  recorded as `image_aspect_ratio: "pad"` (read by llava_jax.data.images)."""
+  for folder in (src, clip_dir):
+    path = os.path.join(folder, "preprocessor_config.json") if folder else ""
+    if path and os.path.isfile(path):
+      pre = _read_json(path)
+      break
+  else:
+    size = config.vision.image_size
+    pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+           "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+           "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
+  if orig.get("image_aspect_ratio") == "pad":
+    pre["image_aspect_ratio"] = "pad"
+  with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+    f.write(json.dumps(pre, indent=2, sort_keys=True) + "\n")
+  if tokenizer:
+    proc = {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": config.vision.patch_size,
+            "num_additional_image_tokens": 1, "vision_feature_select_strategy": config.vision_feature_select_strategy}
+    with open(os.path.join(out, "processor_config.json"), "w") as f:
+      f.write(json.dumps(proc, indent=2, sort_keys=True) + "\n")
+
+
+def _clip_dir(orig: dict, vision_tower: str | None, cfg_path: str) -> str:
+  if vision_tower:
+    if not os.path.isdir(vision_tower):
+      raise LlavaJaxError(f"--vision-tower: {vision_tower}: no such folder")
+    return vision_tower
+  named = orig.get("mm_vision_tower")
+  if isinstance(named, str) and os.path.isdir(named):
+    return named
+  raise LlavaJaxError(f"{cfg_path}: mm_vision_tower {named!r} is not a local folder; pass the CLIP folder with "
+                      "--vision-tower")
+
+
+def convert(src: str, out: str, vision_tower: str | None = None, max_shard_bytes: int = 5 * 10**9) -> LlavaConfig:
+  """Writes the HF LLaVA folder for the original release `src` into the existing folder `out`."""
+  cfg_path = os.path.join(src, "config.json")
+  orig = _read_json(cfg_path)
+  if not any(k in orig for k in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")):
+    raise LlavaJaxError(f"{cfg_path}: not an original LLaVA config (no mm_vision_tower, mm_projector_type or mm_hidden_size)")
+  kind = _projector(orig, cfg_path)
+  clip_dir = _clip_dir(orig, vision_tower, cfg_path)
+  vision = _vision_config(clip_dir)
+  llava = hf.TensorFolder(src)
+  embedded = any(n.startswith(_EMBEDDED_CLIP) for n in llava.names)
+  clip = None if embedded else hf.TensorFolder(clip_dir)
+
+  if "model.embed_tokens.weight" not in llava:
+    raise LlavaJaxError(f"{src}: missing tensor model.embed_tokens.weight")
+  vocab = llava.info("model.embed_tokens.weight")[0][0]
+  if "vocab_size" in orig and orig["vocab_size"] != vocab:
+    raise LlavaJaxError(f"{llava.file_of('model.embed_tokens.weight')}: tensor model.embed_tokens.weight has "
+                        f"{vocab} rows but {cfg_path} says vocab_size {orig['vocab_size']}")
+  rows = _padded(vocab)
+  image_token, pad_token, has_tokenizer = _add_tokens(src, out, vocab)
+  if max(image_token, pad_token) >= rows:
+    raise LlavaJaxError(f"{src}: the tokenizer puts <image>/<pad> at ids {image_token}/{pad_token}, beyond the "
+                        f"{rows}-row embedding")
+  config = build_config(orig, vision, cfg_path, image_token, pad_token, rows)
+
+  sources = _Sources(llava, clip)
+  sources.map_all(kind, config.text.tie_word_embeddings)
+  specs = _specs(sources, config, rows)
+  hf.write_tensors(out, specs, max_shard_bytes)
+  save_config(config, out)
+  hf.copy_assets(src, out, [hf.GENERATION_CONFIG])
+  _write_processor(out, clip_dir, src, orig, config, has_tokenizer)
+  return config
+
+
+def _specs(sources: _Sources, config: LlavaConfig, rows: int) -> dict[str, hf.TensorSpec]:
+  specs = {}
+  resized = {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}
+  for name, shape in _expected_shapes(config).items():
+    where = sources.table.get(name)
+    if where is None and name.startswith("multi_modal_projector.linear_2.") and "multi_modal_projector.linear_1.weight" in sources.table:
+      specs[name] = _identity(sources, name, shape)  # the linear projector's second layer
+      continue
+    if where is None:
+      origin = sources.clip.folder if name.startswith("vision_tower.") and sources.clip else sources.llava.folder
+      raise LlavaJaxError(f"{origin}: missing tensor for {name}")
+    reader, src_name = where
+    src_shape, dtype = reader.info(src_name)
+    want = (src_shape[0],) + shape[1:] if name in resized else shape
+    if src_shape != want or (name in resized and src_shape[0] > rows):
+      raise LlavaJaxError(f"{reader.file_of(src_name)}: tensor {src_name} has shape {src_shape}, expected {want}")
+    read = lambda reader=reader, src_name=src_name: reader.read(src_name)
+    specs[name] = hf.TensorSpec(shape, np.dtype(hf.np_dtype(dtype)), _resized(read, rows) if name in resized else read)
+  extra = set(sources.table) - set(specs)
+  if extra:
+    name = sorted(extra)[0]
+    reader, src_name = sources.table[name]
+    raise LlavaJaxError(f"{reader.file_of(src_name)}: unexpected tensor {src_name} (not part of this config's model)")
+  return specs
+
+
+def _identity(sources: _Sources, name: str, shape: tuple[int, ...]) -> hf.TensorSpec:
+  reader, src_name = sources.table["multi_modal_projector.linear_1.weight"]
+  dtype = np.dtype(hf.np_dtype(reader.info(src_name)[1]))
+  if name.endswith(".weight"):
+    return hf.TensorSpec(shape, dtype, lambda: np.eye(shape[0], dtype=dtype))
+  return hf.TensorSpec(shape, dtype, lambda: np.zeros(shape, dtype))
