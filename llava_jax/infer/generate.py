@@ -1,0 +1,288 @@
+"""The generation engine: prefill + decode over a preallocated KV cache, compiled per bucket.
+
+Shapes are static so a handful of programs serve every request: prompts are LEFT padded to a
+length bucket P, the cache has a bucketed number of slots T >= P + max_new_tokens, and the
+batch is padded to a power of two. All rows share the cache index (slot P + step - 1 holds the
+token fed at decode step `step`); left padding is handled by the attention mask, from which the
+model derives per-row positions. The number of new tokens is a runtime value, so it never
+causes a recompile.
+
+Two ways to run:
+- `generate`: prefill and the whole `lax.while_loop` decode in ONE compiled program.
+- `stream`: the same prefill program, then a decode program that runs up to `chunk` steps per
+  call, carrying the (donated, updated in place) state on device; tokens reach the host
+  between chunks while the next chunk is already running.
+Both draw step t's sample with fold_in(seed, t), so they produce identical tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.config import LlavaConfig
+from llava_jax.errors import LlavaJaxError
+from llava_jax.infer import sampling
+from llava_jax.infer.sampling import SamplingFlags, SamplingParams, SamplingValues
+from llava_jax.models.llama import init_cache
+from llava_jax.models.llava import Llava
+
+MAX_EOS_IDS = 4  # EOS ids travel as a fixed-size array (padded with -1) so their number never recompiles
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  """Rounds n up to a multiple of a quarter of the power of two below it (at least `minimum`).
+
+  At most ~25% waste and four buckets per doubling: 26 -> 32, 616 -> 640, 1100 -> 1280.
+  """
+  if n <= minimum:
+    return minimum
+  step = max(minimum, (1 << ((n - 1).bit_length() - 1)) // 4)
+  return -(-n // step) * step
+
+
+def bucket_batch(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Prompt:
+  """One prompt: token ids (S,) with image tokens already expanded, and its images (M, H, W, 3)."""
+  input_ids: np.ndarray
+  pixel_values: np.ndarray | None = None
+
+  @property
+  def num_images(self) -> int:
+    return 0 if self.pixel_values is None else len(self.pixel_values)
+
+
+@dataclasses.dataclass
+class Completion:
+  tokens: np.ndarray  # generated ids, the EOS that ended the row included
+  finish_reason: str  # "stop" (EOS) or "length"
+
+
+class DecodeState(NamedTuple):
+  cache: dict
+  kv_mask: jax.Array  # (B, T) bool: slots holding real tokens
+  token: jax.Array  # (B,) the last sampled token (fed at the next step)
+  step: jax.Array  # () tokens generated so far
+  slot: jax.Array  # () the cache slot the next fed token is written to
+  done: jax.Array  # (B,) bool
+  seen: jax.Array | None  # (B, V) bool, tokens in the sequence (only with a repetition penalty)
+  out: jax.Array  # (B, capacity + chunk) int32 generated tokens (pad after a row's EOS)
+
+
+class Batch(NamedTuple):
+  """Device inputs of one request batch (left padded, batch padded)."""
+  input_ids: jax.Array  # (B, P) int32
+  prompt_mask: jax.Array  # (B, P) bool
+  pixel_values: jax.Array | None  # (B, M, H, W, 3) float32
+  live: jax.Array  # (B,) bool: False for the rows that only pad the batch (they start finished)
+  rows: int  # number of live rows
+
+  @property
+  def arrays(self) -> tuple:
+    return self.input_ids, self.prompt_mask, self.pixel_values, self.live
+
+
+class Engine:
+  """Generation for one model; compiled programs are cached per (shapes, static options)."""
+
+  def __init__(self, config: LlavaConfig, params, *, eos_token_ids: Sequence[int] | None = None,
+               pad_token_id: int | None = None, chunk: int = 8):
+    self.config = config
+    self.model = Llava(config)
+    self.params = jax.device_put(params)
+    eos = config.eos_token_id if eos_token_ids is None else eos_token_ids
+    self.eos_token_ids = self._eos((eos,) if isinstance(eos, int) else (eos or ()))
+    pad = config.pad_token_id if pad_token_id is None else pad_token_id
+    self.pad_token_id = int(pad) if pad is not None else (self.eos_token_ids or (0,))[0]
+    self.chunk = chunk
+    self._generate = jax.jit(self._generate_program, static_argnames=("slots", "flags"))
+    self._start = jax.jit(self._start_program, static_argnames=("slots", "flags"))
+    self._continue = jax.jit(self._continue_program, static_argnames=("flags",), donate_argnums=(1,))
+    self._forward = jax.jit(self._forward_program)
+
+  # ---- host side ---------------------------------------------------------------------------
+
+  def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+               eos_token_ids: Sequence[int] | None = None) -> list[Completion]:
+    """Generates for every prompt in one compiled program (prefill and the whole decode loop).
+
+    eos_token_ids overrides the engine's EOS ids for this call (an empty list: never stop early).
+    """
+    batch, slots = self._prepare(prompts, max_new_tokens)
+    eos = self._eos(eos_token_ids)
+    out, steps, done = self._generate(
+        self.params, *batch.arrays, params.values(), jax.random.key(params.seed), self._eos_array(eos),
+        jnp.int32(max_new_tokens), slots=slots, flags=params.flags)
+    out, steps, done = np.asarray(out), int(steps), np.asarray(done)
+    return [Completion(_cut_at_eos(out[i, :steps], eos), "stop" if done[i] else "length") for i in range(batch.rows)]
+
+  def stream(self, prompts: Sequence[Prompt], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+             eos_token_ids: Sequence[int] | None = None) -> Iterator[list[np.ndarray]]:
+    """Yields, per decode chunk, each row's new tokens (empty once a row has finished).
+
+    The first yield is the first token (right after prefill). Closing the generator early
+    (e.g. a stop string was seen) abandons the rest of the work.
+    """
+    batch, slots = self._prepare(prompts, max_new_tokens)
+    eos_ids = self._eos(eos_token_ids)
+    flags, values, key, eos = params.flags, params.values(), jax.random.key(params.seed), self._eos_array(eos_ids)
+    limit = jnp.int32(max_new_tokens)
+    state, report = self._start(self.params, *batch.arrays, values, key, eos, slots=slots, flags=flags)
+    finished = np.zeros(batch.rows, bool)
+    while True:
+      # Dispatch the next chunk before reading this one, so the device does not wait on the host.
+      state, next_report = self._continue(self.params, state, values, key, eos, limit, flags=flags)
+      window, before, after, done = (np.asarray(x) for x in report)
+      new = [window[i, :after - before] if not finished[i] else window[i, :0] for i in range(batch.rows)]
+      new = [_cut_at_eos(row, eos_ids) for row in new]
+      finished |= done[:batch.rows]
+      if any(len(row) for row in new):
+        yield new
+      if finished.all() or after >= max_new_tokens:
+        return
+      report = next_report
+
+  def forward(self, prompts: Sequence[Prompt]) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill logits (rows, P, V) of the left-padded batch and its (rows, P) mask (for tests, scoring)."""
+    batch, _ = self._prepare(prompts, 1)
+    logits = self._forward(self.params, *batch.arrays[:3])
+    return np.asarray(logits)[:batch.rows], np.asarray(batch.prompt_mask)[:batch.rows]
+
+  def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int) -> tuple[Batch, int]:
+    if not prompts:
+      raise LlavaJaxError("generate: no prompts")
+    if max_new_tokens < 1:
+      raise LlavaJaxError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    c = self.config
+    for i, p in enumerate(prompts):
+      if len(p.input_ids) == 0:
+        raise LlavaJaxError(f"prompt {i} is empty")
+      got = int(np.sum(np.asarray(p.input_ids) == c.image_token_index))
+      if got != p.num_images * c.image_seq_length:
+        raise LlavaJaxError(
+            f"prompt {i} has {got} image tokens but {p.num_images} image(s) give "
+            f"{p.num_images * c.image_seq_length} ({c.image_seq_length} per image)")
+    rows = bucket_batch(len(prompts))
+    length = bucket_length(max(len(p.input_ids) for p in prompts))
+    slots = bucket_length(length + max_new_tokens)
+    ids = np.full((rows, length), self.pad_token_id, np.int32)
+    mask = np.zeros((rows, length), bool)
+    for i in range(rows):
+      row = np.asarray(prompts[min(i, len(prompts) - 1)].input_ids, np.int32)
+      ids[i, length - len(row):] = row
+      mask[i, length - len(row):] = True
+    images = max(p.num_images for p in prompts)
+    pixels = None
+    if images:
+      shape = next(p.pixel_values.shape[1:] for p in prompts if p.num_images)
+      pixels = np.zeros((rows, images) + shape, np.float32)
+      for i in range(rows):
+        p = prompts[min(i, len(prompts) - 1)]
+        if p.num_images:
+          if p.pixel_values.shape[1:] != shape:
+            raise LlavaJaxError(f"prompt {i}: images of shape {p.pixel_values.shape[1:]}, others have {shape}")
+          pixels[i, :p.num_images] = p.pixel_values
+    live = np.arange(rows) < len(prompts)
+    return Batch(jnp.asarray(ids), jnp.asarray(mask), None if pixels is None else jnp.asarray(pixels),
+                 jnp.asarray(live), len(prompts)), slots
+
+  def _eos(self, ids: Sequence[int] | None) -> tuple[int, ...]:
+    if ids is None:
+      return self.eos_token_ids
+    ids = tuple(int(i) for i in ids)
+    if len(ids) > MAX_EOS_IDS:
+      raise LlavaJaxError(f"at most {MAX_EOS_IDS} EOS token ids are supported, got {ids}")
+    return ids
+
+  @staticmethod
+  def _eos_array(ids: tuple[int, ...]) -> jax.Array:
+    return jnp.asarray(list(ids) + [-1] * (MAX_EOS_IDS - len(ids)), jnp.int32)
+
+  # ---- device side (traced) ------------------------------------------------------------------
+
+  def _prefill(self, params, input_ids, prompt_mask, pixel_values, slots: int):
+    """Runs the prompt through the model into a fresh cache of `slots` slots."""
+    rows, length = input_ids.shape
+    kv_mask = jnp.zeros((rows, slots), bool).at[:, :length].set(prompt_mask)
+    cache = init_cache(self.config.text, rows, slots, jnp.dtype(self.config.dtype))
+    logits, cache = self.model.apply({"params": params}, input_ids, pixel_values, kv_mask, cache, 0)
+    return logits, cache, kv_mask
+
+  def _forward_program(self, params, input_ids, prompt_mask, pixel_values):
+    return self._prefill(params, input_ids, prompt_mask, pixel_values, input_ids.shape[1])[0]
+
+  def _start_program(self, params, input_ids, prompt_mask, pixel_values, live, values: SamplingValues, key, eos,
+                     *, slots: int, flags: SamplingFlags):
+    """Prefill, then the first token. Returns the state and the report of the new token."""
+    logits, cache, kv_mask = self._prefill(params, input_ids, prompt_mask, pixel_values, slots)
+    rows, length = input_ids.shape
+    seen = None
+    if flags.penalty:
+      vocab = self.config.text.vocab_size
+      # Only real prompt tokens count as seen (transformers also marks its own left padding).
+      seen = jnp.zeros((rows, vocab), bool).at[jnp.arange(rows)[:, None], input_ids].max(prompt_mask)
+    capacity = slots - length + 1
+    state = DecodeState(
+        cache=cache, kv_mask=kv_mask, token=jnp.zeros((rows,), jnp.int32), step=jnp.int32(0),
+        slot=jnp.int32(length), done=~live,
+        seen=seen, out=jnp.full((rows, capacity + self.chunk), self.pad_token_id, jnp.int32))
+    return self._with_report(state, lambda s: self._record(s, logits[:, -1], values, key, eos, flags))
+
+  def _continue_program(self, params, state: DecodeState, values, key, eos, max_new_tokens, *,
+                        flags: SamplingFlags):
+    """Up to `self.chunk` decode steps (fewer when max_new_tokens is reached or every row is done)."""
+    limit = jnp.minimum(max_new_tokens, state.step + self.chunk)
+    return self._with_report(state, lambda s: self._decode_loop(params, s, values, key, eos, limit, flags))
+
+  def _with_report(self, state: DecodeState, advance):
+    """advance(state) plus what the host needs to stream: the tokens written, the steps, done.
+
+    The report is a separate (small) output, so the host can read it while the state, donated
+    to the next chunk, is updated in place.
+    """
+    new = advance(state)
+    window = jax.lax.dynamic_slice_in_dim(new.out, state.step, self.chunk, axis=1)
+    return new, (window, state.step, new.step, new.done)
+
+  def _generate_program(self, params, input_ids, prompt_mask, pixel_values, live, values, key, eos, max_new_tokens,
+                        *, slots: int, flags: SamplingFlags):
+    state, _ = self._start_program(params, input_ids, prompt_mask, pixel_values, live, values, key, eos,
+                                   slots=slots, flags=flags)
+    state = self._decode_loop(params, state, values, key, eos, max_new_tokens, flags)
+    return state.out, state.step, state.done
+
+  def _decode_loop(self, params, state: DecodeState, values, key, eos, limit, flags) -> DecodeState:
+    def step(s: DecodeState) -> DecodeState:
+      kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((s.token.shape[0], 1), bool), (0, s.slot))
+      logits, cache = self.model.apply({"params": params}, s.token[:, None], None, kv_mask, s.cache, s.slot)
+      s = s._replace(cache=cache, kv_mask=kv_mask, slot=s.slot + 1)
+      return self._record(s, logits[:, 0], values, key, eos, flags)
+
+    def running(s: DecodeState):
+      return (s.step < limit) & ~jnp.all(s.done)
+
+    return jax.lax.while_loop(running, step, state)
+
+  def _record(self, s: DecodeState, logits, values, key, eos, flags) -> DecodeState:
+    """Samples step `s.step`'s token from logits (B, V) and appends it (pad for finished rows)."""
+    token = sampling.select_token(logits, flags, values, sampling.step_key(key, s.step), s.seen)
+    token = jnp.where(s.done, self.pad_token_id, token)
+    seen = s.seen
+    if seen is not None:
+      seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
+    out = jax.lax.dynamic_update_slice(s.out, token[:, None], (0, s.step))
+    done = s.done | jnp.any(token[:, None] == eos[None, :], axis=-1)
+    return s._replace(token=token, step=s.step + 1, done=done, seen=seen, out=out)
+
+
+def _cut_at_eos(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
+  hits = np.flatnonzero(np.isin(tokens, eos_ids))
+  return tokens[:hits[0] + 1] if len(hits) else tokens

@@ -1,0 +1,146 @@
+"""`llava-jax generate`: a model folder + images + a prompt -> the generated text, streamed.
+
+Also the pieces `chat` (and a server) share: loading a model folder into an engine plus its
+processor, and turning engine token chunks into text deltas with stop strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import IO, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from llava_jax.data import images as images_lib
+from llava_jax.data.processor import Processor
+from llava_jax.errors import LlavaJaxError
+from llava_jax.infer.generate import Engine, Prompt
+from llava_jax.infer.sampling import SamplingParams
+
+DEFAULT_TEMPLATE = "vicuna_v1"
+
+
+@dataclasses.dataclass
+class Session:
+  """What serving a model folder needs: the engine, the processor, and the fallback template name."""
+  engine: Engine
+  processor: Processor
+  template: str
+
+  @property
+  def image_seq_length(self) -> int:
+    return self.engine.config.image_seq_length
+
+
+def load_session(path: str) -> Session:
+  """Loads weights (float32), tokenizer, image processor and chat template of a model folder."""
+  from llava_jax.weights.checkpoint import load_model
+  loaded = load_model(path)
+  config = loaded.config
+  template = _config_template(loaded.config_path) or DEFAULT_TEMPLATE
+  processor = Processor.from_folder(loaded.assets_dir, image_size=config.vision.image_size,
+                                    fallback_template=template)
+  params = jax.tree.map(_as_float32, loaded.params)
+  engine = Engine(config, params, eos_token_ids=_eos_ids(loaded.assets_dir, config, processor),
+                  pad_token_id=config.pad_token_id if config.pad_token_id is not None else processor.pad_token_id)
+  return Session(engine, processor, template)
+
+
+def _as_float32(x):
+  x = jnp.asarray(x)
+  return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def _config_template(config_path: str | None) -> str | None:
+  """The conversation template a llava-jax checkpoint names in config.json (`llava_jax.template`)."""
+  if not config_path or not os.path.isfile(config_path):
+    return None
+  with open(config_path) as f:
+    extras = json.load(f).get("llava_jax") or {}
+  return extras.get("template") if isinstance(extras, dict) else None
+
+
+def _eos_ids(folder: str, config, processor: Processor) -> tuple[int, ...]:
+  """EOS ids as transformers' generate sees them: generation_config.json, else the model config."""
+  path = os.path.join(folder, "generation_config.json")
+  eos = None
+  if os.path.isfile(path):
+    eos = images_lib.read_json(path).get("eos_token_id")
+  if eos is None:
+    eos = config.eos_token_id
+  if eos is None:
+    eos = processor.tokenizer.eos_token_id
+  return tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+
+
+def load_images(paths: Sequence[str]) -> list:
+  return [images_lib.load_image(p) for p in paths]
+
+
+def stream_text(session: Session, prompt: Prompt, max_new_tokens: int, sampling: SamplingParams,
+                stop: Sequence[str] = ()) -> Iterator[str]:
+  """Yields the generated text in pieces as tokens arrive; ends at EOS, N tokens or a stop string.
+
+  The text so far is re-decoded on every chunk (tokenizers merge pieces, e.g. the leading
+  space of SentencePiece), and text that might still change is held back: a trailing
+  incomplete UTF-8 character and a suffix that could start a stop string.
+  """
+  tokens: list[int] = []
+  emitted = 0
+  for chunk in session.engine.stream([prompt], max_new_tokens, sampling):
+    tokens.extend(int(t) for t in chunk[0])
+    text = session.processor.decode(tokens)
+    cut = _first_stop(text, stop)
+    if cut is not None:
+      if cut > emitted:
+        yield text[emitted:cut]
+      return
+    safe = len(text.rstrip("\ufffd")) - _partial_stop_len(text, stop)
+    if safe > emitted:
+      yield text[emitted:safe]
+      emitted = safe
+  text = session.processor.decode(tokens)
+  if len(text) > emitted:
+    yield text[emitted:]
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+  hits = [text.find(s) for s in stop if s and s in text]
+  return min(hits) if hits else None
+
+
+def _partial_stop_len(text: str, stop: Sequence[str]) -> int:
+  """Length of the longest suffix of text that is a proper prefix of some stop string."""
+  best = 0
+  for s in stop:
+    for n in range(min(len(s) - 1, len(text)), best, -1):
+      if text.endswith(s[:n]):
+        best = n
+        break
+  return best
+
+
+def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, max_new_tokens: int,
+                     temperature: float, top_p: float, top_k: int, seed: int, out: IO[str],
+                     repetition_penalty: float = 1.0) -> None:
+  """Prints only the generated text to `out` (streamed); progress goes to stderr."""
+  sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+  if max_new_tokens < 1:
+    raise LlavaJaxError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+  if not os.path.exists(model):
+    raise LlavaJaxError(f"{model}: no such model folder")
+  pictures = load_images(images)  # before loading weights: a bad image fails fast
+  session = load_session(model)
+  inputs = session.processor.prepare(prompt, pictures, session.image_seq_length, raw=raw)
+  print(f"llava-jax: prompt of {len(inputs.input_ids)} tokens, {len(pictures)} image(s)", file=sys.stderr)
+  request = Prompt(inputs.input_ids, inputs.pixel_values if pictures else None)
+  for piece in stream_text(session, request, max_new_tokens, sampling):
+    out.write(piece)
+    out.flush()
+  out.write("\n")
+  out.flush()
