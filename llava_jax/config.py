@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
 
 from llava_jax.errors import LlavaJaxError
+from llava_jax.fileio import read_json
 
 SUPPORTED_MODEL_TYPES = ("llava",)
 SUPPORTED_VISION_TYPES = ("clip_vision_model",)
@@ -226,14 +226,7 @@ def load_config(folder: str) -> LlavaConfig:
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     raise LlavaJaxError(f"{folder}: no config.json (not a Hugging Face or llava-jax model folder)")
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except (OSError, ValueError) as e:
-    raise LlavaJaxError(f"{path}: cannot read config: {e}") from None
-  if not isinstance(d, dict):
-    raise LlavaJaxError(f"{path}: config must be a JSON object")
-  return LlavaConfig.from_hf_dict(d, source=path)
+  return LlavaConfig.from_hf_dict(read_json(path), source=path)
 
 
 def save_config(config: LlavaConfig, folder: str) -> None:

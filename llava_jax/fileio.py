@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,3 +32,19 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
   if os.path.exists(path):
     shutil.rmtree(path)
   os.rename(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+  """A JSON object from a file; LlavaJaxError naming the file when it is missing or not one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    raise LlavaJaxError(f"{os.fspath(path)}: no such file") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise LlavaJaxError(f"{os.fspath(path)}: cannot read ({e})") from None
+  except json.JSONDecodeError as e:
+    raise LlavaJaxError(f"{os.fspath(path)}: invalid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise LlavaJaxError(f"{os.fspath(path)}: expected a JSON object, got {type(value).__name__}")
+  return value

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llava_jax.errors import LlavaJaxError
+from llava_jax.fileio import read_json
 
 # OpenAI CLIP's normalization constants (what every LLaVA vision tower was trained with).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -328,17 +329,3 @@ def read_image_processor_config(folder: Union[str, os.PathLike]) -> Optional[dic
     if isinstance(config, dict):
       return config
   return None
-
-
-def read_json(path: Union[str, os.PathLike]) -> dict:
-  """A JSON object from a file; LlavaJaxError naming the file when it is not one."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except (OSError, UnicodeDecodeError) as e:
-    raise LlavaJaxError(f"{os.fspath(path)}: cannot read ({e})") from None
-  except json.JSONDecodeError as e:
-    raise LlavaJaxError(f"{os.fspath(path)}: invalid JSON ({e})") from None
-  if not isinstance(value, dict):
-    raise LlavaJaxError(f"{os.fspath(path)}: expected a JSON object, got {type(value).__name__}")
-  return value

@@ -15,6 +15,7 @@ from PIL import Image
 from llava_jax.data import images as images_lib
 from llava_jax.data import templates
 from llava_jax.errors import LlavaJaxError
+from llava_jax.fileio import read_json
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
@@ -42,12 +43,12 @@ def load_chat_template(folder: PathLike, tokenizer=None) -> Optional[str]:
   """
   processor_config = os.path.join(folder, images_lib.PROCESSOR_CONFIG)
   if os.path.isfile(processor_config):
-    template = images_lib.read_json(processor_config).get("chat_template")
+    template = read_json(processor_config).get("chat_template")
     if template is not None:
       return _default_template(template, processor_config)
   legacy = os.path.join(folder, CHAT_TEMPLATE_JSON)
   if os.path.isfile(legacy):
-    template = images_lib.read_json(legacy).get("chat_template")
+    template = read_json(legacy).get("chat_template")
     if template is None:
       raise LlavaJaxError(f"{legacy}: no 'chat_template' key")
     return _default_template(template, legacy)
@@ -144,7 +145,7 @@ class Processor:
     processor_config = os.path.join(folder, images_lib.PROCESSOR_CONFIG)
     image_token = None
     if os.path.isfile(processor_config):
-      image_token = images_lib.read_json(processor_config).get("image_token")
+      image_token = read_json(processor_config).get("image_token")
     return cls(tokenizer, image_processor, load_chat_template(folder, tokenizer), image_token,
                fallback_template)
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from llava_jax.config import LlavaConfig, save_config
 from llava_jax.errors import LlavaJaxError
+from llava_jax.fileio import read_json
 from llava_jax.weights import hf, mapping
 
 PAD_MULTIPLE = 64
@@ -39,22 +40,9 @@ _TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
               "sliding_window")
 
 
-def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise LlavaJaxError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)}")
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except (OSError, ValueError) as e:
-    raise LlavaJaxError(f"{path}: cannot read JSON: {e}") from None
-  if not isinstance(d, dict):
-    raise LlavaJaxError(f"{path}: expected a JSON object")
-  return d
-
-
 def _vision_config(clip_dir: str) -> dict:
   path = os.path.join(clip_dir, "config.json")
-  d = _read_json(path)
+  d = read_json(path)
   if d.get("model_type") == "clip":
     d = d.get("vision_config") or {}
   elif d.get("model_type") != "clip_vision_model":
@@ -176,7 +164,7 @@ def _write_processor(out: str, clip_dir: str | None, src: str, orig: dict, confi
   for folder in (src, clip_dir):
     path = os.path.join(folder, "preprocessor_config.json") if folder else ""
     if path and os.path.isfile(path):
-      pre = _read_json(path)
+      pre = read_json(path)
       break
   else:
     size = config.vision.image_size
@@ -210,7 +198,7 @@ def _clip_dir(orig: dict, vision_tower: str | None, cfg_path: str) -> str:
 def convert(src: str, out: str, vision_tower: str | None = None, max_shard_bytes: int = 5 * 10**9) -> LlavaConfig:
   """Writes the HF LLaVA folder for the original release `src` into the existing folder `out`."""
   cfg_path = os.path.join(src, "config.json")
-  orig = _read_json(cfg_path)
+  orig = read_json(cfg_path)
   if not any(k in orig for k in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")):
     raise LlavaJaxError(f"{cfg_path}: not an original LLaVA config (no mm_vision_tower, mm_projector_type or mm_hidden_size)")
   kind = _projector(orig, cfg_path)
