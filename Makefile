@@ -19,7 +19,7 @@ $(STAMP): requirements.txt setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/llava-jax demo --workdir $(WORKDIR)

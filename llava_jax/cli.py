@@ -56,6 +56,12 @@ def _chat(args) -> None:
                     temperature=args.temperature, inp=sys.stdin, out=sys.stdout)
 
 
+def _serve(args) -> None:
+  from llava_jax.infer import server
+  server.serve_command(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
+                       batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name)
+
+
 def _train(args) -> None:
   from llava_jax.train import main as train_main
   train_main.run(args.flags)
@@ -67,7 +73,7 @@ def _demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="llava-jax", description="LLaVA in JAX: convert, generate, chat, train, demo.")
+  parser = _Parser(prog="llava-jax", description="LLaVA in JAX: convert, generate, chat, serve, train, demo.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and llava-jax formats")
@@ -101,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=256)
   p.add_argument("--temperature", type=float, default=0.0)
   p.set_defaults(func=_chat)
+
+  p = sub.add_parser("serve", help="OpenAI-compatible chat server: POST /v1/chat/completions, GET /v1/models")
+  p.add_argument("--model", required=True, help="HF folder, llava-jax checkpoint, or training workdir")
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
+  p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                 help="how long to gather concurrent requests into one batch (default 10)")
+  p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+  p.set_defaults(func=_serve)
 
   p = sub.add_parser("train", help="train with a config file: --config FILE.py:ARGS --workdir DIR [--config.KEY=V]",
                      add_help=False)
