@@ -43,12 +43,38 @@ def parse_flags(argv: Sequence[str]):
   try:
     values(full_argv)
   except (flags.Error, ValueError, KeyError, AttributeError, TypeError, OSError) as e:
-    raise LlavaJaxError(f"train: {' '.join(str(e).split())}") from None
+    missing = [a for a in e.args if isinstance(a, KeyError)] or ([e] if isinstance(e, KeyError) else [])
+    if missing:  # config_flags: AttributeError(KeyError) for an override of a key the config lacks
+      key = str(missing[0].args[0] if missing[0].args else "?").strip("'\"")
+      raise LlavaJaxError(f"train: --config.{key}: no such config key") from None
+    raise LlavaJaxError(f"train: {_last_error_line(e)}") from None
   if values["config"].value is None:
     raise LlavaJaxError("train: --config FILE.py:ARGS is required")
   if not values.workdir:
     raise LlavaJaxError("train: --workdir DIR is required")
-  return values.config, values.workdir
+  try:
+    config = values.config
+    config.stage  # config_flags defers load errors to the first access
+  except (OSError, ValueError, KeyError, AttributeError, TypeError, SyntaxError) as e:
+    raise LlavaJaxError(f"train: --config {argv_value(argv, '--config')}: {_last_error_line(e)}") from None
+  return config, values.workdir
+
+
+def argv_value(argv: Sequence[str], name: str) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith(name + "="):
+      return arg.split("=", 1)[1]
+    if arg == name and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+def _last_error_line(error: BaseException) -> str:
+  """The innermost message: config_flags wraps the real cause in several multi-line layers."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
 
 
 def wants_distributed(env=os.environ) -> bool:
@@ -276,3 +302,12 @@ def _train(cfg, workdir: str) -> None:
     sink.close()
     ckpt.close()
   logger.info("stopped at step %d of %d; workdir %s", step, total_steps, workdir)
+
+
+if __name__ == "__main__":  # `python -m llava_jax.train.main ...`: the same as `llava-jax train ...`
+  import sys  # pylint: disable=import-outside-toplevel
+  try:
+    run(sys.argv[1:])
+  except LlavaJaxError as error:
+    print(f"llava-jax: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(2)

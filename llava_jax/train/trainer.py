@@ -93,7 +93,7 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, mask: Any, 
     params = merge_trainable(mask, new_trainable, frozen)
     metrics = {
         "loss": total / denom,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": lr_schedule(state.step),
         "target_tokens": count,
         "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
