@@ -134,6 +134,9 @@ def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, 
     raise LlavaJaxError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
   if not os.path.exists(model):
     raise LlavaJaxError(f"{model}: no such model folder")
+  if raw and prompt.count("<image>") != len(images):  # the contract's tag; checked before loading anything
+    raise LlavaJaxError(f"--raw prompt has {prompt.count('<image>')} <image> tag(s) but {len(images)} "
+                        "image(s) were given; they must match")
   pictures = load_images(images)  # before loading weights: a bad image fails fast
   session = load_session(model)
   inputs = session.processor.prepare(prompt, pictures, session.image_seq_length, raw=raw)
