@@ -53,7 +53,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.init = ""                       # HF folder / llava-jax checkpoint / training workdir; "" = random init
   c.model = size["model"]           # architecture for random init (configs/models.py)
   c.tokenizer = ""                  # folder with tokenizer/processor files for random init
-  c.trainable = stage["trainable"]  # (regex over "/"-joined param paths, trains?); first match wins
+  c.trainable = tuple(stage["trainable"])  # (regex over "/"-joined param paths, trains?); first match wins
 
   c.data = ml_collections.ConfigDict()
   c.data.json = ""
@@ -65,6 +65,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.source = "json"            # json | tfds
   c.data.tfds_dir = ""
   c.data.num_workers = 0            # grain worker processes
+  c.data.shuffle = True             # seeded; a new order every epoch
   c.data.image_aspect_ratio = "pad"  # LLaVA-1.5 pads images to square with the mean color
 
   c.batch_size = stage["batch_size"]  # global, over all devices and hosts

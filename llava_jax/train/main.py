@@ -304,10 +304,15 @@ def _train(cfg, workdir: str) -> None:
   logger.info("stopped at step %d of %d; workdir %s", step, total_steps, workdir)
 
 
-if __name__ == "__main__":  # `python -m llava_jax.train.main ...`: the same as `llava-jax train ...`
+def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m llava_jax.train.main ...`: `llava-jax train ...` with the CLI's exit-2 contract."""
   import sys  # pylint: disable=import-outside-toplevel
   try:
-    run(sys.argv[1:])
+    run(sys.argv[1:] if argv is None else argv)
   except LlavaJaxError as error:
     print(f"llava-jax: error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()
