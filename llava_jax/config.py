@@ -77,9 +77,11 @@ class LlavaConfig:
   pad_token_id: int | None = None
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
-  # Runtime choices (not architecture): compute dtype and rematerialization policy.
+  # Runtime choices (not architecture): compute dtype, rematerialization policy, and whether the
+  # language model's layers are scanned (training) or unrolled (decoding; see models/llama.py).
   dtype: str = "float32"
   remat_policy: str = "none"
+  scan_layers: bool = True
   hf_extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def __post_init__(self):

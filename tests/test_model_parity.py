@@ -8,6 +8,7 @@ import torch
 
 from hf_fixtures import IMAGE_TOKEN, hf_state, our_config, tiny_hf_model
 from llava_jax.errors import LlavaJaxError
+from llava_jax.models.llama import unstack_layers
 from llava_jax.models.llava import Llava
 from llava_jax.weights import mapping
 
@@ -122,3 +123,16 @@ def test_image_token_count_mismatch_names_both_counts():
   pixels = jnp.zeros((1, 1, 28, 28, 3))
   with pytest.raises(LlavaJaxError, match=rf"{config.image_seq_length - 1} image tokens.*{config.image_seq_length}"):
     Llava(config).apply({"params": params}, jnp.asarray(ids), pixels)
+
+
+def test_unrolled_layers_match_transformers():
+  """The decoding layout (layers_{i}, unrolled) computes what the scanned training layout does."""
+  hf_model = tiny_hf_model(text="mistral")
+  config = our_config(hf_model)
+  params = unstack_layers(mapping.hf_to_params(hf_state(hf_model).__getitem__, config))
+  assert "layers_1" in params["language_model"] and "layers" not in params["language_model"]
+  rng = np.random.default_rng(5)
+  ids = prompt_batch(rng, hf_model.config.image_seq_length)
+  pixels = rng.normal(size=(2, 3, 28, 28)).astype(np.float32)
+  ours, ref = run_both(hf_model, ids, pixels, config=config.replace(scan_layers=False), params=params)
+  assert relative_error(ours, ref) < TOLERANCE

@@ -33,8 +33,8 @@ from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer import sampling
 from llava_jax.infer.sampling import SamplingFlags, SamplingParams, SamplingValues
-from llava_jax.models.llama import LlamaDecoderLayer, RMSNorm, rotary_cos_sin
-from llava_jax.models.llava import Llava, attention_layout
+from llava_jax.models.llama import init_cache, unstack_layers
+from llava_jax.models.llava import Llava
 
 MAX_EOS_IDS = 4  # EOS ids travel as a fixed-size array (padded with -1) so their number never recompiles
 
@@ -71,15 +71,6 @@ class Completion:
   finish_reason: str  # "stop" (EOS) or "length"
 
 
-def split_layers(params: dict) -> tuple[dict, tuple]:
-  """-> (params without the language-model layers, a tuple of per-layer parameter trees)."""
-  lm = dict(params["language_model"])
-  stacked = lm.pop("layers")
-  count = jax.tree.leaves(stacked)[0].shape[0]
-  layers = tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count))
-  return {**params, "language_model": lm}, layers
-
-
 class DecodeState(NamedTuple):
   cache: tuple  # per layer {"k", "v"}: (B, T, kv_heads, head_dim)
   kv_mask: jax.Array  # (B, T) bool: slots holding real tokens
@@ -110,11 +101,8 @@ class Engine:
   def __init__(self, config: LlavaConfig, params, *, eos_token_ids: Sequence[int] | None = None,
                pad_token_id: int | None = None, chunk: int = 8):
     self.config = config
-    self.model = Llava(config)
-    self.params = jax.device_put(split_layers(params))
-    dtype = jnp.dtype(config.dtype)
-    self._layer = LlamaDecoderLayer(config.text, dtype)
-    self._norm = RMSNorm(config.text.rms_norm_eps, dtype)
+    self.model = Llava(config.replace(scan_layers=False))  # unrolled layers decode faster
+    self.params = jax.device_put(unstack_layers(params))
     eos = config.eos_token_id if eos_token_ids is None else eos_token_ids
     self.eos_token_ids = self._eos((eos,) if isinstance(eos, int) else (eos or ()))
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
@@ -225,31 +213,14 @@ class Engine:
 
   # ---- device side (traced) ------------------------------------------------------------------
 
-  def _prefill(self, params, input_ids, prompt_mask, pixel_values, slots: int):
+  def _prefill(self, params, input_ids, prompt_mask, pixel_values, slots: int, last_logits_only: bool = False):
     """Runs the prompt through the model into a fresh cache of `slots` slots."""
     rows, length = input_ids.shape
     kv_mask = jnp.zeros((rows, slots), bool).at[:, :length].set(prompt_mask)
-    t = self.config.text
-    zeros = jnp.zeros((rows, slots, t.num_key_value_heads, t.head_dim), jnp.dtype(self.config.dtype))
-    cache = tuple({"k": zeros, "v": zeros} for _ in range(t.num_hidden_layers))
-    return self._model(params, input_ids, pixel_values, kv_mask, cache, 0) + (kv_mask,)
-
-  def _model(self, params, input_ids, pixel_values, kv_mask, cache: tuple, cache_index):
-    """Llava's forward (same modules, same parameters) with the decoder layers applied one by one."""
-    shared, layers = params
-    t = self.config.text
-    h = self.model.apply({"params": shared}, input_ids, pixel_values, method=Llava.embed)
-    positions, mask = attention_layout(kv_mask, input_ids.shape[1], cache_index)
-    cos, sin = rotary_cos_sin(positions, t.head_dim, t.rope_theta, t.rope_scaling_factor)
-    new_cache = []
-    for layer, layer_cache in zip(layers, cache):
-      h, layer_cache = self._layer.apply({"params": layer}, h, layer_cache, cos, sin, mask, cache_index)
-      new_cache.append(layer_cache)
-    lm = shared["language_model"]
-    h = self._norm.apply({"params": lm["norm"]}, h)
-    head = lm["embed_tokens"]["embedding"].T if t.tie_word_embeddings else lm["lm_head"]["kernel"]
-    logits = jnp.einsum("bsd,dv->bsv", h, head.astype(h.dtype))
-    return logits.astype(jnp.float32), tuple(new_cache)
+    cache = init_cache(self.config.text, rows, slots, jnp.dtype(self.config.dtype), scanned=False)
+    logits, cache = self.model.apply({"params": params}, input_ids, pixel_values, kv_mask, cache, 0,
+                                     last_logits_only)
+    return logits, cache, kv_mask
 
   def _forward_program(self, params, input_ids, prompt_mask, pixel_values):
     return self._prefill(params, input_ids, prompt_mask, pixel_values, input_ids.shape[1])[0]
@@ -257,7 +228,7 @@ class Engine:
   def _start_program(self, params, input_ids, prompt_mask, pixel_values, live, values: SamplingValues, key, eos,
                      *, slots: int, flags: SamplingFlags):
     """Prefill, then the first token. Returns the state and the report of the new token."""
-    logits, cache, kv_mask = self._prefill(params, input_ids, prompt_mask, pixel_values, slots)
+    logits, cache, kv_mask = self._prefill(params, input_ids, prompt_mask, pixel_values, slots, True)
     rows, length = input_ids.shape
     seen = None
     if flags.penalty:
@@ -297,7 +268,7 @@ class Engine:
   def _decode_loop(self, params, state: DecodeState, values, key, eos, limit, flags) -> DecodeState:
     def step(s: DecodeState) -> DecodeState:
       kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((s.token.shape[0], 1), bool), (0, s.slot))
-      logits, cache = self._model(params, s.token[:, None], None, kv_mask, s.cache, s.slot)
+      logits, cache = self.model.apply({"params": params}, s.token[:, None], None, kv_mask, s.cache, s.slot)
       s = s._replace(cache=cache, kv_mask=kv_mask, slot=s.slot + 1)
       return self._record(s, logits[:, 0], values, key, eos, flags)
 

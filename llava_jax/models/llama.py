@@ -1,7 +1,13 @@
 """LLaMA-family decoder (LLaMA, Vicuna, Mistral): RMSNorm, rotary positions, GQA, SwiGLU, KV cache.
 
-The KV cache is an explicit pytree `{"k", "v"}` of shape (layers, batch, slots, kv_heads, head_dim)
-passed in and returned, so decoding stays pure-functional and runs inside `lax.while_loop`.
+The KV cache is an explicit pytree passed in and returned, so decoding stays pure-functional and
+runs inside `lax.while_loop`: `{"k", "v"}` of shape (layers, batch, slots, kv_heads, head_dim) with
+scanned layers, or a tuple of per-layer `{"k", "v"}` (batch, slots, kv_heads, head_dim) unrolled.
+
+Layers are scanned (`layers/...`, stacked on a leading axis: compile time flat in depth) for
+training, or unrolled (`layers_0/...`, `layers_1/...`) for decoding: XLA on CPU copies a layer's
+slice of stacked weights before using it, which triples the memory traffic of a decode step.
+`unstack_layers` turns the one parameter layout into the other.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class LlamaAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    """layer_cache: this layer's {"k", "v"} (B, T, kv_heads, head_dim), or None without a cache."""
     c = self.config
     proj = lambda heads, axes, name: dense((heads, c.head_dim), ("embed", axes, "kv"), name=name, dtype=self.dtype,
                                            use_bias=c.attention_bias)(x)
@@ -55,9 +62,10 @@ class LlamaAttention(nn.Module):
     k = apply_rotary(proj(c.num_key_value_heads, "kv_heads", "k_proj"), cos, sin)
     v = proj(c.num_key_value_heads, "kv_heads", "v_proj")
     if layer_cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
-      layer_cache = {"k": k, "v": v}
+      layer_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], new.astype(layer_cache[name].dtype),
+                                                               cache_index, axis=1)
+                     for name, new in (("k", k), ("v", v))}
+      k, v = layer_cache["k"], layer_cache["v"]
     out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim ** -0.5)
     out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.attention_bias,
                 contract=(-2, -1))(out)
@@ -93,9 +101,24 @@ class LlamaDecoderLayer(nn.Module):
     return nn.with_logical_constraint(h, ("batch", "length", "embed")), layer_cache
 
 
-def init_cache(config: TextConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
-  shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_cache(config: TextConfig, batch: int, slots: int, dtype=jnp.float32, scanned: bool = True):
+  """An empty KV cache: stacked for scanned layers, a tuple of per-layer caches for unrolled ones."""
+  layer_shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+  if scanned:
+    shape = (config.num_hidden_layers,) + layer_shape
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return tuple({"k": jnp.zeros(layer_shape, dtype), "v": jnp.zeros(layer_shape, dtype)}
+               for _ in range(config.num_hidden_layers))
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scanned parameters (`language_model/layers`, stacked) -> unrolled (`language_model/layers_{i}`)."""
+  lm = dict(params["language_model"])
+  stacked = lm.pop("layers")
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(count):
+    lm[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**params, "language_model": lm}
 
 
 class LlamaModel(nn.Module):
@@ -103,16 +126,20 @@ class LlamaModel(nn.Module):
   config: TextConfig
   dtype: jnp.dtype = jnp.float32
   remat_policy: str = "none"
+  scan: bool = True
 
   def setup(self):
     c = self.config
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
         embedding_init=logical(nn.initializers.normal(INIT_STD), ("vocab", "embed")))
-    self.layers = scan_layers(
-        LlamaDecoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers,
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), name="layers", config=c,
-        dtype=self.dtype)
+    if self.scan:
+      self.layers = scan_layers(
+          LlamaDecoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers,
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), name="layers", config=c,
+          dtype=self.dtype)
+    else:
+      self.layers = [LlamaDecoderLayer(c, self.dtype) for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
     if not c.tie_word_embeddings:
       self.lm_head = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False)
@@ -121,17 +148,27 @@ class LlamaModel(nn.Module):
     return self.embed_tokens(input_ids)
 
   def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: jax.Array,
-               cache: dict | None = None, cache_index: jax.Array | int = 0):
+               cache=None, cache_index: jax.Array | int = 0, last_logits_only: bool = False):
     """inputs_embeds (B, S, D); positions (B, S); mask (B, S, T) bool over key slots.
 
     Without a cache, T == S. With one, this call's keys/values are written at slots
     [cache_index, cache_index + S) and the queries attend over all T cache slots.
-    Returns float32 logits (B, S, vocab) and the updated cache (None without one).
+    Returns float32 logits (B, S, vocab) — (B, 1, vocab) for the last position only with
+    `last_logits_only`, which spares a prefill the full-vocabulary product — and the updated
+    cache (None without one).
     """
     c = self.config
     cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor)
     h = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
-    h, cache = self.layers(h, cache, cos, sin, mask, cache_index)
+    if self.scan:
+      h, cache = self.layers(h, cache, cos, sin, mask, cache_index)
+    else:
+      caches = [None] * len(self.layers) if cache is None else list(cache)
+      for i, layer in enumerate(self.layers):
+        h, caches[i] = layer(h, caches[i], cos, sin, mask, cache_index)
+      cache = None if cache is None else tuple(caches)
+    if last_logits_only:
+      h = h[:, -1:]
     h = self.norm(h)
     logits = self.embed_tokens.attend(h) if c.tie_word_embeddings else self.lm_head(h)
     return logits.astype(jnp.float32), cache

@@ -47,7 +47,7 @@ class Llava(nn.Module):
     self.vision_tower = ClipVisionTower(c.vision, c.feature_layers, dtype, c.remat_policy)
     self.projector = Projector(c.projector_type, c.text.hidden_size, c.projector_hidden_act,
                                c.multimodal_projector_bias, dtype)
-    self.language_model = LlamaModel(c.text, dtype, c.remat_policy)
+    self.language_model = LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers)
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N, tokens_per_image, text_hidden)."""
@@ -74,8 +74,8 @@ class Llava(nn.Module):
     return jnp.where(is_image[..., None], gathered, embeds)
 
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, cache: dict | None = None, cache_index=0):
-    """Logits (B, S, vocab) float32 and the updated cache.
+               attention_mask: jax.Array | None = None, cache=None, cache_index=0, last_logits_only: bool = False):
+    """Logits (B, S, vocab) float32 (B, 1, vocab with `last_logits_only`) and the updated cache.
 
     attention_mask: (B, S) without a cache (1 = real token; left or right padding), or (B, T)
     over the cache slots with one (including the slots this call writes).
@@ -84,7 +84,7 @@ class Llava(nn.Module):
       c = self.config
       check_image_token_count(input_ids, pixel_values.shape[1], c.image_seq_length, c.image_token_index)
     embeds = self.embed(input_ids, pixel_values)
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape if cache is None else cache["k"].shape[1:3], bool)
+    if attention_mask is None:  # required with a cache
+      attention_mask = jnp.ones(input_ids.shape, bool)
     positions, mask = attention_layout(attention_mask, input_ids.shape[1], cache_index)
-    return self.language_model(embeds, positions, mask, cache, cache_index)
+    return self.language_model(embeds, positions, mask, cache, cache_index, last_logits_only)
