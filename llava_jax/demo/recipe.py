@@ -1,0 +1,132 @@
+"""`llava-jax demo`: the whole LLaVA recipe at miniature scale, on this machine, in minutes.
+
+    data    ShapesWorld images + the instruction engine's LLaVA JSON (train) and held-out images
+    stage0  BPE tokenizer, CLIP vision tower (contrastive), LLaMA LM (text) -> WORKDIR/stage0/
+    stage1  `llava-jax train` configs/demo_shapes.py:stage=pretrain   (projector only, `plain`)
+    stage2  `llava-jax train` configs/demo_shapes.py:stage=finetune   (projector + LM, `vicuna_v1`)
+    export  `convert jax-to-hf` -> WORKDIR/export/ (what `generate` / `chat` load)
+    eval    held-out accuracy per question type, POPE, blind ablation -> results.json, plot
+
+Stages 1-2 and the export run the real trainer, data pipeline and converters; only the data
+world and stage 0 are demo-specific. Sizes and step counts were chosen by measurement on the
+2-core demo machine (see `Settings`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import time
+
+import numpy as np
+
+from llava_jax.errors import LlavaJaxError
+
+MARKER = ".llava_jax_demo"
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "configs", "demo_shapes.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything the demo decides besides stage 1-2 schedules (those live in configs/demo_shapes.py)."""
+  n_train: int = 3000
+  n_test: int = 100
+  image_size: int = 64
+  patch_size: int = 16           # 4x4 = 16 image tokens: the LM sequence is what costs on a CPU
+  vision_hidden: int = 64
+  vision_layers: int = 4
+  vision_feature_layer: int = -2
+  text_hidden: int = 64
+  text_layers: int = 3
+  vocab_size: int = 512
+  clip_steps: int = 200
+  clip_batch: int = 128
+  clip_lr: float = 2e-3
+  lm_steps: int = 100
+  lm_batch: int = 32
+  lm_seq: int = 128
+  lm_lr: float = 3e-3
+  max_len: int = 128             # tokens per stage-2 sample, image tokens included
+  stage1_args: tuple = ()        # extra `--config.KEY=VALUE` flags (experiments, tests)
+  stage2_args: tuple = ()
+  seed: int = 0
+
+
+FULL = Settings()
+QUICK = dataclasses.replace(FULL, n_train=1000, n_test=40, clip_steps=60, lm_steps=30)
+
+
+def _cpu() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+class Timer:
+  """Wall seconds per phase, and CPU seconds (what a busy shared machine cannot inflate)."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self.cpu_seconds: dict[str, float] = {}
+    self._start, self._cpu0 = time.perf_counter(), _cpu()
+
+  def phase(self, name: str):
+    timer = self
+
+    class _Phase:
+      def __enter__(self):
+        self.t, self.c = time.perf_counter(), _cpu()
+
+      def __exit__(self, *exc):
+        timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t
+        timer.cpu_seconds[name] = timer.cpu_seconds.get(name, 0.0) + _cpu() - self.c
+
+    return _Phase()
+
+  def total(self) -> float:
+    return time.perf_counter() - self._start
+
+
+def prepare_workdir(workdir: str) -> str:
+  """An empty folder, or one a previous demo wrote (cleared): never someone else's files."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir):
+    if not os.path.isdir(workdir):
+      raise LlavaJaxError(f"demo: --workdir {workdir} is a file")
+    if os.listdir(workdir) and not os.path.exists(os.path.join(workdir, MARKER)):
+      raise LlavaJaxError(f"demo: --workdir {workdir} is not empty and was not written by `llava-jax demo`")
+    shutil.rmtree(workdir)
+  os.makedirs(workdir)
+  open(os.path.join(workdir, MARKER), "w").close()
+  return workdir
+
+
+def run_demo(workdir: str, quick: bool = False, settings: Settings | None = None) -> dict:
+  """Runs every phase; returns the results dict (also written to WORKDIR/results.json)."""
+  from llava_jax.demo import phases, report  # pylint: disable=import-outside-toplevel  (jax import)
+  s = settings or (QUICK if quick else FULL)
+  workdir = prepare_workdir(workdir)
+  timer = Timer()
+  with timer.phase("data"):
+    data = phases.make_data(workdir, s)
+  with timer.phase("stage0"):
+    stage0 = phases.stage0(workdir, data, s)
+  with timer.phase("stage1"):
+    stage1 = phases.train_stage(workdir, "stage1", "pretrain", stage0["model"], data["caption_json"], data, s, quick)
+  with timer.phase("stage2"):
+    stage2 = phases.train_stage(workdir, "stage2", "finetune", stage1, data["instruct_json"], data, s, quick)
+  with timer.phase("eval"):
+    export = phases.export(workdir, stage2)
+    results = phases.evaluate(export, data, s)
+  results["seconds"] = dict(timer.seconds, total=timer.total())
+  results["cpu_seconds"] = dict(timer.cpu_seconds, total=_cpu() - timer._cpu0)
+  results["params"] = phases.param_counts(export)
+  results["losses"] = {"clip": stage0["clip_losses"], "lm": stage0["lm_losses"],
+                       "stage1": phases.read_losses(stage1), "stage2": phases.read_losses(stage2)}
+  results["settings"] = dict(dataclasses.asdict(s), quick=quick)
+  results["export"] = export
+  report.write(workdir, results)
+  return results

@@ -1,0 +1,195 @@
+"""Stage 0: the "pretrained" parts LLaVA assumes, made from nothing on the ShapesWorld corpus.
+
+- `train_clip`: our `ClipVisionTower` trained contrastively (CLIP's symmetric InfoNCE with a
+  learned temperature) against a small causal text tower pooled at its end-of-text token, as
+  CLIP's is. Each image also gets one hard-negative caption (one attribute of one object
+  changed, NegCLIP-style), so the features must bind colors to shapes rather than list them.
+- `train_lm`: our `LlamaModel` trained as a causal LM on packed text of the corpus.
+
+Only the vision tower and the language model survive; the text tower and the contrastive
+heads are thrown away, as LLaVA throws away CLIP's text half.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llava_jax.config import TextConfig, VisionConfig
+from llava_jax.models.clip import ClipVisionTower
+from llava_jax.models.llama import LlamaModel
+
+Progress = Callable[[int, float], None]  # (step, loss) after each step
+
+
+def _unbox(tree):
+  return nn.unbox(tree)
+
+
+def _optimizer(lr: float, steps: int, warmup: float = 0.1, weight_decay: float = 0.0):
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, int(steps * warmup)), max(2, steps), lr * 0.05)
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+# ---- CLIP -------------------------------------------------------------------------------------
+
+
+class TextBlock(nn.Module):
+  width: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x, mask):
+    y = nn.LayerNorm()(x)
+    x = x + nn.SelfAttention(self.heads, qkv_features=self.width)(y, mask=mask)
+    y = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
+    return x + nn.Dense(self.width)(y * jax.nn.sigmoid(1.702 * y))  # quick_gelu, as CLIP's
+
+
+class TextTower(nn.Module):
+  """CLIP's text transformer: causal, pre-LayerNorm, pooled at the end-of-text token."""
+  vocab_size: int
+  width: int = 64
+  layers: int = 2
+  heads: int = 4
+  max_len: int = 48
+  embed_dim: int = 64
+
+  @nn.compact
+  def __call__(self, ids, eot_index):
+    x = nn.Embed(self.vocab_size, self.width)(ids)
+    x = x + self.param("positions", nn.initializers.normal(0.01), (self.max_len, self.width))[:ids.shape[1]]
+    mask = nn.make_causal_mask(ids)
+    for _ in range(self.layers):
+      x = TextBlock(self.width, self.heads)(x, mask)
+    x = nn.LayerNorm()(x)
+    pooled = jnp.take_along_axis(x, eot_index[:, None, None], axis=1)[:, 0]
+    return nn.Dense(self.embed_dim, use_bias=False)(pooled)
+
+
+class ClipPair(nn.Module):
+  """Vision tower (params under `vision_tower/`, LLaVA's names) + text tower + contrastive heads."""
+  vision: VisionConfig
+  text: TextTower
+  embed_dim: int
+
+  def setup(self):
+    # Contrastive training reads the last layer; LLaVA later reads whichever layer its config says.
+    self.vision_tower = ClipVisionTower(self.vision, (self.vision.num_hidden_layers,))
+    self.post_layernorm = nn.LayerNorm(epsilon=self.vision.layer_norm_eps)
+    self.visual_projection = nn.Dense(self.embed_dim, use_bias=False)
+    self.text_tower = self.text
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
+
+  def __call__(self, pixels, ids, eot_index):
+    cls = self.vision_tower(pixels)[0][:, 0]
+    img = self.visual_projection(self.post_layernorm(cls))
+    txt = self.text_tower(ids, eot_index)
+    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+    return img, txt, jnp.exp(jnp.minimum(self.logit_scale, math.log(100.0)))
+
+
+def clip_loss(img, txt, hard_txt, scale):
+  """Symmetric InfoNCE; images also rank their own hard-negative captions."""
+  logits = scale * img @ txt.T
+  labels = jnp.arange(img.shape[0])
+  hard = scale * jnp.sum(img * hard_txt, axis=-1, keepdims=True)
+  i2t = optax.softmax_cross_entropy_with_integer_labels(jnp.concatenate([logits, hard], axis=1), labels)
+  t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+  return (i2t.mean() + t2i.mean()) / 2, jnp.mean(jnp.argmax(logits, axis=1) == labels)
+
+
+def train_clip(vision: VisionConfig, pixels: np.ndarray, ids: np.ndarray, eot: np.ndarray,
+               hard_ids: np.ndarray, hard_eot: np.ndarray, *, vocab_size: int, steps: int, batch_size: int,
+               lr: float = 2e-3, seed: int = 0, text_width: int = 64, text_layers: int = 2,
+               progress: Progress | None = None) -> tuple[dict, list[float]]:
+  """Returns the trained `vision_tower` params (LLaVA's parameter names) and the loss curve.
+
+  pixels (N, H, W, 3) preprocessed; ids/hard_ids (N, T) caption tokens (pad after EOT);
+  eot/hard_eot (N,) index of each caption's end-of-text token.
+  """
+  text = TextTower(vocab_size, text_width, text_layers, max(1, text_width // 16), ids.shape[1], text_width)
+  model = ClipPair(vision, text, text_width)
+  rng = np.random.default_rng(seed)
+  params = _unbox(jax.jit(model.init)(jax.random.key(seed), pixels[:2], ids[:2], eot[:2])["params"])
+  tx = _optimizer(lr, steps, weight_decay=1e-4)
+  opt_state = tx.init(params)
+
+  def loss_fn(p, px, t, e, ht, he):
+    img, txt, scale = model.apply({"params": p}, px, t, e)
+    hard = model.apply({"params": p}, ht, he, method=lambda m, i, j: m.text_tower(i, j))
+    hard = hard / jnp.linalg.norm(hard, axis=-1, keepdims=True)
+    return clip_loss(img, txt, hard, scale)
+
+  @jax.jit
+  def step(p, o, *batch):
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, *batch)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss, acc
+
+  losses, order = [], np.zeros(0, np.int64)
+  for i in range(steps):
+    if len(order) < batch_size:
+      order = np.concatenate([order, rng.permutation(len(pixels))])
+    idx, order = order[:batch_size], order[batch_size:]
+    params, opt_state, loss, _ = step(params, opt_state, pixels[idx], ids[idx], eot[idx], hard_ids[idx],
+                                      hard_eot[idx])
+    losses.append(float(loss))
+    if progress:
+      progress(i + 1, losses[-1])
+  return jax.device_get(params["vision_tower"]), losses
+
+
+# ---- language model ---------------------------------------------------------------------------
+
+
+def pack(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> np.ndarray:
+  """Concatenates documents (each ended by EOS) and cuts the stream into (n, seq_len) rows."""
+  stream = np.concatenate([np.append(np.asarray(t, np.int32), eos_id) for t in token_lists])
+  n = len(stream) // seq_len
+  return stream[:n * seq_len].reshape(n, seq_len)
+
+
+def train_lm(text: TextConfig, rows: np.ndarray, *, steps: int, batch_size: int, lr: float = 3e-3,
+             seed: int = 0, progress: Progress | None = None) -> tuple[dict, list[float]]:
+  """Next-token training of `LlamaModel` on packed rows (n, S). Returns params and the loss curve."""
+  model = LlamaModel(text)
+  seq = rows.shape[1]
+  positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch_size, seq))
+  causal = np.broadcast_to(np.tril(np.ones((seq, seq), bool)), (batch_size, seq, seq))
+
+  def forward(m, ids):
+    return m(m.embed(ids), positions[:ids.shape[0]], causal[:ids.shape[0]])[0]
+
+  params = _unbox(jax.jit(lambda k, x: model.init(k, x, method=forward))(jax.random.key(seed), rows[:1])["params"])
+  tx = _optimizer(lr, steps, weight_decay=0.0)
+  opt_state = tx.init(params)
+
+  def loss_fn(p, ids):
+    logits = model.apply({"params": p}, ids, method=forward)
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+  @jax.jit
+  def step(p, o, ids):
+    loss, grads = jax.value_and_grad(loss_fn)(p, ids)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  rng = np.random.default_rng(seed)
+  losses, order = [], np.zeros(0, np.int64)
+  for i in range(steps):
+    if len(order) < batch_size:
+      order = np.concatenate([order, rng.permutation(len(rows))])
+    idx, order = order[:batch_size], order[batch_size:]
+    params, opt_state, loss = step(params, opt_state, rows[idx])
+    losses.append(float(loss))
+    if progress:
+      progress(i + 1, losses[-1])
+  return jax.device_get(params), losses

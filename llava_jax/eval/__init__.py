@@ -1,0 +1,1 @@
+"""Benchmark scorers: exact-match short answers (`scoring`) and POPE object probing (`pope`)."""
