@@ -26,7 +26,7 @@ from llava_jax.infer import server as server_lib
 from llava_jax.infer.batcher import Batcher, Job, group_jobs
 from llava_jax.infer.generate import Prompt
 from llava_jax.infer.sampling import SamplingParams
-from llava_jax.infer.server import TextStream
+from llava_jax.infer.server import RequestOutput
 
 MODEL_ID = "tiny-llava"
 MAX_TOKENS = 12
@@ -150,7 +150,7 @@ def _collect(stop, chunks, finish="length"):
   """Feeds chunks of token ids (id = a character's code point) and returns (deltas, events)."""
 
   async def run():
-    out = TextStream(lambda ids: "".join(map(chr, ids)), stop, asyncio.get_running_loop())
+    out = RequestOutput(lambda ids: "".join(map(chr, ids)), stop, asyncio.get_running_loop())
     stopped = False
     for chunk in chunks:
       if out.feed(np.asarray([ord(c) for c in chunk])):

@@ -20,6 +20,7 @@ from llava_jax.data.processor import Processor
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer.generate import Engine, Prompt
 from llava_jax.infer.sampling import SamplingParams
+from llava_jax.infer.textstream import TextStream
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 
@@ -83,45 +84,17 @@ def load_images(paths: Sequence[str]) -> list:
 
 def stream_text(session: Session, prompt: Prompt, max_new_tokens: int, sampling: SamplingParams,
                 stop: Sequence[str] = ()) -> Iterator[str]:
-  """Yields the generated text in pieces as tokens arrive; ends at EOS, N tokens or a stop string.
-
-  The text so far is re-decoded on every chunk (tokenizers merge pieces, e.g. the leading
-  space of SentencePiece), and text that might still change is held back: a trailing
-  incomplete UTF-8 character and a suffix that could start a stop string.
-  """
-  tokens: list[int] = []
-  emitted = 0
+  """Yields the generated text in pieces as tokens arrive; ends at EOS, N tokens or a stop string."""
+  text = TextStream(session.processor.decode, stop)
   for chunk in session.engine.stream([prompt], max_new_tokens, sampling):
-    tokens.extend(int(t) for t in chunk[0])
-    text = session.processor.decode(tokens)
-    cut = _first_stop(text, stop)
-    if cut is not None:
-      if cut > emitted:
-        yield text[emitted:cut]
+    piece = text.feed(chunk[0])
+    if piece:
+      yield piece
+    if text.stopped:
       return
-    safe = len(text.rstrip("\ufffd")) - _partial_stop_len(text, stop)
-    if safe > emitted:
-      yield text[emitted:safe]
-      emitted = safe
-  text = session.processor.decode(tokens)
-  if len(text) > emitted:
-    yield text[emitted:]
-
-
-def _first_stop(text: str, stop: Sequence[str]) -> int | None:
-  hits = [text.find(s) for s in stop if s and s in text]
-  return min(hits) if hits else None
-
-
-def _partial_stop_len(text: str, stop: Sequence[str]) -> int:
-  """Length of the longest suffix of text that is a proper prefix of some stop string."""
-  best = 0
-  for s in stop:
-    for n in range(min(len(s) - 1, len(text)), best, -1):
-      if text.endswith(s[:n]):
-        best = n
-        break
-  return best
+  tail = text.finish()
+  if tail:
+    yield tail
 
 
 def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, max_new_tokens: int,

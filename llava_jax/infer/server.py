@@ -45,8 +45,7 @@ from llava_jax.infer.batcher import Batcher, Job, Overloaded
 from llava_jax.infer.generate import Prompt
 from llava_jax.infer.run import Session, load_session
 # The same stop-string rules as `llava-jax generate` (private there; one definition for both).
-from llava_jax.infer.run import _first_stop as first_stop  # pylint: disable=protected-access
-from llava_jax.infer.run import _partial_stop_len as partial_stop_len  # pylint: disable=protected-access
+from llava_jax.infer.textstream import TextStream
 from llava_jax.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -280,23 +279,22 @@ def render_prompt(processor: Processor, turns: Sequence[Turn], template: str) ->
 # ---- output: tokens -> text deltas --------------------------------------------------------------
 
 
-class TextStream:
+class RequestOutput:
   """One request's output: token ids in (worker thread), text deltas out (event loop).
 
-  The text so far is always decoded from ALL ids (decoding a token alone can lose its leading
-  space), and only the new suffix is sent. A suffix that could be the start of a stop string, or
-  an incomplete UTF-8 character, is held back until the next tokens decide it; text from the
-  first stop string on is never sent. So the deltas concatenate to the final answer.
+  `TextStream` settles the text (held back at a possible stop string or a split UTF-8
+  character), so the deltas concatenate to the final answer.
   """
 
   def __init__(self, decode, stop: Sequence[str], loop: asyncio.AbstractEventLoop):
-    self._decode, self._stop, self._loop = decode, tuple(stop), loop
+    self._text = TextStream(decode, stop)
+    self._loop = loop
     self.events: asyncio.Queue = asyncio.Queue()
-    self._ids: list[int] = []
-    self._sent = 0  # characters of the decoded text already sent
-    self._stopped = False
     self._cancelled = False
-    self.completion_tokens = 0
+
+  @property
+  def completion_tokens(self) -> int:
+    return self._text.tokens
 
   @property
   def cancelled(self) -> bool:
@@ -306,30 +304,20 @@ class TextStream:
     self._cancelled = True
 
   def feed(self, tokens: np.ndarray) -> bool:
-    self._ids.extend(int(t) for t in tokens)
-    self.completion_tokens += len(tokens)
-    text = self._decode(self._ids)
-    cut = first_stop(text, self._stop)
-    if cut is not None:
-      self._stopped = True
-      self._send(text, cut)
-      return True
-    self._send(text, len(text.rstrip("\ufffd")) - partial_stop_len(text, self._stop))
-    return False
+    """Sends the new text; True once a stop string ended the answer."""
+    self._send(self._text.feed(tokens))
+    return self._text.stopped
 
   def finish(self, reason: str) -> None:
-    if not self._stopped:
-      text = self._decode(self._ids)
-      self._send(text, len(text))
+    self._send(self._text.finish())
     self._put(("done", reason))
 
   def fail(self, error: BaseException) -> None:
     self._put(("error", error))
 
-  def _send(self, text: str, end: int) -> None:
-    if end > self._sent:
-      self._put(("text", text[self._sent:end]))
-      self._sent = end
+  def _send(self, piece: str) -> None:
+    if piece:
+      self._put(("text", piece))
 
   def _put(self, item) -> None:
     try:
@@ -414,8 +402,8 @@ class ChatService:
     return Prepared(prompt, prompt_tokens, max_new, sampling, seed is not None, request.stop_strings,
                     request.stream, include_usage)
 
-  def submit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop) -> TextStream:
-    output = TextStream(self.decode, prepared.stop, loop)
+  def submit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop) -> RequestOutput:
+    output = RequestOutput(self.decode, prepared.stop, loop)
     try:
       self.batcher.submit(Job(prepared.prompt, prepared.max_new_tokens, prepared.sampling, output, prepared.seeded))
     except Overloaded as e:
@@ -502,11 +490,11 @@ class _Reply:
     self.created = int(time.time())
     self.model_id, self.prompt_tokens = model_id, prompt_tokens
 
-  def _usage(self, output: TextStream) -> dict:
+  def _usage(self, output: RequestOutput) -> dict:
     done = output.completion_tokens
     return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
 
-  async def whole(self, output: TextStream) -> dict:
+  async def whole(self, output: RequestOutput) -> dict:
     texts = []
     async for kind, value in _events(output):
       if kind == "text":
@@ -527,7 +515,7 @@ class _Reply:
     return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                  "model": self.model_id, "choices": choices, **extra})
 
-  async def sse(self, output: TextStream, include_usage: bool) -> AsyncIterator[str]:
+  async def sse(self, output: RequestOutput, include_usage: bool) -> AsyncIterator[str]:
     try:
       yield self._chunk({"role": "assistant", "content": ""})
       async for kind, value in _events(output):
@@ -550,7 +538,7 @@ def _sse(body: Any) -> str:
   return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _events(output: TextStream):
+async def _events(output: RequestOutput):
   """("text", str)... then ("done", finish_reason) or ("error", exception)."""
   while True:
     kind, value = await output.events.get()
