@@ -85,14 +85,16 @@ class Checkpointer:
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(), "data_iter": DataIterHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._last_saved = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, state: TrainState, data_state: Any, config: dict) -> int:
     step = int(jax.device_get(state.step))
-    if step in self.manager.all_steps():
+    if step == self._last_saved or step in self.manager.all_steps():  # the final save after a periodic one
       return step
+    self._last_saved = step
     self.manager.save(step, force=True, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(_leaves_dict(state.opt_state)),
