@@ -62,8 +62,11 @@ def runs(tmp_path_factory):
   """All the runs, started together where they are independent."""
   root = tmp_path_factory.mktemp("processes")
   world = F.make_world(root / "world")
+  # The 1-device runs compile the same programs: a persistent XLA cache compiles them once.
+  one_device = dict(ONE_DEVICE, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   paths = {name: root / name for name in ("reference", "resumed", "multi")}
-  reference = start(train_command(world, paths["reference"]), ONE_DEVICE)
+  reference = start(train_command(world, paths["reference"]), one_device)
   multi = start([os.path.join(F.REPO, "launch", "local_multiprocess.sh"), "2", "--devices", "2",
                  *train_command(world, paths["multi"], **{"mesh.data": 2, "mesh.fsdp": 2})],
                 {"QUIET": "1", "LOG_DIR": str(root / "multi_logs")})
@@ -71,10 +74,10 @@ def runs(tmp_path_factory):
   resumed = train_command(world, paths["resumed"])
   hooked = [sys.executable, "-c", HOOKED, *resumed[3:]]
   for mode in ("kill", "term"):
-    interrupted.append(finish(start(hooked, dict(ONE_DEVICE, TEST_INTERRUPT=mode))))
+    interrupted.append(finish(start(hooked, dict(one_device, TEST_INTERRUPT=mode))))
     folder = paths["resumed"] / "checkpoints"
     interrupted[-1] += (sorted(os.listdir(folder)) if folder.is_dir() else [],)
-  final = finish(start(resumed, ONE_DEVICE))
+  final = finish(start(resumed, one_device))
   return {"paths": paths, "reference": finish(reference), "multi": finish(multi), "kill": interrupted[0],
           "term": interrupted[1], "final": final, "logs": root / "multi_logs"}
 

@@ -108,3 +108,34 @@ def test_tiny_config_memorizes_captions(tmp_path):
   losses = [r["loss"] for r in F.read_metrics(workdir)]
   assert len(losses) == 40
   assert losses[-1] < 0.3 * losses[0], losses
+
+
+@pytest.mark.parametrize("env,wanted", [
+    ({}, False),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, True),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, True),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "t0"}, False),
+])
+def test_distributed_initialize_when_the_environment_asks(env, wanted):
+  assert train_main.wants_distributed(env) == wanted
+
+
+@pytest.mark.parametrize("size", ["7b", "13b", "tiny"])
+def test_stage_configs_carry_the_paper_settings(size):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("llava_v1_5", F.CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  pretrain, finetune = (module.get_config(f"stage={s},size={size}") for s in ("pretrain", "finetune"))
+  for c in (pretrain, finetune):
+    for key in ("init", "stage", "trainable", "batch_size", "total_steps", "lr", "warmup_ratio", "weight_decay",
+                "checkpoint_every", "seed", "dtype"):
+      assert key in c, key
+    assert {"json", "image_folder", "template", "max_len"} <= set(c.data) and set(c.mesh) == {"data", "fsdp", "tensor"}
+    assert c.total_steps == 0 and c.warmup_ratio == 0.03 and c.weight_decay == 0 and c.data.max_len == 2048
+    assert c.trainable[0][0] in ("projector/.*", "vision_tower/.*")
+  assert (pretrain.lr, pretrain.batch_size, pretrain.data.template) == (1e-3, 256, "plain")
+  assert (finetune.lr, finetune.batch_size, finetune.data.template) == (2e-5, 128, "vicuna_v1")
+  assert finetune.trainable[0] == ("vision_tower/.*", False)

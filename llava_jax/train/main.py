@@ -81,7 +81,7 @@ def wants_distributed(env=os.environ) -> bool:
   """True when the environment describes a multi-process job (INTERFACE.md `train`, multi-host)."""
   if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
     return True
-  if int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1 and "SLURM_JOB_ID" in env:
+  if int(env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS") or 1) > 1 and "SLURM_JOB_ID" in env:
     return True
   # Cloud TPU VMs of a multi-host slice list every worker here.
   return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
