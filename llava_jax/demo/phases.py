@@ -54,20 +54,21 @@ def fit_to_budget(path: str, out: str, tokenizer, template: str, max_len: int, i
 # ---- stage 0 ----------------------------------------------------------------------------------
 
 
-def _corpus(data: dict) -> list[str]:
+def _corpus(data: dict, grid: int | None = None) -> list[str]:
   """The text the tokenizer and the language model learn from: every training conversation as
   the finetuning template renders it, and every caption.
 
-  Where the image goes, the text has the scene as the instruction engine saw it (every object's
-  size, color, shape and place): the language model learns to answer from a description of the
-  scene in its context, and stages 1-2 then teach it to read the same from image features.
+  With `grid`, the image tag is replaced by the scene as grid x grid cell words (see
+  `world.grid_scene`): the language model learns to answer from a symbolic picture laid out
+  like the vision tower's patches, and stage 1 aligns the projected patches to those words
+  (LLaVA's alignment of visual features to the word-embedding space, made explicit).
   """
-  scenes = {a["image"]: world.clip_caption(a) for a in data["train"]}
+  scenes = {a["image"]: world.grid_scene(a, grid) if grid else "" for a in data["train"]}
   texts = []
   for path, template in ((data["instruct_json"], "vicuna_v1"), (data["caption_json"], "plain")):
     samples = world.load_json(path)
     for sample, text in zip(samples, world.rendered_texts(samples, template)):
-      texts.append(text.replace(IMAGE_TAG, scenes[sample["image"]] + " ;", 1))
+      texts.append(text.replace(IMAGE_TAG, scenes[sample["image"]], 1).replace(IMAGE_TAG, ""))
   return texts
 
 
@@ -105,8 +106,9 @@ def stage0(workdir: str, data: dict, s) -> dict:
 
   root = os.path.join(workdir, "stage0")
   assets = os.path.join(root, "assets")
-  corpus = _corpus(data)
-  tokenizer = train_tokenizer(corpus, assets, s.vocab_size)
+  grid = s.image_size // s.patch_size
+  tokenizer = train_tokenizer(_corpus(data), assets, s.vocab_size, world.GRID_TOKENS)
+  corpus = _corpus(data, grid if s.grid_scenes else None)
   image_processor = images_lib.ImageProcessor.default(s.image_size)
   image_processor.save(assets)
   config = llava_config(s, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TAG))
@@ -120,7 +122,7 @@ def stage0(workdir: str, data: dict, s) -> dict:
   with _bar("stage0: CLIP vision tower", s.clip_steps) as bar:
     vision_params, clip_losses = pretrain.train_clip(
         config.vision, pixels, ids, eot, hard_ids, hard_eot, vocab_size=len(tokenizer), steps=s.clip_steps,
-        batch_size=s.clip_batch, lr=s.clip_lr, seed=s.seed,
+        batch_size=s.clip_batch, lr=s.clip_lr, seed=s.seed, pool=s.clip_pool,
         progress=lambda i, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)))
 
   rows = pretrain.pack(tokenizer(corpus)["input_ids"], s.lm_seq, tokenizer.eos_token_id)

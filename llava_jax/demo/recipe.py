@@ -39,13 +39,15 @@ class Settings:
   patch_size: int = 16           # 4x4 = 16 image tokens: the LM sequence is what costs on a CPU
   vision_hidden: int = 64
   vision_layers: int = 4
-  vision_feature_layer: int = -2
+  vision_feature_layer: int = -1  # the layer CLIP's mean pooling trains directly
+  clip_pool: str = "mean"
   text_hidden: int = 64
   text_layers: int = 3
   vocab_size: int = 512
   clip_steps: int = 200
   clip_batch: int = 128
   clip_lr: float = 2e-3
+  grid_scenes: bool = True        # the LM reads scenes as patch-grid words (see phases._corpus)
   lm_steps: int = 100
   lm_batch: int = 32
   lm_seq: int = 128

@@ -37,6 +37,23 @@ def _optimizer(lr: float, steps: int, warmup: float = 0.1, weight_decay: float =
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
 
 
+def _fit(step: Callable, params, opt_state, arrays: Sequence[np.ndarray], steps: int, batch_size: int,
+         seed: int, progress: Progress | None):
+  """Runs `steps` jitted steps over shuffled epochs of `arrays` (rows in unison); returns
+  params and the loss curve. `step(params, opt_state, *batch) -> (params, opt_state, loss)`."""
+  rng = np.random.default_rng(seed)
+  losses, order = [], np.zeros(0, np.int64)
+  for i in range(steps):
+    if len(order) < batch_size:
+      order = np.concatenate([order, rng.permutation(len(arrays[0]))])
+    idx, order = order[:batch_size], order[batch_size:]
+    params, opt_state, loss = step(params, opt_state, *(a[idx] for a in arrays))
+    losses.append(float(loss))
+    if progress:
+      progress(i + 1, losses[-1])
+  return params, losses
+
+
 # ---- CLIP -------------------------------------------------------------------------------------
 
 
@@ -78,6 +95,7 @@ class ClipPair(nn.Module):
   vision: VisionConfig
   text: TextTower
   embed_dim: int
+  pool: str = "mean"  # "cls" (CLIP's) or "mean" over patch tokens
 
   def setup(self):
     # Contrastive training reads the last layer; LLaVA later reads whichever layer its config says.
@@ -88,8 +106,11 @@ class ClipPair(nn.Module):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
 
   def __call__(self, pixels, ids, eot_index):
-    cls = self.vision_tower(pixels)[0][:, 0]
-    img = self.visual_projection(self.post_layernorm(cls))
+    hidden = self.vision_tower(pixels)[0]
+    # Mean pooling puts the contrastive loss on every patch token of the last layer, the
+    # tokens LLaVA reads (vision_feature_layer=-1): each must say what it holds, linearly.
+    pooled = hidden[:, 0] if self.pool == "cls" else jnp.mean(hidden[:, 1:], axis=1)
+    img = self.visual_projection(self.post_layernorm(pooled))
     txt = self.text_tower(ids, eot_index)
     img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
     txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
@@ -108,7 +129,7 @@ def clip_loss(img, txt, hard_txt, scale):
 
 def train_clip(vision: VisionConfig, pixels: np.ndarray, ids: np.ndarray, eot: np.ndarray,
                hard_ids: np.ndarray, hard_eot: np.ndarray, *, vocab_size: int, steps: int, batch_size: int,
-               lr: float = 2e-3, seed: int = 0, text_width: int = 64, text_layers: int = 2,
+               lr: float = 2e-3, seed: int = 0, text_width: int = 64, text_layers: int = 2, pool: str = "mean",
                progress: Progress | None = None) -> tuple[dict, list[float]]:
   """Returns the trained `vision_tower` params (LLaVA's parameter names) and the loss curve.
 
@@ -116,8 +137,7 @@ def train_clip(vision: VisionConfig, pixels: np.ndarray, ids: np.ndarray, eot: n
   eot/hard_eot (N,) index of each caption's end-of-text token.
   """
   text = TextTower(vocab_size, text_width, text_layers, max(1, text_width // 16), ids.shape[1], text_width)
-  model = ClipPair(vision, text, text_width)
-  rng = np.random.default_rng(seed)
+  model = ClipPair(vision, text, text_width, pool)
   params = _unbox(jax.jit(model.init)(jax.random.key(seed), pixels[:2], ids[:2], eot[:2])["params"])
   tx = _optimizer(lr, steps, weight_decay=1e-4)
   opt_state = tx.init(params)
@@ -130,20 +150,12 @@ def train_clip(vision: VisionConfig, pixels: np.ndarray, ids: np.ndarray, eot: n
 
   @jax.jit
   def step(p, o, *batch):
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, *batch)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, *batch)
     updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss, acc
+    return optax.apply_updates(p, updates), o, loss
 
-  losses, order = [], np.zeros(0, np.int64)
-  for i in range(steps):
-    if len(order) < batch_size:
-      order = np.concatenate([order, rng.permutation(len(pixels))])
-    idx, order = order[:batch_size], order[batch_size:]
-    params, opt_state, loss, _ = step(params, opt_state, pixels[idx], ids[idx], eot[idx], hard_ids[idx],
-                                      hard_eot[idx])
-    losses.append(float(loss))
-    if progress:
-      progress(i + 1, losses[-1])
+  params, losses = _fit(step, params, opt_state, (pixels, ids, eot, hard_ids, hard_eot), steps, batch_size,
+                        seed, progress)
   return jax.device_get(params["vision_tower"]), losses
 
 
@@ -182,14 +194,5 @@ def train_lm(text: TextConfig, rows: np.ndarray, *, steps: int, batch_size: int,
     updates, o = tx.update(grads, o, p)
     return optax.apply_updates(p, updates), o, loss
 
-  rng = np.random.default_rng(seed)
-  losses, order = [], np.zeros(0, np.int64)
-  for i in range(steps):
-    if len(order) < batch_size:
-      order = np.concatenate([order, rng.permutation(len(rows))])
-    idx, order = order[:batch_size], order[batch_size:]
-    params, opt_state, loss = step(params, opt_state, rows[idx])
-    losses.append(float(loss))
-    if progress:
-      progress(i + 1, losses[-1])
+  params, losses = _fit(step, params, opt_state, (rows,), steps, batch_size, seed, progress)
   return jax.device_get(params), losses

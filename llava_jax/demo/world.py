@@ -45,6 +45,27 @@ def hard_negative(ann: dict, rng: np.random.Generator) -> str:
   return _describe(objects, ann)
 
 
+def object_token(color: str, shape: str) -> str:
+  return f"<{color}_{shape}>"
+
+
+EMPTY_TOKEN = "<empty>"
+GRID_TOKENS = (EMPTY_TOKEN,) + tuple(object_token(c, s) for c in COLORS for s in SHAPES)
+
+
+def grid_scene(ann: dict, grid: int) -> str:
+  """The scene as `grid` x `grid` cell words, row by row: the object centered in each cell, or
+  `<empty>`. It has the vision tower's patch layout, so a language model that learned to read it
+  reads projected patch features the same way once stage 1 has aligned them."""
+  cells = [EMPTY_TOKEN] * (grid * grid)
+  for o in sorted(ann["objects"], key=lambda o: -o["bbox"][2] * o["bbox"][3]):  # larger wins a shared cell
+    col = min(grid - 1, int(grid * o["center"][0] / ann["width"]))
+    row = min(grid - 1, int(grid * o["center"][1] / ann["height"]))
+    if cells[row * grid + col] == EMPTY_TOKEN:
+      cells[row * grid + col] = object_token(o["color"], o["shape"])
+  return "".join(cells)
+
+
 def rendered_texts(samples: Sequence[dict], template: str) -> list[str]:
   """The training text of LLaVA samples (image tags kept), as the trainer renders it."""
   return [templates.render(template, [(t["from"], t["value"]) for t in s["conversations"]], "", "</s>").text
