@@ -79,9 +79,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8
 
-  c.checkpoint_every = size["checkpoint_every"]
-  c.keep_checkpoints = 3
-  c.log_every = size["log_every"]
+  c.checkpoint_every = size["checkpoint_every"]  # steps between checkpoints; 0 = only the final one
+  c.keep_checkpoints = 3            # newest checkpoints kept in WORKDIR/checkpoints
+  c.log_every = size["log_every"]   # steps between metrics.jsonl lines (each one syncs the host)
   c.progress_bar = True
   c.seed = 0
 

@@ -34,10 +34,14 @@ def test_hf_model_through_both_stages_and_back(tmp_path):
   common = {"mesh.data": -1, "batch_size": 8, "total_steps": 2, "tokenizer": ""}
   stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
   train_main.run(F.train_args(world, stage1, stage="pretrain", init=tmp_path / "converted", **common))
-  train_main.run(F.train_args(world, stage2, stage="finetune", init=stage1, lr=1e-3, **common,
+  # Stage 2 also covers bfloat16 compute with full remat (parameters stay float32).
+  train_main.run(F.train_args(world, stage2, stage="finetune", init=stage1, lr=1e-3, dtype="bfloat16",
+                              remat_policy="full", **common,
                               **{"data.max_len": 224, "data.buckets": "(224,)"}))  # vicuna_v1's system prompt
 
   original, after1, after2 = (flat(load_model(str(p)).params) for p in (tmp_path / "converted", stage1, stage2))
+  assert all(value.dtype == np.float32 for value in after2.values())
+  assert [r["step"] for r in F.read_metrics(stage2)] == [1, 2] and F.read_metrics(stage2)[-1]["loss"] > 0
   for path in original:
     if path.startswith("vision_tower/"):
       assert np.array_equal(original[path], after2[path]), path

@@ -126,6 +126,7 @@ class Trainer:
     step = make_step_fn(self.model, self.tx, self.mask, self.lr_schedule, self.mesh, self.grad_accum_steps)
     self._step = jax.jit(step, in_shardings=(self.state_shardings, None),
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+    self._compiled = {}  # batch shapes -> executable
 
   def context(self):
     """The mesh the step is traced under.
@@ -171,5 +172,21 @@ class Trainer:
     return sharding.global_batch({k: local[k] for k in BATCH_KEYS}, self.mesh)
 
   def step(self, state: TrainState, global_batch: dict) -> tuple[TrainState, dict]:
-    with self.context():
-      return self._step(state, global_batch)
+    """One optimizer step. Each new batch shape (length bucket) is compiled ahead of time, and
+    processes meet at a barrier before running it: hosts finish compiling at different times,
+    and CPU (gloo) collectives give up on a peer after 30 s."""
+    key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(global_batch.items()))
+    compiled = self._compiled.get(key)
+    if compiled is None:
+      with self.context():
+        compiled = self._compiled[key] = self._step.lower(state, global_batch).compile()
+      _barrier(f"llava_jax_compiled_{len(self._compiled)}")
+    return compiled(state, global_batch)
+
+
+def _barrier(name: str, timeout_minutes: int = 60) -> None:
+  """A coordination-service barrier (no device collective, so no collective timeout)."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel  (no public barrier API)
+  client = distributed.global_state.client
+  if client is not None and jax.process_count() > 1:
+    client.wait_at_barrier(name, timeout_in_ms=timeout_minutes * 60 * 1000)
