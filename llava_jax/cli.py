@@ -62,11 +62,6 @@ def _serve(args) -> None:
                        batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name)
 
 
-def _train(args) -> None:
-  from llava_jax.train import main as train_main
-  train_main.run(args.flags)
-
-
 def _demo(args) -> None:
   from llava_jax import demo
   demo.demo_command(workdir=args.workdir, quick=args.quick)
@@ -118,10 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
   p.set_defaults(func=_serve)
 
-  p = sub.add_parser("train", help="train with a config file: --config FILE.py:ARGS --workdir DIR [--config.KEY=V]",
-                     add_help=False)
-  p.add_argument("flags", nargs=argparse.REMAINDER)
-  p.set_defaults(func=_train)
+  # `train` takes absl flags (--config FILE.py:ARGS --workdir DIR --config.KEY=V); main() hands them
+  # over unparsed, since argparse cannot pass through options it does not know.
+  sub.add_parser("train", help="train with a config file: --config FILE.py:ARGS --workdir DIR [--config.KEY=V]")
 
   p = sub.add_parser("demo", help="train a miniature LLaVA from nothing on ShapesWorld and evaluate it")
   p.add_argument("--workdir", default="demo_workdir")
@@ -133,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   try:
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
+      from llava_jax.train import main as train_main
+      train_main.run(argv[1:])
+      return
     args = build_parser().parse_args(argv)
     args.func(args)
   except LlavaJaxError as e:

@@ -305,13 +305,10 @@ def _train(cfg, workdir: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m llava_jax.train.main ...`: `llava-jax train ...` with the CLI's exit-2 contract."""
+  """`python -m llava_jax.train.main ...` is `llava-jax train ...` (same exit-2 contract)."""
   import sys  # pylint: disable=import-outside-toplevel
-  try:
-    run(sys.argv[1:] if argv is None else argv)
-  except LlavaJaxError as error:
-    print(f"llava-jax: error: {' '.join(str(error).split())}", file=sys.stderr)
-    sys.exit(2)
+  from llava_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
