@@ -21,23 +21,40 @@ def logical(init: Callable, names: Sequence[str | None]) -> Callable:
   return nn.with_logical_partitioning(init, tuple(names))
 
 
+class DenseGeneral(nn.Module):
+  """y = x · kernel (+ bias), contracting x's trailing `contract` axes with the kernel's leading ones.
+
+  Unlike flax's DenseGeneral, the kernel is created at its real shape, so its logical axis names
+  (`axes`: contracted input dimensions, then output ones) hold when sharding rules are active.
+  """
+  features: int | tuple[int, ...]
+  axes: tuple[str | None, ...]
+  use_bias: bool
+  dtype: jnp.dtype
+  contract: int | tuple[int, ...] = -1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    contract = (self.contract,) if isinstance(self.contract, int) else tuple(self.contract)
+    contract = tuple(sorted(a % x.ndim for a in contract))
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    shape = tuple(x.shape[a] for a in contract) + features
+    kernel = self.param("kernel", logical(nn.initializers.normal(INIT_STD), self.axes), shape, jnp.float32)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((contract, tuple(range(len(contract)))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", logical(nn.initializers.zeros, self.axes[len(contract):]), features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(features, axes: Sequence[str | None], *, name: str, dtype, use_bias: bool,
-          contract=-1) -> nn.DenseGeneral:
+          contract=-1) -> DenseGeneral:
   """A DenseGeneral whose kernel (and bias) carry logical axis names.
 
   `axes` names every kernel dimension: the contracted input ones, then the output ones.
   """
-  out_rank = len(features) if isinstance(features, tuple) else 1
-  return nn.DenseGeneral(
-      features=features,
-      axis=contract,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=logical(nn.initializers.normal(INIT_STD), axes),
-      bias_init=logical(nn.initializers.zeros, axes[-out_rank:]),
-      name=name,
-  )
+  return DenseGeneral(features, tuple(axes), use_bias, dtype, contract, name=name)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -60,16 +77,18 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
   """Scaled dot-product attention with grouped key/value heads; softmax in float32.
 
-  q: (B, S, H, D); k, v: (B, T, K, D) with H a multiple of K; mask: (B, S, T) bool or None.
+  q: (B, S, H, D); k, v: (B, K, T, D), heads before slots as the KV cache stores them (a decode
+  step then reads each head's keys contiguously instead of transposing the cache); H a multiple
+  of K; mask: (B, S, T) bool or None.
   """
   b, s, h, d = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1]
   q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-  logits = jnp.einsum("bskgd,btkd->bkgst", q, k).astype(jnp.float32) * scale
+  logits = jnp.einsum("bskgd,bktd->bkgst", q, k).astype(jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
   return out.reshape(b, s, h, d)
 
 

@@ -1,8 +1,8 @@
 """LLaMA-family decoder (LLaMA, Vicuna, Mistral): RMSNorm, rotary positions, GQA, SwiGLU, KV cache.
 
 The KV cache is an explicit pytree passed in and returned, so decoding stays pure-functional and
-runs inside `lax.while_loop`: `{"k", "v"}` of shape (layers, batch, slots, kv_heads, head_dim) with
-scanned layers, or a tuple of per-layer `{"k", "v"}` (batch, slots, kv_heads, head_dim) unrolled.
+runs inside `lax.while_loop`: `{"k", "v"}` of shape (layers, batch, kv_heads, slots, head_dim) with
+scanned layers, or a tuple of per-layer `{"k", "v"}` (batch, kv_heads, slots, head_dim) unrolled.
 
 Layers are scanned (`layers/...`, stacked on a leading axis: compile time flat in depth) for
 training, or unrolled (`layers_0/...`, `layers_1/...`) for decoding: XLA on CPU copies a layer's
@@ -54,16 +54,16 @@ class LlamaAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
-    """layer_cache: this layer's {"k", "v"} (B, T, kv_heads, head_dim), or None without a cache."""
+    """layer_cache: this layer's {"k", "v"} (B, kv_heads, T, head_dim), or None without a cache."""
     c = self.config
     proj = lambda heads, axes, name: dense((heads, c.head_dim), ("embed", axes, "kv"), name=name, dtype=self.dtype,
                                            use_bias=c.attention_bias)(x)
     q = apply_rotary(proj(c.num_attention_heads, "heads", "q_proj"), cos, sin)
-    k = apply_rotary(proj(c.num_key_value_heads, "kv_heads", "k_proj"), cos, sin)
-    v = proj(c.num_key_value_heads, "kv_heads", "v_proj")
+    k = apply_rotary(proj(c.num_key_value_heads, "kv_heads", "k_proj"), cos, sin).swapaxes(1, 2)
+    v = proj(c.num_key_value_heads, "kv_heads", "v_proj").swapaxes(1, 2)
     if layer_cache is not None:
       layer_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], new.astype(layer_cache[name].dtype),
-                                                               cache_index, axis=1)
+                                                               cache_index, axis=2)
                      for name, new in (("k", k), ("v", v))}
       k, v = layer_cache["k"], layer_cache["v"]
     out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim ** -0.5)
@@ -103,7 +103,7 @@ class LlamaDecoderLayer(nn.Module):
 
 def init_cache(config: TextConfig, batch: int, slots: int, dtype=jnp.float32, scanned: bool = True):
   """An empty KV cache: stacked for scanned layers, a tuple of per-layer caches for unrolled ones."""
-  layer_shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+  layer_shape = (batch, config.num_key_value_heads, slots, config.head_dim)
   if scanned:
     shape = (config.num_hidden_layers,) + layer_shape
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
