@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-import test_train_fixtures as F
+import train_fixtures as F
 
 STEPS = 4
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}

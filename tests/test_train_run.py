@@ -9,7 +9,7 @@ import pytest
 
 from llava_jax.train import main as train_main
 
-import test_train_fixtures as F
+import train_fixtures as F
 
 
 def bad_records():

@@ -15,7 +15,7 @@ from llava_jax.weights.checkpoint import load_model
 from hf_fixtures import IMAGE_TOKEN, tiny_hf_model
 from tokenizer_fixture import build_tiny_tokenizer
 
-import test_train_fixtures as F
+import train_fixtures as F
 
 
 def flat(params):
