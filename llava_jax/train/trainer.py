@@ -8,6 +8,7 @@ the backward pass of frozen towers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -128,15 +129,15 @@ class Trainer:
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
     self._compiled = {}  # batch shapes -> executable
 
+  @contextlib.contextmanager
   def context(self):
-    """The mesh the step is traced under.
+    """The mesh and the logical-axis rules the step is traced under.
 
-    The logical-axis rules are deliberately NOT activated here: flax's DenseGeneral re-runs a
-    boxed initializer (at a flattened shape) inside `apply` to check shapes, and with rules
-    active that constraint fails for multi-dimensional kernels. Parameter and batch shardings
-    still pin the layout; GSPMD propagates it through the activations.
+    Parameter and batch shardings pin the layout; the rules turn the model's activation
+    annotations (batch/length/embed/mlp) into sharding constraints on the same mesh.
     """
-    return jax.set_mesh(self.mesh)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      yield
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
