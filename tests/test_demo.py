@@ -1,19 +1,49 @@
-"""Demo building blocks: workdir safety, the chat template, stage-0 pieces.
+"""`llava-jax demo --quick` end to end (results contract, generate and chat on the export),
+workdir safety, and the demo's building blocks.
 
-The demo end to end (`--quick` sizes, every phase, the results contract, chat on the export) is
-run by tests/test_notebook.py. Issue 4's accuracy thresholds are not met yet: the recipe does
-not ground its answers in the image within the demo's budget (see the issue notes).
-"""
+Not asserted yet: issue 4's grounding margin (with-image accuracy above blind). Measured, the
+recipe does not ground within the demo's budget; see the issue's notes for the diagnosis."""
 
+import json
+import math
 import os
 import subprocess
 import sys
 
+QA_TYPES = ("color", "shape", "count", "position", "existence")
+POPE_SPLITS = ("random", "popular", "adversarial")
+POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+PHASES = ("data", "stage0", "stage1", "stage2", "eval", "total")
 
 
-def _cli(*args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "llava_jax", *args], capture_output=True, text=True,
+def _cli(*args, timeout=600, stdin=None):
+  return subprocess.run([sys.executable, "-m", "llava_jax", *args], capture_output=True, text=True, input=stdin,
                         timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def test_demo_quick_end_to_end(tmp_path):
+  workdir = tmp_path / "demo"
+  proc = _cli("demo", "--workdir", str(workdir), "--quick", timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(workdir / "results.json") as f:
+    r = json.load(f)
+  for key in ("accuracy", "blind_accuracy"):
+    assert set(r[key]) == set(QA_TYPES)
+    assert all(0.0 <= v <= 1.0 for v in r[key].values() if not math.isnan(v)), r[key]
+  for key in ("pope", "blind_pope"):
+    assert set(r[key]) == set(POPE_SPLITS)
+    assert all(set(POPE_KEYS) <= set(m) for m in r[key].values())
+  assert all(r["seconds"][k] > 0 and r["cpu_seconds"][k] > 0 for k in PHASES)
+  assert set(r["params"]) == {"vision_tower", "projector", "language_model"} and all(r["params"].values())
+  assert r["examples"] and all(os.path.isfile(e["image"]) for e in r["examples"])
+  assert (workdir / "losses.png").stat().st_size > 0
+  assert set(r["headline"]) == {"accuracy", "blind_accuracy"}
+
+  export, image = str(workdir / "export"), r["examples"][0]["image"]
+  gen = _cli("generate", "--model", export, "--image", image, "--prompt", "How many objects are there?")
+  assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-2000:]
+  chat = _cli("chat", "--model", export, "--image", image, stdin="What color is the circle?\n")
+  assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
 
 
 def test_demo_refuses_a_foreign_workdir(tmp_path):

@@ -134,7 +134,7 @@ def stage0(workdir: str, data: dict, s) -> dict:
   model = Llava(config)
   example = np.full((1, config.image_seq_length), config.image_token_index, np.int32)
   pixels0 = np.zeros((1, 1, s.image_size, s.image_size, 3), np.float32)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(s.seed), example, pixels0))["params"]
+  params = nn.unbox(jax.jit(model.init)(pretrain.init_key(s.seed), example, pixels0))["params"]
   params = dict(jax.device_get(params), vision_tower=vision_params, language_model=lm_params)
   path = save_checkpoint_folder(os.path.join(root, "model"), config, params, assets)
 

@@ -91,6 +91,9 @@ class Timer:
   def total(self) -> float:
     return time.perf_counter() - self._start
 
+  def cpu_total(self) -> float:
+    return _cpu() - self._cpu0
+
 
 def prepare_workdir(workdir: str) -> str:
   """An empty folder, or one a previous demo wrote (cleared): never someone else's files."""
@@ -123,12 +126,22 @@ def run_demo(workdir: str, quick: bool = False, settings: Settings | None = None
   with timer.phase("eval"):
     export = phases.export(workdir, stage2)
     results = phases.evaluate(export, data, s)
+  results = collect_results(results, timer, stage0, stage1, stage2, export, s, quick)
+  report.write(workdir, results)
+  return results
+
+
+def collect_results(results: dict, timer: Timer, stage0: dict, stage1: str, stage2: str, export: str,
+                    s: Settings, quick: bool) -> dict:
+  """The evaluation results plus timings, parameter counts, loss curves and settings: the
+  results.json contract (`run_demo` and the notebook both assemble it here)."""
+  from llava_jax.demo import phases  # pylint: disable=import-outside-toplevel  (jax import)
+  results = dict(results)
   results["seconds"] = dict(timer.seconds, total=timer.total())
-  results["cpu_seconds"] = dict(timer.cpu_seconds, total=_cpu() - timer._cpu0)
+  results["cpu_seconds"] = dict(timer.cpu_seconds, total=timer.cpu_total())
   results["params"] = phases.param_counts(export)
   results["losses"] = {"clip": stage0["clip_losses"], "lm": stage0["lm_losses"],
                        "stage1": phases.read_losses(stage1), "stage2": phases.read_losses(stage2)}
   results["settings"] = dict(dataclasses.asdict(s), quick=quick)
   results["export"] = export
-  report.write(workdir, results)
   return results
