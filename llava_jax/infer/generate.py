@@ -33,7 +33,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer import sampling
 from llava_jax.infer.sampling import SamplingFlags, SamplingParams, SamplingValues
-from llava_jax.models.llama import init_cache, unstack_layers
+from llava_jax.models.llama import init_cache, kernels_out_first, unstack_layers
 from llava_jax.models.llava import Llava
 
 MAX_EOS_IDS = 4  # EOS ids travel as a fixed-size array (padded with -1) so their number never recompiles
@@ -72,7 +72,7 @@ class Completion:
 
 
 class DecodeState(NamedTuple):
-  cache: tuple  # per layer {"k", "v"}: (B, T, kv_heads, head_dim)
+  cache: tuple  # per layer {"k", "v"}: (B·kv_heads, T, head_dim)
   kv_mask: jax.Array  # (B, T) bool: slots holding real tokens
   token: jax.Array  # (B,) the last sampled token (fed at the next step)
   step: jax.Array  # () tokens generated so far
@@ -101,8 +101,9 @@ class Engine:
   def __init__(self, config: LlavaConfig, params, *, eos_token_ids: Sequence[int] | None = None,
                pad_token_id: int | None = None, chunk: int = 8):
     self.config = config
-    self.model = Llava(config.replace(scan_layers=False))  # unrolled layers decode faster
-    self.params = jax.device_put(unstack_layers(params))
+    # The decode layout: unrolled layers, kernels output axes first (see models/llama.py).
+    self.model = Llava(config.replace(scan_layers=False, out_first_kernels=True))
+    self.params = jax.device_put(kernels_out_first(unstack_layers(params)))
     eos = config.eos_token_id if eos_token_ids is None else eos_token_ids
     self.eos_token_ids = self._eos((eos,) if isinstance(eos, int) else (eos or ()))
     pad = config.pad_token_id if pad_token_id is None else pad_token_id

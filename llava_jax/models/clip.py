@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import VisionConfig
-from llava_jax.models.layers import INIT_STD, activation, attention, dense, logical, scan_layers
+from llava_jax.models.layers import INIT_STD, activation, attention, dense, heads_major, logical, scan_layers
 
 
 def _layer_norm(config: VisionConfig, name: str) -> nn.LayerNorm:
@@ -50,7 +50,7 @@ class ClipAttention(nn.Module):
     heads = (c.num_attention_heads, c.head_dim)
     q, k, v = (dense(heads, ("embed", "heads", "kv"), name=n, dtype=self.dtype, use_bias=True)(x)
                for n in ("q_proj", "k_proj", "v_proj"))
-    out = attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), None, c.head_dim ** -0.5)
+    out = attention(q, heads_major(k), heads_major(v), None, c.head_dim ** -0.5)
     return dense(c.hidden_size, ("heads", "kv", "embed"), name="out_proj", dtype=self.dtype, use_bias=True,
                  contract=(-2, -1))(out)
 

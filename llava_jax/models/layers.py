@@ -22,39 +22,62 @@ def logical(init: Callable, names: Sequence[str | None]) -> Callable:
 
 
 class DenseGeneral(nn.Module):
-  """y = x · kernel (+ bias), contracting x's trailing `contract` axes with the kernel's leading ones.
+  """y = x · kernel (+ bias), contracting x's trailing `contract` axes with the kernel's input axes.
 
   Unlike flax's DenseGeneral, the kernel is created at its real shape, so its logical axis names
   (`axes`: contracted input dimensions, then output ones) hold when sharding rules are active.
+  With `out_first`, the kernel is stored output axes first (the transpose of the checkpoint
+  layout) and applied by `weight_dot` — the fast layout for decoding (see there).
   """
   features: int | tuple[int, ...]
   axes: tuple[str | None, ...]
   use_bias: bool
   dtype: jnp.dtype
   contract: int | tuple[int, ...] = -1
+  out_first: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     contract = (self.contract,) if isinstance(self.contract, int) else tuple(self.contract)
     contract = tuple(sorted(a % x.ndim for a in contract))
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    shape = tuple(x.shape[a] for a in contract) + features
-    kernel = self.param("kernel", logical(nn.initializers.normal(INIT_STD), self.axes), shape, jnp.float32)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((contract, tuple(range(len(contract)))), ((), ())))
+    in_shape = tuple(x.shape[a] for a in contract)
+    in_axes, out_axes = self.axes[:len(contract)], self.axes[len(contract):]
+    init = nn.initializers.normal(INIT_STD)
+    if self.out_first:
+      kernel = self.param("kernel", logical(init, out_axes + in_axes), features + in_shape, jnp.float32)
+      y = weight_dot(kernel.astype(self.dtype), x.astype(self.dtype), contract)
+    else:
+      kernel = self.param("kernel", logical(init, in_axes + out_axes), in_shape + features, jnp.float32)
+      y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                              ((contract, tuple(range(len(contract)))), ((), ())))
     if self.use_bias:
-      bias = self.param("bias", logical(nn.initializers.zeros, self.axes[len(contract):]), features, jnp.float32)
+      bias = self.param("bias", logical(nn.initializers.zeros, out_axes), features, jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
 
 
+def weight_dot(weight: jax.Array, x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
+  """x's `contract` axes (sorted, trailing) times weight (*out, *in) -> (*x_rest, *out), as weight · xᵀ.
+
+  For a few rows of x (decoding), XLA:CPU multiplies a row-major weight by xᵀ at close to
+  memory bandwidth, while x · weight is up to ~4x slower at 8 rows and ~15x slower for
+  x · weightᵀ (measured on 8192², see benchmarks/README.md). The optimization barrier keeps
+  XLA from folding the cheap output transpose back into the product.
+  """
+  n_out = weight.ndim - len(contract)
+  y = jax.lax.dot_general(weight, x, ((tuple(range(n_out, weight.ndim)), contract), ((), ())))
+  y = jax.lax.optimization_barrier(y)  # (*out, *x_rest)
+  return jnp.moveaxis(y, tuple(range(n_out)), tuple(range(y.ndim - n_out, y.ndim)))
+
+
 def dense(features, axes: Sequence[str | None], *, name: str, dtype, use_bias: bool,
-          contract=-1) -> DenseGeneral:
+          contract=-1, out_first: bool = False) -> DenseGeneral:
   """A DenseGeneral whose kernel (and bias) carry logical axis names.
 
   `axes` names every kernel dimension: the contracted input ones, then the output ones.
   """
-  return DenseGeneral(features, tuple(axes), use_bias, dtype, contract, name=name)
+  return DenseGeneral(features, tuple(axes), use_bias, dtype, contract, out_first, name=name)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -74,22 +97,33 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return table[name]
 
 
+def heads_major(x: jax.Array) -> jax.Array:
+  """(B, S, K, D) keys or values -> (B·K, S, D): the layout `attention` and the KV cache use."""
+  b, s, k, d = x.shape
+  return x.swapaxes(1, 2).reshape(b * k, s, d)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
   """Scaled dot-product attention with grouped key/value heads; softmax in float32.
 
-  q: (B, S, H, D); k, v: (B, K, T, D), heads before slots as the KV cache stores them (a decode
-  step then reads each head's keys contiguously instead of transposing the cache); H a multiple
-  of K; mask: (B, S, T) bool or None.
+  q: (B, S, H, D); k, v: (B·K, T, D) (see `heads_major`), H a multiple of K; mask: (B, S, T)
+  bool or None. Keys and values come batch and heads merged, as the KV cache stores them, so a
+  decode step reads each head's keys contiguously and consumes the cache in exactly its stored
+  shape: with a separate size-1 batch axis, XLA:CPU fused the cache update into two consumers
+  and copied the whole cache four times per layer and step.
   """
   b, s, h, d = q.shape
-  kv_heads = k.shape[1]
-  q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-  logits = jnp.einsum("bskgd,bktd->bkgst", q, k).astype(jnp.float32) * scale
+  n, t = k.shape[:2]
+  kv_heads = n // b
+  groups = h // kv_heads
+  q = q.reshape(b, s, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(n, groups * s, d)
+  logits = jnp.einsum("nqd,ntd->nqt", q, k).astype(jnp.float32) * scale
   if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    logits = logits.reshape(b, kv_heads, groups, s, t)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min).reshape(n, groups * s, t)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
-  return out.reshape(b, s, h, d)
+  out = jnp.einsum("nqt,ntd->nqd", probs, v).reshape(b, kv_heads, groups, s, d)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 REMAT_POLICIES = {

@@ -1,8 +1,9 @@
 """LLaMA-family decoder (LLaMA, Vicuna, Mistral): RMSNorm, rotary positions, GQA, SwiGLU, KV cache.
 
 The KV cache is an explicit pytree passed in and returned, so decoding stays pure-functional and
-runs inside `lax.while_loop`: `{"k", "v"}` of shape (layers, batch, kv_heads, slots, head_dim) with
-scanned layers, or a tuple of per-layer `{"k", "v"}` (batch, kv_heads, slots, head_dim) unrolled.
+runs inside `lax.while_loop`: `{"k", "v"}` of shape (layers, batch·kv_heads, slots, head_dim) with
+scanned layers, or a tuple of per-layer `{"k", "v"}` (batch·kv_heads, slots, head_dim) unrolled
+(batch and heads merged: see layers.attention).
 
 Layers are scanned (`layers/...`, stacked on a leading axis: compile time flat in depth) for
 training, or unrolled (`layers_0/...`, `layers_1/...`) for decoding: XLA on CPU copies a layer's
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import TextConfig
-from llava_jax.models.layers import INIT_STD, activation, attention, dense, logical, scan_layers
+from llava_jax.models.layers import (INIT_STD, activation, attention, dense, heads_major, logical, scan_layers,
+                                     weight_dot)
 
 
 class RMSNorm(nn.Module):
@@ -51,62 +53,66 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class LlamaAttention(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
+  out_first: bool = False
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
-    """layer_cache: this layer's {"k", "v"} (B, kv_heads, T, head_dim), or None without a cache."""
+    """layer_cache: this layer's {"k", "v"} (B·kv_heads, T, head_dim), or None without a cache."""
     c = self.config
     proj = lambda heads, axes, name: dense((heads, c.head_dim), ("embed", axes, "kv"), name=name, dtype=self.dtype,
-                                           use_bias=c.attention_bias)(x)
+                                           use_bias=c.attention_bias, out_first=self.out_first)(x)
     q = apply_rotary(proj(c.num_attention_heads, "heads", "q_proj"), cos, sin)
-    k = apply_rotary(proj(c.num_key_value_heads, "kv_heads", "k_proj"), cos, sin).swapaxes(1, 2)
-    v = proj(c.num_key_value_heads, "kv_heads", "v_proj").swapaxes(1, 2)
+    k = heads_major(apply_rotary(proj(c.num_key_value_heads, "kv_heads", "k_proj"), cos, sin))
+    v = heads_major(proj(c.num_key_value_heads, "kv_heads", "v_proj"))
     if layer_cache is not None:
       layer_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], new.astype(layer_cache[name].dtype),
-                                                               cache_index, axis=2)
+                                                               cache_index, axis=1)
                      for name, new in (("k", k), ("v", v))}
       if isinstance(cache_index, int) and cache_index == 0:
-        mask = mask[..., :k.shape[2]]  # a prefill into an empty cache: only its own keys are filled
+        mask = mask[..., :k.shape[1]]  # a prefill into an empty cache: only its own keys are filled
       else:
         k, v = layer_cache["k"], layer_cache["v"]
     out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim ** -0.5)
     out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.attention_bias,
-                contract=(-2, -1))(out)
+                contract=(-2, -1), out_first=self.out_first)(out)
     return out, layer_cache
 
 
 class LlamaMlp(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
+  out_first: bool = False
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", dtype=self.dtype, use_bias=c.mlp_bias)(x)
-    up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", dtype=self.dtype, use_bias=c.mlp_bias)(x)
-    x = activation(c.hidden_act)(gate) * up
+    proj = lambda features, axes, name, x: dense(features, axes, name=name, dtype=self.dtype, use_bias=c.mlp_bias,
+                                                 out_first=self.out_first)(x)
+    x = activation(c.hidden_act)(proj(c.intermediate_size, ("embed", "mlp"), "gate_proj", x)) * proj(
+        c.intermediate_size, ("embed", "mlp"), "up_proj", x)
     x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
-    return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", dtype=self.dtype, use_bias=c.mlp_bias)(x)
+    return proj(c.hidden_size, ("mlp", "embed"), "down_proj", x)
 
 
 class LlamaDecoderLayer(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
+  out_first: bool = False
 
   @nn.compact
   def __call__(self, h, layer_cache, cos, sin, mask, cache_index):
     c = self.config
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(h)
-    attn, layer_cache = LlamaAttention(c, self.dtype, name="self_attn")(x, cos, sin, mask, layer_cache, cache_index)
+    attn, layer_cache = LlamaAttention(c, self.dtype, self.out_first, name="self_attn")(x, cos, sin, mask, layer_cache, cache_index)
     h = h + attn
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_norm")(h)
-    h = h + LlamaMlp(c, self.dtype, name="mlp")(x)
+    h = h + LlamaMlp(c, self.dtype, self.out_first, name="mlp")(x)
     return nn.with_logical_constraint(h, ("batch", "length", "embed")), layer_cache
 
 
 def init_cache(config: TextConfig, batch: int, slots: int, dtype=jnp.float32, scanned: bool = True):
   """An empty KV cache: stacked for scanned layers, a tuple of per-layer caches for unrolled ones."""
-  layer_shape = (batch, config.num_key_value_heads, slots, config.head_dim)
+  layer_shape = (batch * config.num_key_value_heads, slots, config.head_dim)
   if scanned:
     shape = (config.num_hidden_layers,) + layer_shape
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -124,12 +130,29 @@ def unstack_layers(params: dict) -> dict:
   return {**params, "language_model": lm}
 
 
+def kernels_out_first(params: dict) -> dict:
+  """Unrolled parameters -> the same with every language-model kernel stored output axes first.
+
+  The layout of `LlamaModel(out_first=True)`; o_proj contracts two input axes (heads, head_dim).
+  """
+  def transpose(path, x):
+    names = [getattr(p, "key", None) for p in path]
+    if names[-1] != "kernel":
+      return x
+    n_in = 2 if "o_proj" in names else 1
+    return jnp.moveaxis(x, tuple(range(n_in)), tuple(range(x.ndim - n_in, x.ndim)))
+  if "layers" in params["language_model"]:
+    raise ValueError("kernels_out_first expects unrolled layers (see unstack_layers)")
+  return {**params, "language_model": jax.tree_util.tree_map_with_path(transpose, params["language_model"])}
+
+
 class LlamaModel(nn.Module):
   """Token embeddings -> scanned decoder layers -> final norm -> vocabulary logits."""
   config: TextConfig
   dtype: jnp.dtype = jnp.float32
   remat_policy: str = "none"
   scan: bool = True
+  out_first: bool = False  # dense kernels stored (out, in): the decode layout (see layers.weight_dot)
 
   def setup(self):
     c = self.config
@@ -140,12 +163,14 @@ class LlamaModel(nn.Module):
       self.layers = scan_layers(
           LlamaDecoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers,
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), name="layers", config=c,
-          dtype=self.dtype)
+          dtype=self.dtype, out_first=self.out_first)
     else:
-      self.layers = [LlamaDecoderLayer(c, self.dtype) for _ in range(c.num_hidden_layers)]  # layers_{i}
+      self.layers = [LlamaDecoderLayer(c, self.dtype, self.out_first)
+                     for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
     if not c.tie_word_embeddings:
-      self.lm_head = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False)
+      self.lm_head = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False,
+                           out_first=self.out_first)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     return self.embed_tokens(input_ids)
@@ -173,5 +198,10 @@ class LlamaModel(nn.Module):
     if last_logits_only:
       h = h[:, -1:]
     h = self.norm(h)
-    logits = self.embed_tokens.attend(h) if c.tie_word_embeddings else self.lm_head(h)
+    if not c.tie_word_embeddings:
+      logits = self.lm_head(h)
+    elif self.out_first:  # the (vocab, embed) table is already out-first
+      logits = weight_dot(self.embed_tokens.embedding.astype(self.dtype), h, (h.ndim - 1,))
+    else:
+      logits = self.embed_tokens.attend(h)
     return logits.astype(jnp.float32), cache

@@ -47,7 +47,7 @@ class Llava(nn.Module):
     self.vision_tower = ClipVisionTower(c.vision, c.feature_layers, dtype, c.remat_policy)
     self.projector = Projector(c.projector_type, c.text.hidden_size, c.projector_hidden_act,
                                c.multimodal_projector_bias, dtype)
-    self.language_model = LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers)
+    self.language_model = LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers, c.out_first_kernels)
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N, tokens_per_image, text_hidden)."""
