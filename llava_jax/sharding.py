@@ -8,6 +8,7 @@ vocab), so FSDP and tensor parallelism come from the same rules.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping
 
@@ -60,6 +61,14 @@ def make_mesh(spec: Mapping[str, int], devices=None) -> Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+@contextlib.contextmanager
+def active(mesh: Mesh, rules=LOGICAL_RULES):
+  """Trace under this: the mesh, and the logical-axis rules that turn the model's activation
+  annotations (batch/length/embed/mlp) into sharding constraints on it."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
 def logical_to_spec(names) -> P:
   return nn.logical_to_mesh_axes(names, LOGICAL_RULES)
 
@@ -83,6 +92,14 @@ def tree_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Host arrays (identical on every process) -> global arrays with these shardings.
+
+  Each device receives only its own slice, so a tree larger than one device's memory fits.
+  """
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), tree, shardings)
 
 
 def batch_sharding(mesh: Mesh, rank: int) -> NamedSharding:

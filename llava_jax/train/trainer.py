@@ -8,7 +8,6 @@ the backward pass of frozen towers.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -129,15 +128,10 @@ class Trainer:
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
     self._compiled = {}  # batch shapes -> executable
 
-  @contextlib.contextmanager
   def context(self):
-    """The mesh and the logical-axis rules the step is traced under.
-
-    Parameter and batch shardings pin the layout; the rules turn the model's activation
-    annotations (batch/length/embed/mlp) into sharding constraints on the same mesh.
-    """
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      yield
+    """The mesh and the logical-axis rules the step is traced under (parameter and batch
+    shardings pin the layout; the rules constrain the model's activations on the same mesh)."""
+    return sharding.active(self.mesh, sharding.LOGICAL_RULES)
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
@@ -163,11 +157,7 @@ class Trainer:
     expected = jax.tree.structure(nn.unbox(self.abstract_params))
     if jax.tree.structure(params) != expected:
       raise LlavaJaxError("init: the checkpoint's parameter tree does not match the model built from its config")
-
-    def put(x, s):
-      x = np.asarray(x, np.float32)
-      return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
-    return jax.tree.map(put, params, self.param_shardings)
+    return sharding.place(jax.tree.map(lambda x: np.asarray(x, np.float32), params), self.param_shardings)
 
   def batch_to_global(self, local: dict) -> dict:
     return sharding.global_batch({k: local[k] for k in BATCH_KEYS}, self.mesh)
