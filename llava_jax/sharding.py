@@ -36,6 +36,11 @@ LOGICAL_RULES = (
     ("length", None),
 )
 
+# Inference: the few rows of a decode batch split over `data` only. `fsdp` stays a weight axis, so
+# activations split their embed dimension over it instead and every device keeps its weight shard
+# in place: matmuls reduce partial sums of (small) activations and never gather weights.
+DECODE_RULES = (("batch", "data"),) + tuple(rule for rule in LOGICAL_RULES if rule[0] != "batch")
+
 
 def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
   """Resolves `mesh.data/fsdp/tensor` (one of them may be -1 = the remaining devices)."""

@@ -18,6 +18,10 @@ The language model runs layer by layer over UNSTACKED per-layer weights and per-
 (the model's own modules, applied one layer at a time). With the scanned, stacked layout, XLA
 on CPU copies each layer's weight slice (and cache slice) before every matmul, which triples
 the memory traffic of a batch-1 decode step; unstacked buffers are read in place.
+
+On a device mesh (`Engine(..., mesh=...)`), parameters are split by the model's logical-axis
+rules (embed over `fsdp`; heads, mlp and vocab over `tensor`), batch rows over `data`, and every
+program is traced under `sharding.DECODE_RULES`, so a model larger than one device runs.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from typing import Iterator, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from llava_jax import sharding
 from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer import sampling
@@ -96,23 +102,42 @@ class Batch(NamedTuple):
 
 
 class Engine:
-  """Generation for one model; compiled programs are cached per (shapes, static options)."""
+  """Generation for one model; compiled programs are cached per (shapes, static options).
+
+  `params` are in the checkpoint layout (scanned layers). With a `mesh`, they are split over it
+  (see `place_on_mesh`); without one, everything lives on the default device.
+  """
 
   def __init__(self, config: LlavaConfig, params, *, eos_token_ids: Sequence[int] | None = None,
-               pad_token_id: int | None = None, chunk: int = 8):
+               pad_token_id: int | None = None, chunk: int = 8, mesh: Mesh | None = None):
     self.config = config
     # The decode layout: unrolled layers, kernels output axes first (see models/llama.py).
-    self.model = Llava(config.replace(scan_layers=False, out_first_kernels=True))
-    self.params = jax.device_put(kernels_out_first(unstack_layers(params)))
+    self.model = Llava(decode_config(config))
+    self.mesh = mesh
+    if mesh is None:
+      self.params = jax.device_put(kernels_out_first(unstack_layers(params)))
+    else:
+      self.params = place_on_mesh(config, params, mesh)
     eos = config.eos_token_id if eos_token_ids is None else eos_token_ids
     self.eos_token_ids = self._eos((eos,) if isinstance(eos, int) else (eos or ()))
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     self.pad_token_id = int(pad) if pad is not None else (self.eos_token_ids or (0,))[0]
     self.chunk = chunk
-    self._generate = jax.jit(self._generate_program, static_argnames=("slots", "flags"))
-    self._start = jax.jit(self._start_program, static_argnames=("slots", "flags"))
-    self._continue = jax.jit(self._continue_program, static_argnames=("flags",), donate_argnums=(1,))
-    self._forward = jax.jit(self._forward_program)
+    self._generate = self._on_mesh(jax.jit(self._generate_program, static_argnames=("slots", "flags")))
+    self._start = self._on_mesh(jax.jit(self._start_program, static_argnames=("slots", "flags")))
+    self._continue = self._on_mesh(
+        jax.jit(self._continue_program, static_argnames=("flags",), donate_argnums=(1,)))
+    self._forward = self._on_mesh(jax.jit(self._forward_program))
+
+  def _on_mesh(self, program):
+    """The program, called (hence traced) under the mesh and the decode rules; as is without a mesh."""
+    if self.mesh is None:
+      return program
+
+    def call(*args, **kwargs):
+      with sharding.active(self.mesh, sharding.DECODE_RULES):
+        return program(*args, **kwargs)
+    return call
 
   # ---- host side ---------------------------------------------------------------------------
 
@@ -177,6 +202,8 @@ class Engine:
             f"prompt {i} has {got} image tokens but {p.num_images} image(s) give "
             f"{p.num_images * c.image_seq_length} ({c.image_seq_length} per image)")
     rows = bucket_batch(len(prompts))
+    if self.mesh is not None:  # batch rows split over `data`
+      rows = -(-rows // self.mesh.shape["data"]) * self.mesh.shape["data"]
     length = bucket_length(max(len(p.input_ids) for p in prompts))
     slots = bucket_length(length + max_new_tokens)
     ids = np.full((rows, length), self.pad_token_id, np.int32)
@@ -197,8 +224,11 @@ class Engine:
             raise LlavaJaxError(f"prompt {i}: images of shape {p.pixel_values.shape[1:]}, others have {shape}")
           pixels[i, :p.num_images] = p.pixel_values
     live = np.arange(rows) < len(prompts)
-    return Batch(jnp.asarray(ids), jnp.asarray(mask), None if pixels is None else jnp.asarray(pixels),
-                 jnp.asarray(live), len(prompts)), slots
+    put = jnp.asarray
+    if self.mesh is not None:
+      rows_split = NamedSharding(self.mesh, P("data"))
+      put = lambda x: jax.device_put(x, rows_split)
+    return Batch(put(ids), put(mask), None if pixels is None else put(pixels), put(live), len(prompts)), slots
 
   def _eos(self, ids: Sequence[int] | None) -> tuple[int, ...]:
     if ids is None:
@@ -218,10 +248,23 @@ class Engine:
     """Runs the prompt through the model into a fresh cache of `slots` slots."""
     rows, length = input_ids.shape
     kv_mask = jnp.zeros((rows, slots), bool).at[:, :length].set(prompt_mask)
-    cache = init_cache(self.config.text, rows, slots, jnp.dtype(self.config.dtype), scanned=False)
+    cache = self._constrain(init_cache(self.config.text, rows, slots, jnp.dtype(self.config.dtype), scanned=False))
     logits, cache = self.model.apply({"params": params}, input_ids, pixel_values, kv_mask, cache, 0,
                                      last_logits_only)
-    return logits, cache, kv_mask
+    return logits, self._constrain(cache), kv_mask
+
+  def _constrain(self, cache: tuple) -> tuple:
+    """On a mesh, pins the per-layer caches (B·kv_heads, T, head_dim), rows split over `data` as
+    the batch is. With one row per data shard, the merged dimension is that row's kv heads and is
+    split over `tensor` too, as k_proj/v_proj split them. With more rows, a row's heads are not
+    contiguous in it: splitting it over `tensor` then made XLA move weights every step to match,
+    so the cache is replicated over `tensor` instead (small activations are gathered)."""
+    if self.mesh is None:
+      return cache
+    rows = cache[0]["k"].shape[0] // self.config.text.num_key_value_heads
+    one_row = rows == self.mesh.shape["data"] and self.config.text.num_key_value_heads % self.mesh.shape["tensor"] == 0
+    axes = ("data", "tensor") if one_row else "data"
+    return jax.lax.with_sharding_constraint(cache, NamedSharding(self.mesh, P(axes)))
 
   def _forward_program(self, params, input_ids, prompt_mask, pixel_values):
     return self._prefill(params, input_ids, prompt_mask, pixel_values, input_ids.shape[1])[0]
@@ -270,7 +313,7 @@ class Engine:
     def step(s: DecodeState) -> DecodeState:
       kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((s.token.shape[0], 1), bool), (0, s.slot))
       logits, cache = self.model.apply({"params": params}, s.token[:, None], None, kv_mask, s.cache, s.slot)
-      s = s._replace(cache=cache, kv_mask=kv_mask, slot=s.slot + 1)
+      s = s._replace(cache=self._constrain(cache), kv_mask=kv_mask, slot=s.slot + 1)
       return self._record(s, logits[:, 0], values, key, eos, flags)
 
     def running(s: DecodeState):
@@ -288,6 +331,32 @@ class Engine:
     out = jax.lax.dynamic_update_slice(s.out, token[:, None], (0, s.step))
     done = s.done | jnp.any(token[:, None] == eos[None, :], axis=-1)
     return s._replace(token=token, step=s.step + 1, done=done, seen=seen, out=out)
+
+
+def decode_config(config: LlavaConfig) -> LlavaConfig:
+  return config.replace(scan_layers=False, out_first_kernels=True)
+
+
+def logical_params(config: LlavaConfig):
+  """Llava(config)'s parameters as boxed shapes carrying their logical axis names (no memory used)."""
+  from llava_jax.train.main import example_batch  # pylint: disable=import-outside-toplevel
+  ex = example_batch(config)
+  return jax.eval_shape(Llava(config).init, jax.random.key(0), ex["input_ids"], ex["pixel_values"],
+                        ex["attention_mask"])["params"]
+
+
+def place_on_mesh(config: LlavaConfig, params, mesh: Mesh):
+  """Checkpoint-layout params -> the decode layout, split over `mesh` by the logical-axis rules.
+
+  Each device receives only its slice of the checkpoint layout, and the decode layout is computed
+  from the slices on the devices, so no device ever holds the whole model. The decode kernels'
+  logical names are reordered with their axes (output first), so their shardings come from the
+  decode model itself.
+  """
+  stored = sharding.tree_shardings(logical_params(config.replace(scan_layers=True, out_first_kernels=False)), mesh)
+  decoded = sharding.tree_shardings(logical_params(decode_config(config)), mesh)
+  on_mesh = sharding.place(params, stored)
+  return jax.jit(lambda p: kernels_out_first(unstack_layers(p)), out_shardings=decoded)(on_mesh)
 
 
 def _cut_at_eos(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
