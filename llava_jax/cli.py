@@ -43,23 +43,34 @@ def _bytes(text: str) -> int:
   return int(value * (units[unit] if unit else 1))
 
 
+def _mesh(text: str | None):
+  """The device mesh a --mesh flag asks for (None: one device); bad specs fail before any loading."""
+  if text is None:
+    return None
+  from llava_jax import sharding
+  return sharding.mesh_from_flag(text)
+
+
 def _generate(args) -> None:
   from llava_jax.infer import run
+  mesh = _mesh(args.mesh)
   run.generate_command(
       model=args.model, images=args.image, prompt=args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
-      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, out=sys.stdout)
+      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, out=sys.stdout, mesh=mesh)
 
 
 def _chat(args) -> None:
   from llava_jax.infer import chat
+  mesh = _mesh(args.mesh)
   chat.chat_command(model=args.model, image=args.image, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, inp=sys.stdin, out=sys.stdout)
+                    temperature=args.temperature, inp=sys.stdin, out=sys.stdout, mesh=mesh)
 
 
 def _serve(args) -> None:
   from llava_jax.infer import server
+  mesh = _mesh(args.mesh)
   server.serve_command(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
-                       batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name)
+                       batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name, mesh=mesh)
 
 
 def _demo(args) -> None:
@@ -88,12 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k")
     p.add_argument("--seed", type=int, default=0)
 
+  def add_mesh(p):
+    p.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                   help="split the model over a device mesh, e.g. fsdp=2,tensor=4 (axes data, fsdp, tensor as in the "
+                        "training config's mesh.*; unnamed axes are 1, one may be -1 = the remaining devices)")
+
   p = sub.add_parser("generate", help="answer one prompt about one or more images")
   p.add_argument("--model", required=True, help="HF folder, llava-jax checkpoint, or training workdir")
   p.add_argument("--image", action="append", default=[], help="image file; repeat for several")
   p.add_argument("--prompt", required=True)
   p.add_argument("--raw", action="store_true", help="use the prompt verbatim (one <image> per --image)")
   add_sampling(p)
+  add_mesh(p)
   p.set_defaults(func=_generate)
 
   p = sub.add_parser("chat", help="interactive conversation (/image PATH, /reset, /quit)")
@@ -101,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--image")
   p.add_argument("--max-new-tokens", type=int, default=256)
   p.add_argument("--temperature", type=float, default=0.0)
+  add_mesh(p)
   p.set_defaults(func=_chat)
 
   p = sub.add_parser("serve", help="OpenAI-compatible chat server: POST /v1/chat/completions, GET /v1/models")
@@ -111,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-wait-ms", type=float, default=10.0,
                  help="how long to gather concurrent requests into one batch (default 10)")
   p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+  add_mesh(p)
   p.set_defaults(func=_serve)
 
   # `train` takes absl flags (--config FILE.py:ARGS --workdir DIR --config.KEY=V); main() hands them

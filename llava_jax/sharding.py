@@ -42,28 +42,56 @@ LOGICAL_RULES = (
 DECODE_RULES = (("batch", "data"),) + tuple(rule for rule in LOGICAL_RULES if rule[0] != "batch")
 
 
-def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-  """Resolves `mesh.data/fsdp/tensor` (one of them may be -1 = the remaining devices)."""
+def mesh_shape(spec: Mapping[str, int], num_devices: int, label: str = "config: mesh") -> tuple[int, int, int]:
+  """Resolves `mesh.data/fsdp/tensor` (one of them may be -1 = the remaining devices).
+
+  `label` starts error messages (the config key, or the command-line flag that gave the spec).
+  """
   sizes = [int(spec[a]) for a in MESH_AXES]
   free = [i for i, s in enumerate(sizes) if s == -1]
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise LlavaJaxError(f"config: mesh {dict(zip(MESH_AXES, sizes))} must be positive sizes with at most one -1")
+    raise LlavaJaxError(f"{label} {dict(zip(MESH_AXES, sizes))} must be positive sizes with at most one -1")
   fixed = math.prod(s for s in sizes if s != -1)
   if free:
     if num_devices % fixed:
-      raise LlavaJaxError(f"config: mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices do not divide by {fixed}")
+      raise LlavaJaxError(f"{label} {dict(zip(MESH_AXES, sizes))}: {num_devices} devices do not divide by {fixed}")
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes) != num_devices:
     raise LlavaJaxError(
-        f"config: mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {num_devices} are available")
+        f"{label} {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {num_devices} are available")
   return tuple(sizes)
 
 
-def make_mesh(spec: Mapping[str, int], devices=None) -> Mesh:
+def make_mesh(spec: Mapping[str, int], devices=None, label: str = "config: mesh") -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(spec, len(devices))
+  shape = mesh_shape(spec, len(devices), label)
   # jax.make_mesh defaults to Explicit axes; logical-axis sharding wants Auto (GSPMD propagation).
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`fsdp=2,tensor=4` (the config's mesh.data/fsdp/tensor as KEY=SIZE pairs) -> a mesh spec.
+
+  Axes not named are 1; one axis may be -1 (the remaining devices), as in the config.
+  """
+  spec = dict.fromkeys(MESH_AXES, 1)
+  named = set()
+  for item in text.split(","):
+    key, equals, value = (part.strip() for part in item.partition("="))
+    if not equals or key not in MESH_AXES or key in named:
+      raise LlavaJaxError(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE...] with each AXIS once, one of "
+                          f"{', '.join(MESH_AXES)}; got {item!r}")
+    try:
+      spec[key] = int(value)
+    except ValueError:
+      raise LlavaJaxError(f"--mesh {text!r}: the size of {key} must be an integer, got {value!r}") from None
+    named.add(key)
+  return spec
+
+
+def mesh_from_flag(text: str) -> Mesh:
+  """The mesh a `--mesh` flag asks for, over all devices (one-line LlavaJaxError if it cannot be built)."""
+  return make_mesh(parse_mesh(text), label=f"--mesh {text!r}: mesh")
 
 
 @contextlib.contextmanager

@@ -1,19 +1,26 @@
 """Generation on a device mesh (the 8 fake CPU devices): weights split by the logical-axis rules,
-tokens identical to the one-device engine and to transformers.
+tokens identical to the one-device engine and to transformers, and the --mesh flag end to end.
 
 Seeds are picked so greedy decoding varies its tokens (some tiny random models repeat one id).
 """
+
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from jax.sharding import PartitionSpec as P
 
 from hf_fixtures import hf_state, our_config, tiny_hf_model
 from test_generate import NEW_TOKENS, PAD, _hf_generate, _prompts
-from llava_jax import sharding
+from tokenizer_fixture import build_tiny_tokenizer
+from llava_jax import cli, sharding
+from llava_jax.data.images import ImageProcessor
 from llava_jax.errors import LlavaJaxError
+from llava_jax.infer import run
 from llava_jax.infer.generate import Engine
 from llava_jax.weights.mapping import hf_to_params
 
@@ -97,3 +104,50 @@ def test_model_that_does_not_divide_the_mesh_names_the_parameter(llama):
   _, config, params, _, _ = llama
   with pytest.raises(LlavaJaxError, match="self_attn.*does not divide mesh axes tensor of size 8"):
     Engine(config, params, mesh=sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 8}))  # 4 heads
+
+
+def test_parse_mesh():
+  assert sharding.parse_mesh("fsdp=2,tensor=4") == {"data": 1, "fsdp": 2, "tensor": 4}
+  assert sharding.parse_mesh(" data=-1 , tensor=2") == {"data": -1, "fsdp": 1, "tensor": 2}
+  for bad, message in [("tensor=x", "must be an integer"), ("model=2", "got 'model=2'"), ("tensor", "got 'tensor'"),
+                       ("tensor=2,tensor=4", "each AXIS once"), ("", "got ''")]:
+    with pytest.raises(LlavaJaxError, match=message):
+      sharding.parse_mesh(bad)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("tensor=two", "--mesh 'tensor=two': the size of tensor must be an integer, got 'two'"),
+    ("tensor=3", "--mesh 'tensor=3': mesh {'data': 1, 'fsdp': 1, 'tensor': 3} needs 3 devices, 8 are available"),
+], ids=["not_a_number", "device_count"])
+def test_bad_mesh_flag_exits_2(tmp_path, value, message):
+  # Checked before the model is loaded: the folder does not need to exist.
+  result = subprocess.run([sys.executable, "-m", "llava_jax", "generate", "--model", str(tmp_path), "--prompt", "hi",
+                           "--mesh", value], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and result.stdout == ""
+  assert result.stderr.strip().splitlines() == [f"llava-jax: error: {message}"]
+
+
+def test_generate_command_with_mesh(tmp_path, monkeypatch, capsys):
+  """`llava-jax generate --mesh fsdp=2,tensor=4` loads the folder onto the mesh and prints what one device does."""
+  model = tiny_hf_model(seed=2)
+  model.save_pretrained(tmp_path)
+  build_tiny_tokenizer(tmp_path)
+  ImageProcessor.default(28).save(tmp_path)
+  image = tmp_path / "img.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(image)
+  engines = []
+  load = run.load_session
+
+  def recording(*args):
+    session = load(*args)
+    engines.append(session.engine)
+    return session
+  monkeypatch.setattr(run, "load_session", recording)
+  args = ["generate", "--model", str(tmp_path), "--image", str(image), "--raw", "--prompt", "USER: <image>\nhi ASSISTANT:",
+          "--max-new-tokens", "8"]
+  texts = []
+  for extra in ([], ["--mesh", "fsdp=2,tensor=4"]):
+    cli.main(args + extra)
+    texts.append(capsys.readouterr().out)
+  assert engines[0].mesh is None and dict(engines[1].mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+  assert texts[1] == texts[0] and texts[0].strip()

@@ -71,8 +71,8 @@ class Conversation:
 
 
 def chat_command(model: str, image: str | None, max_new_tokens: int, temperature: float, inp: IO[str],
-                 out: IO[str]) -> None:
-  session = load_session(model)
+                 out: IO[str], mesh=None) -> None:
+  session = load_session(model, mesh)
   conversation = Conversation(session)
   if image:
     conversation.pending += load_images([image])

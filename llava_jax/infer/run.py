@@ -14,6 +14,8 @@ from typing import IO, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
 from llava_jax.data import images as images_lib
 from llava_jax.data.processor import Processor
@@ -37,8 +39,11 @@ class Session:
     return self.engine.config.image_seq_length
 
 
-def load_session(path: str) -> Session:
-  """Loads weights (float32), tokenizer, image processor and chat template of a model folder."""
+def load_session(path: str, mesh: Mesh | None = None) -> Session:
+  """Loads weights (float32), tokenizer, image processor and chat template of a model folder.
+
+  With a mesh, the engine splits the weights over it (see generate.Engine).
+  """
   from llava_jax.weights.checkpoint import load_model
   loaded = load_model(path)
   config = loaded.config
@@ -47,13 +52,15 @@ def load_session(path: str) -> Session:
                                     fallback_template=template)
   params = jax.tree.map(_as_float32, loaded.params)
   engine = Engine(config, params, eos_token_ids=_eos_ids(loaded.assets_dir, config, processor),
-                  pad_token_id=config.pad_token_id if config.pad_token_id is not None else processor.pad_token_id)
+                  pad_token_id=config.pad_token_id if config.pad_token_id is not None else processor.pad_token_id,
+                  mesh=mesh)
   return Session(engine, processor, template)
 
 
 def _as_float32(x):
-  x = jnp.asarray(x)
-  return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  # On the host: the engine places the weights (on one device, or each device only its slice).
+  x = np.asarray(x)
+  return x.astype(np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def _config_template(config_path: str | None) -> str | None:
@@ -99,7 +106,7 @@ def stream_text(session: Session, prompt: Prompt, max_new_tokens: int, sampling:
 
 def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, max_new_tokens: int,
                      temperature: float, top_p: float, top_k: int, seed: int, out: IO[str],
-                     repetition_penalty: float = 1.0) -> None:
+                     repetition_penalty: float = 1.0, mesh: Mesh | None = None) -> None:
   """Prints only the generated text to `out` (streamed); progress goes to stderr."""
   sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
@@ -111,7 +118,7 @@ def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, 
     raise LlavaJaxError(f"--raw prompt has {prompt.count('<image>')} <image> tag(s) but {len(images)} "
                         "image(s) were given; they must match")
   pictures = load_images(images)  # before loading weights: a bad image fails fast
-  session = load_session(model)
+  session = load_session(model, mesh)
   inputs = session.processor.prepare(prompt, pictures, session.image_seq_length, raw=raw)
   print(f"llava-jax: prompt of {len(inputs.input_ids)} tokens, {len(pictures)} image(s)", file=sys.stderr)
   request = Prompt(inputs.input_ids, inputs.pixel_values if pictures else None)
