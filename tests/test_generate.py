@@ -108,17 +108,22 @@ def test_stops_at_eos_per_row(llama):
     assert (reference[row][n:] == PAD).all()  # transformers pads a finished row
 
 
-def test_prefill_logits_match_transformers_left_padded(llama):
-  hf_model, engine, prompts = llama
-  logits, mask = engine.forward(prompts)
+def _hf_prefill_logits(hf_model, prompts, mask: np.ndarray) -> np.ndarray:
+  """transformers' logits for the prompts left padded to the engine's (rows, width) `mask`."""
   width = mask.shape[1]
-  ids = np.full((2, width), PAD, np.int64)
+  ids = np.full((len(prompts), width), PAD, np.int64)
   for i, p in enumerate(prompts):
     ids[i, width - len(p.input_ids):] = p.input_ids
   pixels = torch.from_numpy(np.concatenate([p.pixel_values for p in prompts])).permute(0, 3, 1, 2)
   with torch.no_grad():
-    ref = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                   pixel_values=pixels).logits.numpy()
+    return hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                    pixel_values=pixels).logits.numpy()
+
+
+def test_prefill_logits_match_transformers_left_padded(llama):
+  hf_model, engine, prompts = llama
+  logits, mask = engine.forward(prompts)
+  ref = _hf_prefill_logits(hf_model, prompts, mask)
   valid = mask.astype(bool)
   error = np.abs(logits[valid] - ref[valid]).max() / np.abs(ref[valid]).max()
   assert error < 1e-5, error

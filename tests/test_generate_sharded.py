@@ -10,12 +10,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from jax.sharding import PartitionSpec as P
 
 from hf_fixtures import hf_state, our_config, tiny_hf_model
-from test_generate import NEW_TOKENS, PAD, _hf_generate, _prompts
+from test_generate import NEW_TOKENS, PAD, _hf_generate, _hf_prefill_logits, _prompts
 from tokenizer_fixture import build_tiny_tokenizer
 from llava_jax import cli, sharding
 from llava_jax.data.images import ImageProcessor
@@ -79,14 +78,7 @@ def test_greedy_batch_on_mesh_matches_one_device_and_transformers(name, llama):
 def test_prefill_logits_on_mesh_match_transformers(llama):
   hf_model, _, _, engine, prompts = llama
   logits, mask = engine.forward(prompts)
-  width = mask.shape[1]
-  ids = np.full((2, width), PAD, np.int64)
-  for i, p in enumerate(prompts):
-    ids[i, width - len(p.input_ids):] = p.input_ids
-  pixels = torch.from_numpy(np.concatenate([p.pixel_values for p in prompts])).permute(0, 3, 1, 2)
-  with torch.no_grad():
-    ref = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                   pixel_values=pixels).logits.numpy()
+  ref = _hf_prefill_logits(hf_model, prompts, mask)
   valid = mask.astype(bool)
   assert np.abs(logits[valid] - ref[valid]).max() / np.abs(ref[valid]).max() < 1e-5
 
