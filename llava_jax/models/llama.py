@@ -68,10 +68,7 @@ class LlamaAttention(nn.Module):
       layer_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], new.astype(layer_cache[name].dtype),
                                                                cache_index, axis=1)
                      for name, new in (("k", k), ("v", v))}
-      if isinstance(cache_index, int) and cache_index == 0:
-        mask = mask[..., :k.shape[1]]  # a prefill into an empty cache: only its own keys are filled
-      else:
-        k, v = layer_cache["k"], layer_cache["v"]
+      k, v = layer_cache["k"], layer_cache["v"]
     out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim ** -0.5)
     out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.attention_bias,
                 contract=(-2, -1), out_first=self.out_first)(out)
