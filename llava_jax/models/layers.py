@@ -62,8 +62,9 @@ def weight_dot(weight: jax.Array, x: jax.Array, contract: tuple[int, ...]) -> ja
 
   For a few rows of x (decoding), XLA:CPU multiplies a row-major weight by xᵀ at close to
   memory bandwidth, while x · weight is up to ~4x slower at 8 rows and ~15x slower for
-  x · weightᵀ (measured on 8192², see benchmarks/README.md). The optimization barrier keeps
-  XLA from folding the cheap output transpose back into the product.
+  x · weightᵀ (jitted float32 products with an 8192² weight on the 2-core demo machine). The
+  optimization barrier keeps XLA from folding the cheap output transpose back into the product
+  (without it, (weight · xᵀ)ᵀ measured as slow as x · weightᵀ at 8 rows).
   """
   n_out = weight.ndim - len(contract)
   y = jax.lax.dot_general(weight, x, ((tuple(range(n_out, weight.ndim)), contract), ((), ())))
