@@ -40,7 +40,7 @@ from llava_jax.errors import LlavaJaxError
 from llava_jax.infer import sampling
 from llava_jax.infer.sampling import SamplingFlags, SamplingParams, SamplingValues
 from llava_jax.models.llama import init_cache, kernels_out_first, unstack_layers
-from llava_jax.models.llava import Llava
+from llava_jax.models.llava import Llava, abstract_params
 
 MAX_EOS_IDS = 4  # EOS ids travel as a fixed-size array (padded with -1) so their number never recompiles
 
@@ -337,14 +337,6 @@ def decode_config(config: LlavaConfig) -> LlavaConfig:
   return config.replace(scan_layers=False, out_first_kernels=True)
 
 
-def logical_params(config: LlavaConfig):
-  """Llava(config)'s parameters as boxed shapes carrying their logical axis names (no memory used)."""
-  from llava_jax.train.main import example_batch  # pylint: disable=import-outside-toplevel
-  ex = example_batch(config)
-  return jax.eval_shape(Llava(config).init, jax.random.key(0), ex["input_ids"], ex["pixel_values"],
-                        ex["attention_mask"])["params"]
-
-
 def place_on_mesh(config: LlavaConfig, params, mesh: Mesh):
   """Checkpoint-layout params -> the decode layout, split over `mesh` by the logical-axis rules.
 
@@ -353,8 +345,8 @@ def place_on_mesh(config: LlavaConfig, params, mesh: Mesh):
   logical names are reordered with their axes (output first), so their shardings come from the
   decode model itself.
   """
-  stored = sharding.tree_shardings(logical_params(config.replace(scan_layers=True, out_first_kernels=False)), mesh)
-  decoded = sharding.tree_shardings(logical_params(decode_config(config)), mesh)
+  stored = sharding.tree_shardings(abstract_params(config.replace(scan_layers=True, out_first_kernels=False)), mesh)
+  decoded = sharding.tree_shardings(abstract_params(decode_config(config)), mesh)
   on_mesh = sharding.place(params, stored)
   return jax.jit(lambda p: kernels_out_first(unstack_layers(p)), out_shardings=decoded)(on_mesh)
 

@@ -38,6 +38,20 @@ def attention_layout(kv_mask: jax.Array, num_queries: int, cache_index):
   return positions, kv_mask[:, None, :].astype(bool) & causal[None]
 
 
+def example_batch(config: LlavaConfig) -> dict:
+  """A one-row batch of the model's input shapes, to initialize or trace it (contents unused)."""
+  size = config.vision.image_size
+  return {"input_ids": np.zeros((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32),
+          "pixel_values": np.zeros((1, 1, size, size, 3), np.float32)}
+
+
+def abstract_params(config: LlavaConfig):
+  """Llava(config)'s parameters as boxed shapes carrying their logical axis names (no memory used)."""
+  ex = example_batch(config)
+  return jax.eval_shape(Llava(config).init, jax.random.key(0), ex["input_ids"], ex["pixel_values"],
+                        ex["attention_mask"])["params"]
+
+
 class Llava(nn.Module):
   config: LlavaConfig
 

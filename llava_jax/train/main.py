@@ -169,22 +169,13 @@ def build_pipeline(cfg, model_config, assets_dir: str):
   return pipe, image_processor
 
 
-def example_batch(model_config) -> dict:
-  size = model_config.vision.image_size
-  return {"input_ids": np.zeros((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32),
-          "pixel_values": np.zeros((1, 1, size, size, 3), np.float32)}
-
-
 def build_trainer(cfg, model_config, total_steps: int):
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   from llava_jax import sharding  # pylint: disable=import-outside-toplevel
-  from llava_jax.models.llava import Llava  # pylint: disable=import-outside-toplevel
+  from llava_jax.models.llava import Llava, abstract_params  # pylint: disable=import-outside-toplevel
   from llava_jax.train import optim, trainer  # pylint: disable=import-outside-toplevel
   model = Llava(model_config)
-  ex = example_batch(model_config)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), ex["input_ids"], ex["pixel_values"],
-                            ex["attention_mask"])["params"]
+  abstract = abstract_params(model_config)
   mask = optim.trainable_mask(nn.unbox(abstract), trainable_rules(cfg))
   tx, lr = optim.make_optimizer(cfg, mask, total_steps)
   mesh = sharding.make_mesh(cfg.mesh)
@@ -243,6 +234,7 @@ def _has_checkpoint(workdir: str) -> bool:
 def _train(cfg, workdir: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   from llava_jax.data.pipeline import make_global_batch  # pylint: disable=import-outside-toplevel
+  from llava_jax.models.llava import example_batch  # pylint: disable=import-outside-toplevel
   from llava_jax.train import checkpoint, metrics  # pylint: disable=import-outside-toplevel
 
   source = load_source(cfg)
