@@ -6,6 +6,7 @@ that map them onto the device mesh), so sharding is declared here once.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -57,16 +58,29 @@ class DenseGeneral(nn.Module):
     return y
 
 
+FEW_ROWS = 64  # up to this many rows of x (decode batches), weight_dot computes weight · xᵀ
+
+
 def weight_dot(weight: jax.Array, x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
-  """x's `contract` axes (sorted, trailing) times weight (*out, *in) -> (*x_rest, *out), as weight · xᵀ.
+  """x's `contract` axes (sorted, trailing) times weight (*out, *in) -> (*x_rest, *out).
 
   For a few rows of x (decoding), XLA:CPU multiplies a row-major weight by xᵀ at close to
   memory bandwidth, while x · weight is up to ~4x slower at 8 rows and ~15x slower for
   x · weightᵀ (jitted float32 products with an 8192² weight on the 2-core demo machine). The
   optimization barrier keeps XLA from folding the cheap output transpose back into the product
   (without it, (weight · xᵀ)ᵀ measured as slow as x · weightᵀ at 8 rows).
+
+  For many rows (a prefill), that (*out, rows) result has to be transposed element by element
+  for what follows (rotary, attention heads), which cost more than the product saved; there a
+  plain 2-D x · weightᵀ is used (the text prefill of benchmarks/generate.py ran ~12% faster).
   """
   n_out = weight.ndim - len(contract)
+  rows = x.shape[:x.ndim - len(contract)]
+  if math.prod(rows) > FEW_ROWS:
+    out = weight.shape[:n_out]
+    y = jax.lax.dot_general(x.reshape(math.prod(rows), -1), weight.reshape(math.prod(out), -1),
+                            (((1,), (1,)), ((), ())))
+    return y.reshape(rows + out)
   y = jax.lax.dot_general(weight, x, ((tuple(range(n_out, weight.ndim)), contract), ((), ())))
   y = jax.lax.optimization_barrier(y)  # (*out, *x_rest)
   return jnp.moveaxis(y, tuple(range(n_out)), tuple(range(y.ndim - n_out, y.ndim)))
