@@ -141,6 +141,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                     block: int = 128) -> jax.Array:
+  """`attention` for S queries at positions 0..S-1 over their own S keys under a causal `mask`.
+
+  Each block of `block` queries attends only to the keys up to its last position (the mask hides
+  the later ones, whose softmax weights are exactly zero), which skips ~40% of the products of a
+  long prompt.
+  """
+  s = q.shape[1]
+  outs = [attention(q[:, i:i + block], k[:, :i + block], v[:, :i + block], mask[:, i:i + block, :i + block], scale)
+          for i in range(0, s, block)]
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
     "dots": jax.checkpoint_policies.checkpoint_dots,

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import TextConfig
-from llava_jax.models.layers import (INIT_STD, activation, attention, dense, heads_major, logical, scan_layers,
-                                     weight_dot)
+from llava_jax.models.layers import (INIT_STD, activation, attention, causal_attention, dense, heads_major, logical,
+                                     scan_layers, weight_dot)
 
 
 class RMSNorm(nn.Module):
@@ -64,12 +64,16 @@ class LlamaAttention(nn.Module):
     q = apply_rotary(proj(c.num_attention_heads, "heads", "q_proj"), cos, sin)
     k = heads_major(apply_rotary(proj(c.num_key_value_heads, "kv_heads", "k_proj"), cos, sin))
     v = heads_major(proj(c.num_key_value_heads, "kv_heads", "v_proj"))
+    # A prefill: queries at slots [0, S) see keys [0, S) only (causal mask), whatever else the cache holds.
+    prefill = layer_cache is not None and isinstance(cache_index, int) and cache_index == 0
     if layer_cache is not None:
       layer_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], new.astype(layer_cache[name].dtype),
                                                                cache_index, axis=1)
                      for name, new in (("k", k), ("v", v))}
-      k, v = layer_cache["k"], layer_cache["v"]
-    out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim ** -0.5)
+      if not prefill:
+        k, v = layer_cache["k"], layer_cache["v"]
+    attend = causal_attention if prefill else attention
+    out = attend(q, k.astype(self.dtype), v.astype(self.dtype), mask[..., :k.shape[1]], c.head_dim ** -0.5)
     out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.attention_bias,
                 contract=(-2, -1), out_first=self.out_first)(out)
     return out, layer_cache
