@@ -77,8 +77,8 @@ class LlavaConfig:
   pad_token_id: int | None = None
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
-  # Runtime choices (not architecture): compute dtype, rematerialization policy, whether the
-  # language model's layers are scanned (training) or unrolled (decoding; see models/llama.py),
+  # Runtime choices (not architecture): compute dtype, rematerialization policy, whether both
+  # towers' layers are scanned (training) or unrolled (inference; see models/llama.py),
   # and whether its kernels are stored output axes first (decoding; see models/layers.weight_dot).
   dtype: str = "float32"
   remat_policy: str = "none"

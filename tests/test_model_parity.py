@@ -8,8 +8,7 @@ import torch
 
 from hf_fixtures import IMAGE_TOKEN, hf_state, our_config, tiny_hf_model
 from llava_jax.errors import LlavaJaxError
-from llava_jax.models.llama import unstack_layers
-from llava_jax.models.llava import Llava
+from llava_jax.models.llava import Llava, unstack_layers
 from llava_jax.weights import mapping
 
 TOLERANCE = 1e-5
@@ -130,7 +129,8 @@ def test_unrolled_layers_match_transformers():
   hf_model = tiny_hf_model(text="mistral")
   config = our_config(hf_model)
   params = unstack_layers(mapping.hf_to_params(hf_state(hf_model).__getitem__, config))
-  assert "layers_1" in params["language_model"] and "layers" not in params["language_model"]
+  for tower in ("vision_tower", "language_model"):
+    assert "layers_1" in params[tower] and "layers" not in params[tower]
   rng = np.random.default_rng(5)
   ids = prompt_batch(rng, hf_model.config.image_seq_length)
   pixels = rng.normal(size=(2, 3, 28, 28)).astype(np.float32)

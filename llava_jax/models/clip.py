@@ -96,6 +96,7 @@ class ClipVisionTower(nn.Module):
   feature_layers: tuple[int, ...]
   dtype: jnp.dtype = jnp.float32
   remat_policy: str = "none"
+  scan: bool = True  # False: unrolled `layers_{i}` (inference; see llama.py on why)
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, ...]:
@@ -103,10 +104,15 @@ class ClipVisionTower(nn.Module):
     h = ClipEmbeddings(c, self.dtype, name="embeddings")(pixel_values)
     h = _layer_norm(c, "pre_layrnorm")(h).astype(self.dtype)
     selected = tuple(h if want == 0 else jnp.zeros_like(h) for want in self.feature_layers)
-    encoder = scan_layers(
-        ClipEncoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers, in_axes=(0,),
-        name="layers", config=c, dtype=self.dtype, feature_layers=self.feature_layers)
-    (h, selected), _ = encoder((h, selected), jnp.arange(c.num_hidden_layers))
+    if self.scan:
+      encoder = scan_layers(
+          ClipEncoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers, in_axes=(0,),
+          name="layers", config=c, dtype=self.dtype, feature_layers=self.feature_layers)
+      (h, selected), _ = encoder((h, selected), jnp.arange(c.num_hidden_layers))
+    else:
+      for i in range(c.num_hidden_layers):
+        layer = ClipEncoderLayer(c, self.dtype, self.feature_layers, name=f"layers_{i}")
+        (h, selected), _ = layer((h, selected), i)
     if self.is_initializing():
       # CLIP's pooled output is unused by LLaVA; its norm is created so checkpoints round-trip.
       _layer_norm(c, "post_layernorm")(h[:, 0])

@@ -8,7 +8,7 @@ scanned layers, or a tuple of per-layer `{"k", "v"}` (batch·kv_heads, slots, he
 Layers are scanned (`layers/...`, stacked on a leading axis: compile time flat in depth) for
 training, or unrolled (`layers_0/...`, `layers_1/...`) for decoding: XLA on CPU copies a layer's
 slice of stacked weights before using it, which triples the memory traffic of a decode step.
-`unstack_layers` turns the one parameter layout into the other.
+`llava.unstack_layers` turns the one parameter layout into the other.
 """
 
 from __future__ import annotations
@@ -121,16 +121,6 @@ def init_cache(config: TextConfig, batch: int, slots: int, dtype=jnp.float32, sc
                for _ in range(config.num_hidden_layers))
 
 
-def unstack_layers(params: dict) -> dict:
-  """Scanned parameters (`language_model/layers`, stacked) -> unrolled (`language_model/layers_{i}`)."""
-  lm = dict(params["language_model"])
-  stacked = lm.pop("layers")
-  count = jax.tree.leaves(stacked)[0].shape[0]
-  for i in range(count):
-    lm[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-  return {**params, "language_model": lm}
-
-
 def kernels_out_first(params: dict) -> dict:
   """Unrolled parameters -> the same with every language-model kernel stored output axes first.
 
@@ -143,7 +133,7 @@ def kernels_out_first(params: dict) -> dict:
     n_in = 2 if "o_proj" in names else 1
     return jnp.moveaxis(x, tuple(range(n_in)), tuple(range(x.ndim - n_in, x.ndim)))
   if "layers" in params["language_model"]:
-    raise ValueError("kernels_out_first expects unrolled layers (see unstack_layers)")
+    raise ValueError("kernels_out_first expects unrolled layers (see llava.unstack_layers)")
   return {**params, "language_model": jax.tree_util.tree_map_with_path(transpose, params["language_model"])}
 
 

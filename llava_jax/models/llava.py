@@ -52,13 +52,25 @@ def abstract_params(config: LlavaConfig):
                         ex["attention_mask"])["params"]
 
 
+def unstack_layers(params: dict) -> dict:
+  """Scanned parameters (`*/layers`, stacked) -> unrolled (`*/layers_{i}`), in both towers."""
+  def unstack(tower: dict) -> dict:
+    tower = dict(tower)
+    stacked = tower.pop("layers")
+    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+      tower[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return tower
+  return {**params, "vision_tower": unstack(params["vision_tower"]),
+          "language_model": unstack(params["language_model"])}
+
+
 class Llava(nn.Module):
   config: LlavaConfig
 
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    self.vision_tower = ClipVisionTower(c.vision, c.feature_layers, dtype, c.remat_policy)
+    self.vision_tower = ClipVisionTower(c.vision, c.feature_layers, dtype, c.remat_policy, c.scan_layers)
     self.projector = Projector(c.projector_type, c.text.hidden_size, c.projector_hidden_act,
                                c.multimodal_projector_bias, dtype)
     self.language_model = LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers, c.out_first_kernels)
