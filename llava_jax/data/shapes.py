@@ -5,7 +5,10 @@ so a dataset is a range of seeds. Each split owns a disjoint seed range (`SPLIT_
 `image_seeds(split, n, seed)` takes block `seed` of `SEED_BLOCK` consecutive seeds inside it:
 held-out ("val"/"test") images can never be training images, whatever `n` and `seed` are.
 
-Objects (1-4, never overlapping) have a shape, a named color, a size and a position. Colors and
+Objects (1-4) have a shape, a named color, a size and a position: each sits at a jittered place
+inside its own cell of a 4 x 4 layout grid, so objects never overlap or touch, and an object lies
+inside one cell of a vision tower whose patches tile the image 4 x 4 (the demo's: what each image
+token holds is then one object or nothing, as an object detector's anchors would see it). Colors and
 sizes come from small priors that are mildly skewed and correlated inside a scene (objects often
 share a color or a shape), so "popular" and "co-occurring" objects exist, as in COCO, which
 POPE's popular/adversarial negatives rely on. Backgrounds are light, low-saturation colors
@@ -49,8 +52,8 @@ SPLIT_RANGES = {  # disjoint by construction; 1000 blocks each
 # Mildly skewed priors: a few colors/shapes are "popular" (for POPE's popular split).
 _COLOR_P = np.linspace(1.0, 0.6, len(COLORS)) / np.linspace(1.0, 0.6, len(COLORS)).sum()
 _SHAPE_P = np.linspace(1.0, 0.7, len(SHAPES)) / np.linspace(1.0, 0.7, len(SHAPES)).sum()
-_SIDE = {"small": (0.17, 0.21), "large": (0.28, 0.34)}  # object side as a fraction of the image
-_GAP = 2.0  # minimum pixels between object cells, so boxes never touch
+LAYOUT_GRID = 4  # objects occupy distinct cells of a LAYOUT_GRID x LAYOUT_GRID grid
+_SIDE = {"small": (0.5, 0.6), "large": (0.8, 0.92)}  # object side as a fraction of its cell
 _SS = 2  # supersampling factor: draw at 2x, box-filter down = antialiased edges
 
 
@@ -90,10 +93,9 @@ def _background(rng, px: int) -> tuple[str, np.ndarray]:
 
 
 def _sample_objects(rng, size: int) -> list[dict]:
-  """Attributes and cells of up to 4 non-overlapping objects (an object that finds no free
-  place after 50 tries is dropped)."""
-  objects, cells = [], []
-  for _ in range(rng.integers(1, 5)):
+  """Attributes and places of 1-4 objects, each inside its own (random) layout cell."""
+  objects, cell = [], size / LAYOUT_GRID
+  for k in rng.permutation(LAYOUT_GRID ** 2)[:rng.integers(1, 5)]:
     color = list(COLORS)[rng.choice(len(COLORS), p=_COLOR_P)]
     shape = SHAPES[rng.choice(len(SHAPES), p=_SHAPE_P)]
     u = rng.random()
@@ -102,16 +104,12 @@ def _sample_objects(rng, size: int) -> list[dict]:
     elif objects and u < 0.6:
       shape = objects[rng.integers(len(objects))]["shape"]
     obj_size = SIZES[rng.integers(2)]
-    side = size * rng.uniform(*_SIDE[obj_size])
-    for _ in range(50):
-      x, y = rng.uniform(1, size - side - 1, 2)
-      if all(x + side + _GAP <= cx or cx + cs + _GAP <= x or y + side + _GAP <= cy
-             or cy + cs + _GAP <= y for cx, cy, cs in cells):
-        cells.append((x, y, side))
-        rgb = np.clip(np.add(COLORS[color], rng.integers(-12, 13, 3)), 0, 255)  # slight jitter
-        objects.append({"shape": shape, "color": color, "size": obj_size,
-                        "_cell": (x, y, side), "_rgb": rgb})
-        break
+    side = cell * rng.uniform(*_SIDE[obj_size])
+    row, col = divmod(int(k), LAYOUT_GRID)
+    # Half a pixel of margin inside the cell: neighbors' boxes never touch.
+    x, y = np.array([col, row]) * cell + rng.uniform(0.5, max(0.6, cell - side - 0.5), 2)
+    rgb = np.clip(np.add(COLORS[color], rng.integers(-12, 13, 3)), 0, 255)  # slight jitter
+    objects.append({"shape": shape, "color": color, "size": obj_size, "_cell": (x, y, side), "_rgb": rgb})
   return objects
 
 
