@@ -17,11 +17,33 @@ def test_exact_match(answer, truth, hit):
   assert scoring.exact_match(answer, truth) is hit
 
 
+COLORS = ("red", "blue", "green")
+
+
+@pytest.mark.parametrize("answer,truth,hit", [
+    ("The star is red.", "red", True), ("The large star is blue.", "red", False), ("Red.", "red", True),
+    ("red, not blue", "red", True), ("A red star? No, there is none.", "red", True),
+    ("The star.", "red", False), ("", "red", False),
+])
+def test_decision_word_scoring(answer, truth, hit):
+  assert scoring.is_correct(answer, truth, COLORS) is hit
+
+
+def test_decision_word_of_a_restated_yes_no():
+  assert scoring.decision("A red star? No, there is none.", ("yes", "no")) == "no"
+  assert scoring.decision("A red star? Yes, there is one.", ("yes", "no")) == "yes"
+  assert scoring.decision("I cannot tell", ("yes", "no")) == "i cannot tell"
+
+
 def test_accuracy_by_type():
   records = [{"qtype": "color", "answer": "red", "prediction": "red"},
              {"qtype": "color", "answer": "red", "prediction": "blue"},
              {"qtype": "count", "answer": "3", "prediction": "three"}]
   assert scoring.accuracy_by_type(records) == {"color": 0.5, "count": 1.0}
+  records[1]["prediction"] = "The star is red."  # exact match fails; its decision word is right
+  assert scoring.accuracy_by_type(records) == {"color": 0.5, "count": 1.0}
+  records[1]["choices"] = COLORS
+  assert scoring.accuracy_by_type(records) == {"color": 1.0, "count": 1.0}
 
 
 @pytest.mark.parametrize("answer,parsed", [

@@ -13,6 +13,7 @@ from PIL import Image
 
 from llava_jax.data import instruct_engine as ie
 from llava_jax.data import shapes
+from llava_jax.eval import scoring
 from llava_jax.errors import LlavaJaxError
 
 N_TRAIN, N_TEST = 200, 120
@@ -182,7 +183,11 @@ def test_annotations_are_well_formed(world):
       x, y, w, h = o["bbox"]
       assert 0 <= x and 0 <= y and x + w <= ann["width"] and y + h <= ann["height"]
       assert o["center"] == [x + w / 2, y + h / 2]
-      assert max(w, h) >= 0.26 * 64 if o["size"] == "large" else max(w, h) <= 0.24 * 64
+      cell = ann["width"] / shapes.LAYOUT_GRID
+      # a star spans 0.95 of its side; boxes round out to whole pixels: two pixels of slack
+      assert max(w, h) >= 0.75 * cell if o["size"] == "large" else max(w, h) <= 0.6 * cell + 2
+      # inside one layout cell (what a 4 x 4 patch grid sees as one token)
+      assert x // cell == (x + w - 1e-6) // cell and y // cell == (y + h - 1e-6) // cell
       boxes.append((x, y, w, h))
     for i, (x, y, w, h) in enumerate(boxes):  # no two boxes overlap
       for x2, y2, w2, h2 in boxes[i + 1:]:
@@ -264,7 +269,10 @@ def test_every_generated_answer_is_true(annotations, instruct):
       for word in _arg_words(turn["args"]):
         assert word in question, (word, question)
       if turn["qtype"] in ie.QA_TYPES:
-        assert reply == turn["answer"]  # short canonical answers: exact match
+        # the decision word a scorer reads is the canonical answer ...
+        assert scoring.decision(reply, ie.ANSWER_WORDS[turn["qtype"]]) == turn["answer"], reply
+        if turn["qtype"] in ("color", "shape", "existence"):  # ... after the object is restated
+          assert all(w in reply.lower() for w in _arg_words(turn["args"])), (reply, turn["args"])
       elif turn["answer"] in ("yes", "no"):
         assert reply.startswith(turn["answer"].capitalize())
       else:
@@ -332,6 +340,19 @@ def test_engine_reads_only_text(monkeypatch):
     ie.make_pope_questions(anns, split)
   assert ie.make_instruct_set(anns, seed=3) == ie.make_instruct_set(anns, seed=3)
   assert ie.make_instruct_set(anns, seed=3) != ie.make_instruct_set(anns, seed=4)
+
+
+def test_several_samples_per_image_are_distinct():
+  anns = [{"image": f"mem/{seed}.png", **shapes.render(seed)[1]} for seed in range(30)]
+  one = ie.make_instruct_set(anns, seed=0)
+  three = ie.make_instruct_set(anns, seed=0, per_image={"conversation": 3})
+  kinds = Counter(s["meta"]["kind"] for s in three)
+  assert kinds["conversation"] == 3 * Counter(s["meta"]["kind"] for s in one)["conversation"]
+  assert kinds["detail"] == 30 and len({s["id"] for s in three}) == len(three)
+  first = {s["id"]: s for s in one}  # copy 0 is the single-sample set's sample
+  assert all(first[s["id"]] == s for s in three if s["id"] in first)
+  convs = [tuple(t["value"] for t in s["conversations"]) for s in three if s["meta"]["kind"] == "conversation"]
+  assert len(set(convs)) > 0.9 * len(convs)
 
 
 def test_a_custom_writer_plugs_in():

@@ -8,7 +8,12 @@ so a language model can be plugged in later. Everything reads annotation dicts o
 Output is LLaVA JSON: `{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}],
 "meta"}`. `meta` (ignored by loaders) holds the kind and, per gpt turn, the question type, its
 structured arguments and the canonical short answer, so answers can be checked and scored.
-QA answers are canonical single words ("red", "circle", "3", "left", "yes") for exact match.
+QA answers are canonical single words ("red", "circle", "3", "left", "yes") for scoring. Color,
+shape and existence replies restate what was asked before deciding ("The star is red.", "A red
+star? No, there is none."): the reply's decision word then follows the words that name the
+object, which a small language model learns to bind to the image far more easily than a bare
+"yes" or "red" right after the question (measured in the demo: existence 80% -> 89% with ideal
+image features). `ANSWER_WORDS` lists the decision words scorers look for in a reply.
 
 Geometry words (all from boxes `[x, y, w, h]`, image `width` x `height`):
 - half (position questions): "left" iff x + w <= width / 2, "right" iff x >= width / 2; same
@@ -33,6 +38,8 @@ QA_TYPES = ("color", "shape", "count", "position", "existence")
 REASONING_TYPES = ("closest", "remain", "compare", "relation", "extreme")
 KINDS = ("caption", "conversation", "detail", "reasoning")
 POPE_SPLITS = ("random", "popular", "adversarial")
+ANSWER_WORDS = {"color": tuple(COLORS), "shape": SHAPES, "existence": ("yes", "no"),
+                "position": ("left", "right", "top", "bottom"), "count": tuple(str(i) for i in range(10))}
 
 # LLaVA's own instruction lists (brief: stage-1 pretraining; detailed: LLaVA-Instruct).
 BRIEF_PROMPTS = (
@@ -168,7 +175,8 @@ def _ask_attribute(ann, rng, qtype: str) -> QA | None:
   obj, attrs = _pick(rng, refs)
   q = _pick(rng, (f"What {qtype} is the {{}}?", f"What is the {qtype} of the {{}}?",
                   f"Which {qtype} does the {{}} have?")).format(_phrase(attrs))
-  return QA(q, obj[qtype], qtype, {"ref": attrs})
+  value = obj[qtype] if qtype == "color" else _a(obj[qtype])
+  return QA(q, obj[qtype], qtype, {"ref": attrs}, f"The {_phrase(attrs)} is {value}.")
 
 
 def _ask_count(ann, rng) -> QA | None:
@@ -210,9 +218,11 @@ def _ask_existence(ann, rng, want_yes: bool | None = None) -> QA | None:
     # Half the negatives share a color or a shape with a present object: they teach binding.
     hard = [v for v in absent if any(v[0] == c or v[1] == s for c, s in present)]
     color, shape = _pick(rng, hard if hard and rng.random() < 0.5 else absent)
+  name = _a(f"{color} {shape}")
   q = _pick(rng, ("Is there {} in the image?", "Do you see {}?", "Does the image contain {}?",
-                  "Can you find {} in the picture?")).format(_a(f"{color} {shape}"))
-  return QA(q, "yes" if want_yes else "no", "existence", {"color": color, "shape": shape})
+                  "Can you find {} in the picture?")).format(name)
+  reply = f"{name.capitalize()}? " + ("Yes, there is one." if want_yes else "No, there is none.")
+  return QA(q, "yes" if want_yes else "no", "existence", {"color": color, "shape": shape}, reply)
 
 
 ASKERS = {"color": lambda ann, rng: _ask_attribute(ann, rng, "color"),
@@ -423,19 +433,23 @@ def _rng(seed: int, purpose: str, ann_id: str) -> np.random.Generator:
       [seed, zlib.crc32(purpose.encode()), zlib.crc32(str(ann_id).encode())])
 
 
-def build_samples(annotations: list[dict], writer: InstructionWriter, seed: int = 0) -> list[dict]:
-  """LLaVA samples from one writer: one per annotation (skipped when the writer returns None)."""
+def build_samples(annotations: list[dict], writer: InstructionWriter, seed: int = 0,
+                  per_image: int = 1) -> list[dict]:
+  """LLaVA samples from one writer: `per_image` per annotation, each written with its own
+  random stream (a writer that returns None for an image is skipped)."""
   samples = []
-  for ann in annotations:
-    turns = writer.write(ann, _rng(seed, writer.kind, ann["id"]))
-    if not turns:
-      continue
-    conv = [{"from": t["from"], "value": t["value"]} for t in turns]
-    if IMAGE not in conv[0]["value"]:
-      conv[0]["value"] = f"{IMAGE}\n{conv[0]['value']}"
-    meta = [{k: t.get(k) for k in ("qtype", "args", "answer")} for t in turns if t["from"] == "gpt"]
-    samples.append({"id": f"{ann['id']}-{writer.kind}", "image": ann["image"],
-                    "conversations": conv, "meta": {"kind": writer.kind, "turns": meta}})
+  for copy in range(per_image):
+    suffix = f"-{copy}" if copy else ""  # copy 0 keeps the single-sample ids and streams
+    for ann in annotations:
+      turns = writer.write(ann, _rng(seed, writer.kind + suffix, ann["id"]))
+      if not turns:
+        continue
+      conv = [{"from": t["from"], "value": t["value"]} for t in turns]
+      if IMAGE not in conv[0]["value"]:
+        conv[0]["value"] = f"{IMAGE}\n{conv[0]['value']}"
+      meta = [{k: t.get(k) for k in ("qtype", "args", "answer")} for t in turns if t["from"] == "gpt"]
+      samples.append({"id": f"{ann['id']}-{writer.kind}{suffix}", "image": ann["image"],
+                      "conversations": conv, "meta": {"kind": writer.kind, "turns": meta}})
   return samples
 
 
@@ -445,17 +459,21 @@ def make_caption_set(annotations: list[dict], seed: int = 0) -> list[dict]:
 
 
 def make_instruct_set(annotations: list[dict], seed: int = 0,
-                      kinds=("conversation", "detail", "reasoning"), writers=None) -> list[dict]:
-  """Stage-2 data: one sample of each kind per image (when possible), shuffled by `seed`."""
+                      kinds=("conversation", "detail", "reasoning"), writers=None,
+                      per_image: dict[str, int] | None = None) -> list[dict]:
+  """Stage-2 data: per image, `per_image[kind]` samples of each kind (default one; fewer when
+  a writer has nothing to say about an image), shuffled by `seed`."""
   writers = writers or [WRITERS[k] for k in kinds]
-  samples = [s for w in writers for s in build_samples(annotations, w, seed)]
+  per_image = per_image or {}
+  samples = [s for w in writers for s in build_samples(annotations, w, seed, per_image.get(w.kind, 1))]
   order = np.random.default_rng(seed).permutation(len(samples))
   return [samples[i] for i in order]
 
 
 def make_eval_questions(annotations: list[dict], seed: int = 0, qtypes=QA_TYPES) -> list[dict]:
   """Held-out questions, up to one per type per image: `{"id", "image", "question" (user text,
-  without <image>), "answer" (the truth), "qtype", "args"}`. Existence is exactly 50/50."""
+  without <image>), "answer" (the truth), "qtype", "args", "choices" (the type's possible
+  answers, for decision-word scoring)}`. Existence is exactly 50/50."""
   out, n_exist = [], 0
   for ann in annotations:
     rng = _rng(seed, "eval", ann["id"])
@@ -466,7 +484,8 @@ def make_eval_questions(annotations: list[dict], seed: int = 0, qtypes=QA_TYPES)
         qa = ASKERS[qtype](ann, rng)
       if qa:
         out.append({"id": f"{ann['id']}-{qtype}", "image": ann["image"], "question": qa.question,
-                    "answer": qa.answer, "qtype": qtype, "args": qa.args})
+                    "answer": qa.answer, "qtype": qtype, "args": qa.args,
+                    "choices": list(ANSWER_WORDS[qtype])})
   return out
 
 
@@ -505,12 +524,13 @@ def write_llava_json(samples: list[dict], path) -> Path:
   return path
 
 
-def write_datasets(folder, split: str = "train", seed: int = 0) -> dict[str, Path]:
+def write_datasets(folder, split: str = "train", seed: int = 0,
+                   per_image: dict[str, int] | None = None) -> dict[str, Path]:
   """From FOLDER/SPLIT.json (written by `shapes.write_world`), write the stage-1 caption set
   FOLDER/SPLIT_caption.json and the stage-2 set FOLDER/SPLIT_instruct.json; image paths stay
   relative to FOLDER. Reads no image."""
   folder = Path(folder)
   annotations = load_annotations(folder / f"{split}.json")
   sets = {"caption": make_caption_set(annotations, seed),
-          "instruct": make_instruct_set(annotations, seed)}
+          "instruct": make_instruct_set(annotations, seed, per_image=per_image)}
   return {k: write_llava_json(v, folder / f"{split}_{k}.json") for k, v in sets.items()}

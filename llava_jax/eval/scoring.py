@@ -3,6 +3,9 @@
 Short-answer benchmarks compare a canonical form of the model's answer with the truth: lower
 case, punctuation and articles dropped, number words as digits, and only the first word kept
 when the truth is one word (a model that says "Red." or "red, I think" answered "red").
+A question with a closed answer set (`choices`, e.g. the color names) is scored by its decision
+word instead: the first word of the answer that is one of the choices ("The star is red." ->
+"red"), as multiple-choice benchmarks extract an option from free-form replies.
 """
 
 from __future__ import annotations
@@ -34,12 +37,25 @@ def exact_match(answer: str, truth: str) -> bool:
   return normalize(answer, truth) == normalize(truth)
 
 
+def decision(answer: str, choices: Sequence[str]) -> str:
+  """The first word of `answer` that is one of `choices` (normalized), else the whole answer."""
+  options = {normalize(c) for c in choices}
+  return next((w for w in words(answer) if w in options), normalize(answer))
+
+
+def is_correct(answer: str, truth: str, choices: Sequence[str] | None = None) -> bool:
+  if choices:
+    return decision(answer, choices) == normalize(truth)
+  return exact_match(answer, truth)
+
+
 def accuracy_by_type(records: Iterable[Mapping], answer_key: str = "prediction",
                      truth_key: str = "answer", type_key: str = "qtype") -> dict[str, float]:
-  """Fraction of exact matches per question type (types in first-seen order)."""
+  """Fraction of correct answers per question type (types in first-seen order); records with
+  `choices` are scored by their decision word, the others by exact match."""
   hits: dict[str, list[bool]] = collections.defaultdict(list)
   for r in records:
-    hits[r[type_key]].append(exact_match(r[answer_key], r[truth_key]))
+    hits[r[type_key]].append(is_correct(r[answer_key], r[truth_key], r.get("choices")))
   return {t: sum(h) / len(h) for t, h in hits.items()}
 
 
