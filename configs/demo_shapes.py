@@ -18,11 +18,11 @@ import os
 # (steps, batch, lr) per stage; measured on the demo machine (see llava_jax/demo/recipe.py).
 SCHEDULE = {
     ("pretrain", False): dict(total_steps=60, batch_size=32, lr=3e-3),
-    ("finetune", False): dict(total_steps=360, batch_size=32, lr=2e-3),
+    ("finetune", False): dict(total_steps=600, batch_size=32, lr=2e-3),
     ("pretrain", True): dict(total_steps=20, batch_size=32, lr=3e-3),
     ("finetune", True): dict(total_steps=100, batch_size=32, lr=2e-3),
 }
-MAX_LEN = 160  # 64 image tokens + the longest vicuna_v1 sample of the demo's tokenizer
+MAX_LEN = 160  # default token budget; `llava-jax demo` passes its own (recipe.Settings.max_len)
 
 
 def _base():

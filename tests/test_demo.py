@@ -66,17 +66,6 @@ def test_chat_template_renders_the_training_prompt():
   assert ours == templates.generation_prompt("vicuna_v1", processor.add_image_tags(question, 1), bos="")
 
 
-def test_grid_scene_follows_the_patch_layout():
-  from llava_jax.demo import world
-  ann = {"width": 64, "height": 64, "objects": [
-      {"color": "red", "shape": "star", "center": [8, 8], "bbox": [2, 2, 12, 12]},
-      {"color": "blue", "shape": "circle", "center": [60, 40], "bbox": [54, 34, 10, 12]}]}
-  cells = world.grid_scene(ann, 4).replace("><", ">\n<").split("\n")
-  assert len(cells) == 16
-  assert cells[0] == "<red_star>" and cells[2 * 4 + 3] == "<blue_circle>"
-  assert cells.count(world.EMPTY_TOKEN) == 14
-
-
 def test_hard_negative_differs_from_the_caption():
   import numpy as np
   from llava_jax.data import shapes
@@ -94,6 +83,27 @@ def test_clip_loss_prefers_matching_pairs():
   matched, acc = clip_loss(eye, eye, -eye, 10.0)
   shuffled, _ = clip_loss(eye, eye[::-1], -eye, 10.0)
   assert float(acc) == 1.0 and float(matched) < 0.01 < float(shuffled)
+
+
+def test_region_targets_name_each_objects_patch_and_phrase():
+  from llava_jax.demo import world
+  ann = {"width": 96, "height": 96, "objects": [
+      {"color": "red", "shape": "star", "size": "small", "center": [10, 10]},
+      {"color": "blue", "shape": "circle", "size": "large", "center": [90, 50]}]}
+  patch, phrase = world.region_targets([ann], 4)
+  assert patch.tolist() == [[0, 2 * 4 + 3, -1, -1]]
+  assert [world.PHRASES[i] for i in phrase[0, :2]] == ["small red star", "large blue circle"]
+
+
+def test_region_loss_is_low_only_for_the_right_phrase():
+  import jax.numpy as jnp
+  from llava_jax.demo.stage0 import region_loss
+  phrases = jnp.eye(3)  # three unit phrase embeddings
+  patches = jnp.zeros((1, 4, 3)).at[0, 1].set(phrases[2])  # patch 1 holds phrase 2
+  index = jnp.array([[1, -1]])  # one object (in patch 1) and an empty slot, which must not count
+  right = region_loss(patches, phrases, index, jnp.array([[2, 0]]), 20.0)
+  wrong = region_loss(patches, phrases, index, jnp.array([[0, 0]]), 20.0)
+  assert float(right) < 1e-3 < 10.0 < float(wrong)
 
 
 def test_pack_cuts_a_stream_of_documents():

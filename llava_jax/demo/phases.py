@@ -30,10 +30,15 @@ def make_data(workdir: str, s) -> dict:
     bar.update()
     test = world.shapes.write_world(folder, "test", s.n_test, s.seed, s.image_size)
     bar.update()
-    paths = instruct_engine.write_datasets(folder, "train", s.seed)
+    paths = write_instructions(folder, s)
     bar.update()
   return {"folder": folder, "train": train, "test": test, "caption_json": str(paths["caption"]),
           "instruct_json": str(paths["instruct"])}
+
+
+def write_instructions(folder: str, s) -> dict:
+  """The instruction engine over FOLDER/train.json (text only): stage-1 and stage-2 LLaVA JSON."""
+  return instruct_engine.write_datasets(folder, "train", s.seed, {"conversation": s.conversations_per_image})
 
 
 def fit_to_budget(path: str, out: str, tokenizer, template: str, max_len: int, image_tokens: int) -> dict:
@@ -54,21 +59,13 @@ def fit_to_budget(path: str, out: str, tokenizer, template: str, max_len: int, i
 # ---- stage 0 ----------------------------------------------------------------------------------
 
 
-def _corpus(data: dict, grid: int | None = None) -> list[str]:
+def _corpus(data: dict) -> list[str]:
   """The text the tokenizer and the language model learn from: every training conversation as
-  the finetuning template renders it, and every caption.
-
-  With `grid`, the image tag is replaced by the scene as grid x grid cell words (see
-  `world.grid_scene`): the language model learns to answer from a symbolic picture laid out
-  like the vision tower's patches, and stage 1 aligns the projected patches to those words
-  (LLaVA's alignment of visual features to the word-embedding space, made explicit).
-  """
-  scenes = {a["image"]: world.grid_scene(a, grid) if grid else "" for a in data["train"]}
+  the finetuning template renders it, and every caption (image tags dropped)."""
   texts = []
   for path, template in ((data["instruct_json"], "vicuna_v1"), (data["caption_json"], "plain")):
     samples = world.load_json(path)
-    for sample, text in zip(samples, world.rendered_texts(samples, template)):
-      texts.append(text.replace(IMAGE_TAG, scenes[sample["image"]], 1).replace(IMAGE_TAG, ""))
+    texts += [text.replace(IMAGE_TAG, "") for text in world.rendered_texts(samples, template)]
   return texts
 
 
@@ -107,8 +104,8 @@ def stage0(workdir: str, data: dict, s) -> dict:
   root = os.path.join(workdir, "stage0")
   assets = os.path.join(root, "assets")
   grid = s.image_size // s.patch_size
-  tokenizer = train_tokenizer(_corpus(data), assets, s.vocab_size, world.GRID_TOKENS)
-  corpus = _corpus(data, grid if s.grid_scenes else None)
+  corpus = _corpus(data)
+  tokenizer = train_tokenizer(corpus, assets, s.vocab_size)
   image_processor = images_lib.ImageProcessor.default(s.image_size)
   image_processor.save(assets)
   config = llava_config(s, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TAG))
@@ -119,10 +116,14 @@ def stage0(workdir: str, data: dict, s) -> dict:
   pixels = np.stack([image_processor([Image.open(world.image_path(data["folder"], a))])[0] for a in anns])
   ids, eot = _encode_captions(tokenizer, [world.clip_caption(a) for a in anns], 40)
   hard_ids, hard_eot = _encode_captions(tokenizer, [world.hard_negative(a, rng) for a in anns], 40)
+  regions = None
+  if s.clip_dense:
+    phrase_ids, phrase_eot = _encode_captions(tokenizer, world.PHRASES, 40)
+    regions = pretrain.RegionTargets(*world.region_targets(anns, grid), phrase_ids, phrase_eot)
   with _bar("stage0: CLIP vision tower", s.clip_steps) as bar:
     vision_params, clip_losses = pretrain.train_clip(
         config.vision, pixels, ids, eot, hard_ids, hard_eot, vocab_size=len(tokenizer), steps=s.clip_steps,
-        batch_size=s.clip_batch, lr=s.clip_lr, seed=s.seed, pool=s.clip_pool,
+        batch_size=s.clip_batch, lr=s.clip_lr, seed=s.seed, pool=s.clip_pool, regions=regions,
         progress=lambda i, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)))
 
   rows = pretrain.pack(tokenizer(corpus)["input_ids"], s.lm_seq, tokenizer.eos_token_id)

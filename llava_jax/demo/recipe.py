@@ -35,8 +35,8 @@ class Settings:
   """Everything the demo decides besides stage 1-2 schedules (those live in configs/demo_shapes.py)."""
   n_train: int = 3000
   n_test: int = 100
-  image_size: int = 64
-  patch_size: int = 16           # 4x4 = 16 image tokens: the LM sequence is what costs on a CPU
+  image_size: int = 96
+  patch_size: int = 24           # 4x4 = 16 image tokens (one per layout cell): the LM sequence is what costs on a CPU
   vision_hidden: int = 64
   vision_layers: int = 4
   vision_feature_layer: int = -1  # the layer CLIP's mean pooling trains directly
@@ -44,22 +44,23 @@ class Settings:
   text_hidden: int = 64
   text_layers: int = 3
   vocab_size: int = 512
-  clip_steps: int = 200
+  clip_steps: int = 120
   clip_batch: int = 128
   clip_lr: float = 2e-3
-  grid_scenes: bool = True        # the LM reads scenes as patch-grid words (see phases._corpus)
-  lm_steps: int = 100
+  clip_dense: bool = True         # the region-phrase term (stage0.RegionTargets)
+  lm_steps: int = 60
   lm_batch: int = 32
   lm_seq: int = 128
   lm_lr: float = 3e-3
   max_len: int = 128             # tokens per stage-2 sample, image tokens included
+  conversations_per_image: int = 3  # stage 2 is mostly short QA: grounding is learned there
   stage1_args: tuple = ()        # extra `--config.KEY=VALUE` flags (experiments, tests)
   stage2_args: tuple = ()
   seed: int = 0
 
 
 FULL = Settings()
-QUICK = dataclasses.replace(FULL, n_train=1000, n_test=40, clip_steps=60, lm_steps=30)
+QUICK = dataclasses.replace(FULL, n_train=1000, n_test=40, clip_steps=40, lm_steps=20)
 
 
 def _cpu() -> float:

@@ -30,9 +30,9 @@ VICUNA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
-def train_tokenizer(texts: Iterable[str], folder: str, vocab_size: int = 512, extra_tokens: Iterable[str] = ()):
-  """Trains the BPE on `texts`, adds `extra_tokens` as whole (non-special) tokens, saves the
-  tokenizer files to `folder` and returns the transformers tokenizer."""
+def train_tokenizer(texts: Iterable[str], folder: str, vocab_size: int = 512):
+  """Trains the BPE on `texts`, saves the tokenizer files to `folder` and returns the
+  transformers tokenizer."""
   import transformers  # pylint: disable=import-outside-toplevel  (slow import)
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=import-outside-toplevel
 
@@ -42,7 +42,6 @@ def train_tokenizer(texts: Iterable[str], folder: str, vocab_size: int = 512, ex
   tok.decoder = decoders.Metaspace(prepend_scheme="first")
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
   tok.train_from_iterator(texts, trainer)
-  tok.add_tokens(list(extra_tokens))
   bos = tok.token_to_id("<s>")
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                      special_tokens=[("<s>", bos)])

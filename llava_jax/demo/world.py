@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llava_jax.data import instruct_engine, shapes, templates
+from llava_jax.data import shapes, templates
 
 COLORS, SHAPES = tuple(shapes.COLORS), shapes.SHAPES
 
@@ -45,40 +45,32 @@ def hard_negative(ann: dict, rng: np.random.Generator) -> str:
   return _describe(objects, ann)
 
 
-def object_token(color: str, shape: str) -> str:
-  return f"<{color}_{shape}>"
+PHRASES = tuple(f"{size} {c} {s}" for size in shapes.SIZES for c in COLORS for s in SHAPES)
 
 
-EMPTY_TOKEN = "<empty>"
-GRID_TOKENS = (EMPTY_TOKEN,) + tuple(object_token(c, s) for c in COLORS for s in SHAPES)
+def patch_of(obj: dict, ann: dict, grid: int) -> int:
+  """Row-major index of the patch (of a grid x grid tiling) that holds the object's center."""
+  col = min(grid - 1, int(grid * obj["center"][0] / ann["width"]))
+  row = min(grid - 1, int(grid * obj["center"][1] / ann["height"]))
+  return row * grid + col
 
 
-def grid_scene(ann: dict, grid: int) -> str:
-  """The scene as `grid` x `grid` cell words, row by row: the object centered in each cell, or
-  `<empty>`. It has the vision tower's patch layout, so a language model that learned to read it
-  reads projected patch features the same way once stage 1 has aligned them."""
-  cells = [EMPTY_TOKEN] * (grid * grid)
-  for o in sorted(ann["objects"], key=lambda o: -o["bbox"][2] * o["bbox"][3]):  # larger wins a shared cell
-    col = min(grid - 1, int(grid * o["center"][0] / ann["width"]))
-    row = min(grid - 1, int(grid * o["center"][1] / ann["height"]))
-    if cells[row * grid + col] == EMPTY_TOKEN:
-      cells[row * grid + col] = object_token(o["color"], o["shape"])
-  return "".join(cells)
+def region_targets(annotations: Sequence[dict], grid: int, slots: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """Per image and object slot: the patch holding the object (-1: no object) and its index in
+  `PHRASES` (CLIP's dense targets)."""
+  patch = np.full((len(annotations), slots), -1, np.int32)
+  phrase = np.zeros((len(annotations), slots), np.int32)
+  for i, ann in enumerate(annotations):
+    for j, o in enumerate(ann["objects"][:slots]):
+      patch[i, j] = patch_of(o, ann, grid)
+      phrase[i, j] = PHRASES.index(f"{o['size']} {o['color']} {o['shape']}")
+  return patch, phrase
 
 
 def rendered_texts(samples: Sequence[dict], template: str) -> list[str]:
   """The training text of LLaVA samples (image tags kept), as the trainer renders it."""
   return [templates.render(template, [(t["from"], t["value"]) for t in s["conversations"]], "", "</s>").text
           for s in samples]
-
-
-def write(folder: str, n_train: int, n_test: int, size: int = 64, seed: int = 0) -> dict:
-  """Writes images, annotations and LLaVA JSON under `folder`; returns the paths and annotations."""
-  train = shapes.write_world(folder, "train", n_train, seed, size)
-  test = shapes.write_world(folder, "test", n_test, seed, size)
-  paths = instruct_engine.write_datasets(folder, "train", seed)
-  return {"folder": folder, "train": train, "test": test,
-          "caption_json": str(paths["caption"]), "instruct_json": str(paths["instruct"])}
 
 
 def load_json(path: str):
