@@ -18,7 +18,7 @@ import os
 # (steps, batch, lr) per stage; measured on the demo machine (see llava_jax/demo/recipe.py).
 SCHEDULE = {
     ("pretrain", False): dict(total_steps=60, batch_size=32, lr=3e-3),
-    ("finetune", False): dict(total_steps=600, batch_size=32, lr=2e-3),
+    ("finetune", False): dict(total_steps=850, batch_size=32, lr=2e-3),
     ("pretrain", True): dict(total_steps=20, batch_size=32, lr=3e-3),
     ("finetune", True): dict(total_steps=100, batch_size=32, lr=2e-3),
 }
