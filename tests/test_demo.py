@@ -2,8 +2,8 @@
 workdir safety, and the demo's building blocks.
 
 Not asserted: issue 4's grounding margin for --quick (with-image accuracy above blind). Measured,
---quick's budget (100 stage-2 steps on 1000 images) leaves the answers blind; the full demo's 600
-steps ground them (README, demo). A margin assertion here would fail, not flake."""
+--quick's budget (100 stage-2 steps on 1000 images) leaves the answers blind; the full demo's 850
+steps ground color and shape (README, demo). A margin assertion here would fail, not flake."""
 
 import json
 import math

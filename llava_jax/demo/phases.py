@@ -69,6 +69,9 @@ def _corpus(data: dict) -> list[str]:
   return texts
 
 
+CLIP_CAPTION_TOKENS = 40  # the text tower's context (captions longer than this are cut)
+
+
 def _encode_captions(tokenizer, texts, length: int) -> tuple[np.ndarray, np.ndarray]:
   ids = np.full((len(texts), length), tokenizer.pad_token_id, np.int32)
   eot = np.zeros(len(texts), np.int32)
@@ -114,11 +117,14 @@ def stage0(workdir: str, data: dict, s) -> dict:
   rng = np.random.default_rng(s.seed)
   anns = data["train"]
   pixels = np.stack([image_processor([Image.open(world.image_path(data["folder"], a))])[0] for a in anns])
-  ids, eot = _encode_captions(tokenizer, [world.clip_caption(a) for a in anns], 40)
-  hard_ids, hard_eot = _encode_captions(tokenizer, [world.hard_negative(a, rng) for a in anns], 40)
+  ids, eot = _encode_captions(tokenizer, [world.clip_caption(a) for a in anns], CLIP_CAPTION_TOKENS)
+  hard_ids, hard_eot = _encode_captions(tokenizer, [world.hard_negative(a, rng) for a in anns], CLIP_CAPTION_TOKENS)
   regions = None
   if s.clip_dense:
-    phrase_ids, phrase_eot = _encode_captions(tokenizer, world.PHRASES, 40)
+    # Phrases are a few tokens: encoded at their own length, the text tower (causal, pooled at
+    # end-of-text) gives the same embeddings for far less work in every CLIP step.
+    phrase_len = 1 + max(len(t) for t in tokenizer(list(world.PHRASES))["input_ids"])
+    phrase_ids, phrase_eot = _encode_captions(tokenizer, world.PHRASES, phrase_len)
     regions = pretrain.RegionTargets(*world.region_targets(anns, grid), phrase_ids, phrase_eot)
   with _bar("stage0: CLIP vision tower", s.clip_steps) as bar:
     vision_params, clip_losses = pretrain.train_clip(

@@ -16,9 +16,8 @@ COLORS, SHAPES = tuple(shapes.COLORS), shapes.SHAPES
 
 def region(obj: dict, ann: dict) -> str:
   """Coarse position words of an object's center ("top left", "middle center", ...)."""
-  col = ("left", "center", "right")[min(2, int(3 * obj["center"][0] / ann["width"]))]
-  row = ("top", "middle", "bottom")[min(2, int(3 * obj["center"][1] / ann["height"]))]
-  return f"{row} {col}"
+  row, col = divmod(patch_of(obj, ann, 3), 3)
+  return f"{('top', 'middle', 'bottom')[row]} {('left', 'center', 'right')[col]}"
 
 
 def _describe(objects: Sequence[dict], ann: dict) -> str:
