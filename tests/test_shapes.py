@@ -301,6 +301,15 @@ def test_training_existence_is_balanced(instruct):
   assert 0.4 <= answers["yes"] / sum(answers.values()) <= 0.6, answers
 
 
+def test_conversations_hold_a_contrasting_existence_pair_at_any_position(instruct):
+  convs = [s["meta"]["turns"] for s in instruct if s["meta"]["kind"] == "conversation"]
+  first_types = Counter(turns[0]["qtype"] for turns in convs)
+  for turns in convs:
+    assert 3 <= len(turns) <= 5
+    assert sorted(t["answer"] for t in turns if t["qtype"] == "existence") == ["no", "yes"]
+  assert set(first_types) == set(ie.QA_TYPES), first_types  # every type also opens conversations
+
+
 @pytest.mark.parametrize("split", ie.POPE_SPLITS)
 def test_pope(world, split):
   _, _, test = world

@@ -365,19 +365,20 @@ class CaptionWriter:
 
 
 class ConversationWriter:
-  """2-5 short QA turns of mixed types about one image."""
+  """3-5 short QA turns about one image, in random order: a contrasting existence pair (an
+  object that is there and one that is not) and 1-3 of the other types."""
   kind = "conversation"
 
   def write(self, ann, rng):
-    want, turns, seen = rng.integers(2, 6), [], set()
-    for qtype in [*rng.permutation(QA_TYPES), *rng.permutation(QA_TYPES)]:
-      qa = ASKERS[str(qtype)](ann, rng)
-      if qa and qa.question not in seen:
+    want, chosen, seen = rng.integers(3, 6), [], set()
+    others = [q for q in QA_TYPES if q != "existence"]
+    pair = [_ask_existence(ann, rng, want_yes=True), _ask_existence(ann, rng, want_yes=False)]
+    mixed = [ASKERS[str(q)](ann, rng) for q in [*rng.permutation(others), *rng.permutation(others)]]
+    for qa in pair + mixed:
+      if qa and qa.question not in seen and len(chosen) < want:
         seen.add(qa.question)
-        turns += qa.turns()
-      if len(turns) == 2 * want:
-        break
-    return turns or None
+        chosen.append(qa)
+    return [t for i in rng.permutation(len(chosen)) for t in chosen[i].turns()] or None
 
 
 class DetailWriter:
