@@ -375,9 +375,11 @@ class ConversationWriter:
     pair = [_ask_existence(ann, rng, want_yes=True), _ask_existence(ann, rng, want_yes=False)]
     mixed = [ASKERS[str(q)](ann, rng) for q in [*rng.permutation(others), *rng.permutation(others)]]
     for qa in pair + mixed:
-      if qa and qa.question not in seen and len(chosen) < want:
+      if qa and qa.question not in seen:
         seen.add(qa.question)
         chosen.append(qa)
+      if len(chosen) == want:
+        break
     return [t for i in rng.permutation(len(chosen)) for t in chosen[i].turns()] or None
 
 
