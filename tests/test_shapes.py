@@ -116,6 +116,16 @@ def _truth(ann, qtype, args):
   raise AssertionError(f"unknown qtype {qtype}")
 
 
+def _looked_up_colors(reply, shape):
+  """The colors an existence reply's middle sentence gives the shape ("There is no star." -> none)."""
+  sentence = reply.split("? ", 1)[1].rsplit(". ", 1)[0]
+  if sentence == f"There is no {shape}":
+    return set()
+  lead = re.match(rf"The {shape}(?: is|s are) ", sentence)
+  assert lead, reply
+  return set(re.split(r", | and ", sentence[lead.end():]))
+
+
 _RELATION = re.compile(  # the relation sentence of a detailed description
     r"The (\w+) (\w+) is (to the left of|to the right of|above|below) the (\w+) (\w+)\.")
 
@@ -273,6 +283,9 @@ def test_every_generated_answer_is_true(annotations, instruct):
         assert scoring.decision(reply, ie.ANSWER_WORDS[turn["qtype"]]) == turn["answer"], reply
         if turn["qtype"] in ("color", "shape", "existence"):  # ... after the object is restated
           assert all(w in reply.lower() for w in _arg_words(turn["args"])), (reply, turn["args"])
+        if turn["qtype"] == "existence":  # ... and the colors of the named shape are looked up
+          assert _looked_up_colors(reply, turn["args"]["shape"]) == {
+              o["color"] for o in _with(ann, {"shape": turn["args"]["shape"]})}, reply
       elif turn["answer"] in ("yes", "no"):
         assert reply.startswith(turn["answer"].capitalize())
       else:

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from llava_jax.data.shapes import (BACKGROUNDS, COLORS, NUMBER_WORDS, SHAPES, _write_json_atomic,
+from llava_jax.data.shapes import (BACKGROUNDS, COLORS, NUMBER_WORDS, SHAPES, _write_json_atomic, join_words,
                                    load_annotations)
 from llava_jax.errors import LlavaJaxError
 
@@ -221,8 +221,19 @@ def _ask_existence(ann, rng, want_yes: bool | None = None) -> QA | None:
   name = _a(f"{color} {shape}")
   q = _pick(rng, ("Is there {} in the image?", "Do you see {}?", "Does the image contain {}?",
                   "Can you find {} in the picture?")).format(name)
-  reply = f"{name.capitalize()}? " + ("Yes, there is one." if want_yes else "No, there is none.")
+  reply = f"{name.capitalize()}? {_shape_colors(ann, shape)} {'Yes' if want_yes else 'No'}."
   return QA(q, "yes" if want_yes else "no", "existence", {"color": color, "shape": shape}, reply)
+
+
+def _shape_colors(ann, shape: str) -> str:
+  """"The star is blue." / "The stars are blue and red." / "There is no star.": the lookup an
+  existence decision rests on, phrased as the color answers are, so both train one skill."""
+  colors = list(dict.fromkeys(o["color"] for o in sorted(ann["objects"], key=lambda o: o["center"])
+                              if o["shape"] == shape))
+  if not colors:
+    return f"There is no {shape}."
+  many = _count(ann["objects"], {"shape": shape}) > 1
+  return f"The {shape}{'s are' if many else ' is'} {join_words(colors)}."
 
 
 ASKERS = {"color": lambda ann, rng: _ask_attribute(ann, rng, "color"),
