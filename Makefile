@@ -6,14 +6,19 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= demo_workdir
 # Tests run on 2 workers; each JAX process is pinned to fewer threads so they do not fight.
 PYTEST_WORKERS ?= 2
+# pip byte-compiles every installed file (~17k, a third of a fresh install's time); instead,
+# importing what the demo, CLI and tests load writes bytecode for just those modules.
+WARM_IMPORTS := import llava_jax.cli, llava_jax.demo.phases, llava_jax.demo.stage0, llava_jax.train.main, \
+  llava_jax.infer.run, llava_jax.weights.convert, torch; from transformers import LlavaForConditionalGeneration
 
 .PHONY: install test demo bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q --no-compile --no-deps -e .
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$(WARM_IMPORTS)"
 	touch $(STAMP)
 
 install: $(STAMP)
