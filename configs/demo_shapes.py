@@ -20,7 +20,7 @@ SCHEDULE = {
     ("pretrain", False): dict(total_steps=60, batch_size=32, lr=3e-3),
     ("finetune", False): dict(total_steps=850, batch_size=32, lr=2e-3),
     ("pretrain", True): dict(total_steps=20, batch_size=32, lr=3e-3),
-    ("finetune", True): dict(total_steps=100, batch_size=32, lr=2e-3),
+    ("finetune", True): dict(total_steps=800, batch_size=4, lr=2e-3),  # many small steps ground sooner
 }
 MAX_LEN = 160  # default token budget; `llava-jax demo` passes its own (recipe.Settings.max_len)
 

@@ -117,14 +117,15 @@ def stage0(workdir: str, data: dict, s) -> dict:
   rng = np.random.default_rng(s.seed)
   anns = data["train"]
   pixels = np.stack([image_processor([Image.open(world.image_path(data["folder"], a))])[0] for a in anns])
-  ids, eot = _encode_captions(tokenizer, [world.clip_caption(a) for a in anns], CLIP_CAPTION_TOKENS)
-  hard_ids, hard_eot = _encode_captions(tokenizer, [world.hard_negative(a, rng) for a in anns], CLIP_CAPTION_TOKENS)
+  captions = [world.clip_caption(a) for a in anns]
+  hard = [world.hard_negative(a, rng) for a in anns]
+  # The text tower's context: the longest caption and its end-of-text token (at most CLIP_CAPTION_TOKENS).
+  length = min(CLIP_CAPTION_TOKENS, 1 + max(len(t) for t in tokenizer(captions + hard)["input_ids"]))
+  ids, eot = _encode_captions(tokenizer, captions, length)
+  hard_ids, hard_eot = _encode_captions(tokenizer, hard, length)
   regions = None
   if s.clip_dense:
-    # Phrases are a few tokens: encoded at their own length, the text tower (causal, pooled at
-    # end-of-text) gives the same embeddings for far less work in every CLIP step.
-    phrase_len = 1 + max(len(t) for t in tokenizer(list(world.PHRASES))["input_ids"])
-    phrase_ids, phrase_eot = _encode_captions(tokenizer, world.PHRASES, phrase_len)
+    phrase_ids, phrase_eot = _encode_captions(tokenizer, world.PHRASES, length)
     regions = pretrain.RegionTargets(*world.region_targets(anns, grid), phrase_ids, phrase_eot)
   with _bar("stage0: CLIP vision tower", s.clip_steps) as bar:
     vision_params, clip_losses = pretrain.train_clip(

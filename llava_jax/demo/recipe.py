@@ -48,7 +48,7 @@ class Settings:
   clip_batch: int = 128
   clip_lr: float = 3e-3
   clip_dense: bool = True         # the region-phrase term (stage0.RegionTargets)
-  lm_steps: int = 200            # an LM that knows the templates leaves stage 2 to grounding
+  lm_steps: int = 150            # an LM that knows the templates leaves stage 2 to grounding
   lm_batch: int = 32
   lm_seq: int = 128
   lm_lr: float = 3e-3
@@ -60,7 +60,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = dataclasses.replace(FULL, n_train=1000, n_test=40, clip_steps=40, lm_steps=20)
+QUICK = dataclasses.replace(FULL, n_train=1000, n_test=40, clip_steps=40, lm_steps=100, lm_batch=8)
 
 
 def _cpu() -> float:
