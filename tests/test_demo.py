@@ -1,9 +1,5 @@
-"""`llava-jax demo --quick` end to end (results contract, generate and chat on the export),
-workdir safety, and the demo's building blocks.
-
-Not asserted: issue 4's grounding margin for --quick (with-image accuracy above blind). Measured,
---quick's budget (100 stage-2 steps on 1000 images) leaves the answers blind; the full demo's 850
-steps ground color and shape (README, demo). A margin assertion here would fail, not flake."""
+"""`llava-jax demo --quick` end to end (results contract, grounding margin, generate and chat on
+the export), workdir safety, and the demo's building blocks."""
 
 import json
 import math
@@ -39,6 +35,9 @@ def test_demo_quick_end_to_end(tmp_path):
   assert r["examples"] and all(os.path.isfile(e["image"]) for e in r["examples"])
   assert (workdir / "losses.png").stat().st_size > 0
   assert set(r["headline"]) == {"accuracy", "blind_accuracy"}
+  # The quick run grounds color first: measured 47% and 61% with the image against 11% blind in two
+  # runs of differing stage-0 text lengths (36 color questions). A 20-point margin is ~7 answers.
+  assert r["accuracy"]["color"] >= r["blind_accuracy"]["color"] + 0.2, (r["accuracy"], r["blind_accuracy"])
 
   export, image = str(workdir / "export"), r["examples"][0]["image"]
   gen = _cli("generate", "--model", export, "--image", image, "--prompt", "How many objects are there?")
