@@ -14,8 +14,11 @@ PHASES = ("data", "stage0", "stage1", "stage2", "eval", "total")
 
 
 def _cli(*args, timeout=600, stdin=None):
+  # One real CPU device, as the demo's machine has (conftest fakes 8 for the sharding tests;
+  # --quick's stage-2 batch of 4 cannot split over 8).
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run([sys.executable, "-m", "llava_jax", *args], capture_output=True, text=True, input=stdin,
-                        timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                        timeout=timeout, env=dict(env, PYTHONUNBUFFERED="1"))
 
 
 def test_demo_quick_end_to_end(tmp_path):

@@ -10,10 +10,12 @@ Output is LLaVA JSON: `{"id", "image", "conversations": [{"from": "human"|"gpt",
 structured arguments and the canonical short answer, so answers can be checked and scored.
 QA answers are canonical single words ("red", "circle", "3", "left", "yes") for scoring. Color,
 shape and existence replies restate what was asked before deciding ("The star is red.", "A red
-star? No, there is none."): the reply's decision word then follows the words that name the
-object, which a small language model learns to bind to the image far more easily than a bare
-"yes" or "red" right after the question (measured in a study of the demo's recipe, with ideal
-image features: existence 80% -> 89%). `ANSWER_WORDS` lists the decision words scorers look for in a reply.
+star? ..."): the reply's decision word then follows the words that name the object, which a small
+language model learns to bind to the image far more easily than a bare "yes" or "red" right after
+the question (measured in a study of the demo's recipe, with ideal image features: existence
+80% -> 89%). An existence reply also looks up the named shape's colors before deciding ("A red
+star? The star is blue. No."): the lookup color answers train, then a comparison of words
+(demo: existence 57% -> 80%). `ANSWER_WORDS` lists the decision words scorers look for in a reply.
 
 Geometry words (all from boxes `[x, y, w, h]`, image `width` x `height`):
 - half (position questions): "left" iff x + w <= width / 2, "right" iff x >= width / 2; same
