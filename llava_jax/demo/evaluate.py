@@ -30,7 +30,7 @@ def blank_image(size: int) -> Image.Image:
 class Asker:
   """Batched greedy answers to (question, image path) pairs; images preprocessed once."""
 
-  def __init__(self, session, image_folder: str, max_new_tokens: int = 20):  # "A red star? The stars are blue and green. No."
+  def __init__(self, session, image_folder: str, max_new_tokens: int = 20):  # "A red star? The stars are blue and red. No."
     self.session, self.folder, self.max_new_tokens = session, image_folder, max_new_tokens
     self._pixels: dict[str | None, np.ndarray] = {}
 

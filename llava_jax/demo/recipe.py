@@ -37,7 +37,7 @@ class Settings:
   n_test: int = 100
   image_size: int = 96
   patch_size: int = 24           # 4x4 = 16 image tokens (one per layout cell): the LM sequence is what costs on a CPU
-  vision_hidden: int = 96        # shape is the hard attribute: a linear probe on an object's patch reads it 83% -> 90% (64 -> 96)
+  vision_hidden: int = 96        # shape, the hard attribute: probe on an object's patch 83% -> 90% (64 -> 96)
   vision_layers: int = 4
   vision_feature_layer: int = -1  # the layer CLIP's mean pooling trains directly
   clip_pool: str = "mean"
