@@ -230,12 +230,11 @@ def _ask_existence(ann, rng, want_yes: bool | None = None) -> QA | None:
 def _shape_colors(ann, shape: str) -> str:
   """"The star is blue." / "The stars are blue and red." / "There is no star.": the lookup an
   existence decision rests on, phrased as the color answers are, so both train one skill."""
-  colors = list(dict.fromkeys(o["color"] for o in sorted(ann["objects"], key=lambda o: o["center"])
-                              if o["shape"] == shape))
-  if not colors:
+  same = [o for o in sorted(ann["objects"], key=lambda o: o["center"]) if o["shape"] == shape]
+  if not same:
     return f"There is no {shape}."
-  many = _count(ann["objects"], {"shape": shape}) > 1
-  return f"The {shape}{'s are' if many else ' is'} {join_words(colors)}."
+  colors = list(dict.fromkeys(o["color"] for o in same))
+  return f"The {shape}{'s are' if len(same) > 1 else ' is'} {join_words(colors)}."
 
 
 ASKERS = {"color": lambda ann, rng: _ask_attribute(ann, rng, "color"),

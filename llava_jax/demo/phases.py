@@ -72,10 +72,11 @@ def _corpus(data: dict) -> list[str]:
 CLIP_CAPTION_TOKENS = 40  # the text tower's context (captions longer than this are cut)
 
 
-def _encode_captions(tokenizer, texts, length: int) -> tuple[np.ndarray, np.ndarray]:
-  ids = np.full((len(texts), length), tokenizer.pad_token_id, np.int32)
-  eot = np.zeros(len(texts), np.int32)
-  for i, row in enumerate(tokenizer(list(texts))["input_ids"]):
+def _encode_captions(tokenizer, rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token rows -> (N, length) ids ended by EOS, padded after it, and each row's EOS index."""
+  ids = np.full((len(rows), length), tokenizer.pad_token_id, np.int32)
+  eot = np.zeros(len(rows), np.int32)
+  for i, row in enumerate(rows):
     row = row[:length - 1] + [tokenizer.eos_token_id]
     ids[i, :len(row)] = row
     eot[i] = len(row) - 1
@@ -117,15 +118,15 @@ def stage0(workdir: str, data: dict, s) -> dict:
   rng = np.random.default_rng(s.seed)
   anns = data["train"]
   pixels = np.stack([image_processor([Image.open(world.image_path(data["folder"], a))])[0] for a in anns])
-  captions = [world.clip_caption(a) for a in anns]
-  hard = [world.hard_negative(a, rng) for a in anns]
+  captions = tokenizer([world.clip_caption(a) for a in anns])["input_ids"]
+  hard = tokenizer([world.hard_negative(a, rng) for a in anns])["input_ids"]
   # The text tower's context: the longest caption and its end-of-text token (at most CLIP_CAPTION_TOKENS).
-  length = min(CLIP_CAPTION_TOKENS, 1 + max(len(t) for t in tokenizer(captions + hard)["input_ids"]))
+  length = min(CLIP_CAPTION_TOKENS, 1 + max(len(t) for t in captions + hard))
   ids, eot = _encode_captions(tokenizer, captions, length)
   hard_ids, hard_eot = _encode_captions(tokenizer, hard, length)
   regions = None
   if s.clip_dense:
-    phrase_ids, phrase_eot = _encode_captions(tokenizer, world.PHRASES, length)
+    phrase_ids, phrase_eot = _encode_captions(tokenizer, tokenizer(list(world.PHRASES))["input_ids"], length)
     regions = pretrain.RegionTargets(*world.region_targets(anns, grid), phrase_ids, phrase_eot)
   with _bar("stage0: CLIP vision tower", s.clip_steps) as bar:
     vision_params, clip_losses = pretrain.train_clip(
