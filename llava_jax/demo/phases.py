@@ -102,7 +102,7 @@ def stage0(workdir: str, data: dict, s) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from llava_jax.demo import stage0 as pretrain  # pylint: disable=import-outside-toplevel
   from llava_jax.demo.tokenizer import train_tokenizer  # pylint: disable=import-outside-toplevel
-  from llava_jax.models.llava import Llava  # pylint: disable=import-outside-toplevel
+  from llava_jax.models.llava import projector_for  # pylint: disable=import-outside-toplevel
   from llava_jax.weights.checkpoint import save_checkpoint_folder  # pylint: disable=import-outside-toplevel
 
   root = os.path.join(workdir, "stage0")
@@ -140,11 +140,10 @@ def stage0(workdir: str, data: dict, s) -> dict:
         config.text, rows, steps=s.lm_steps, batch_size=s.lm_batch, lr=s.lm_lr, seed=s.seed,
         progress=lambda i, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)))
 
-  model = Llava(config)
-  example = np.full((1, config.image_seq_length), config.image_token_index, np.int32)
-  pixels0 = np.zeros((1, 1, s.image_size, s.image_size, 3), np.float32)
-  params = nn.unbox(jax.jit(model.init)(pretrain.init_key(s.seed), example, pixels0))["params"]
-  params = dict(jax.device_get(params), vision_tower=vision_params, language_model=lm_params)
+  # Only the projector starts random: initializing it alone skips compiling a whole-model init.
+  features = np.zeros((1, config.vision_feature_size), np.float32)
+  projector = nn.unbox(projector_for(config).init(pretrain.init_key(s.seed), features))["params"]
+  params = {"vision_tower": vision_params, "projector": jax.device_get(projector), "language_model": lm_params}
   path = save_checkpoint_folder(os.path.join(root, "model"), config, params, assets)
 
   data["caption_json_fit"] = os.path.join(data["folder"], "stage1.json")

@@ -64,6 +64,11 @@ def unstack_layers(params: dict) -> dict:
           "language_model": unstack(params["language_model"])}
 
 
+def projector_for(c: LlavaConfig, dtype=jnp.float32) -> Projector:
+  """The connector `Llava` builds (also initialized alone where the towers come pretrained)."""
+  return Projector(c.projector_type, c.text.hidden_size, c.projector_hidden_act, c.multimodal_projector_bias, dtype)
+
+
 class Llava(nn.Module):
   config: LlavaConfig
 
@@ -71,8 +76,7 @@ class Llava(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     self.vision_tower = ClipVisionTower(c.vision, c.feature_layers, dtype, c.remat_policy, c.scan_layers)
-    self.projector = Projector(c.projector_type, c.text.hidden_size, c.projector_hidden_act,
-                               c.multimodal_projector_bias, dtype)
+    self.projector = projector_for(c, dtype)
     self.language_model = LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers, c.out_first_kernels)
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
