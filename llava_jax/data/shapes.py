@@ -172,7 +172,7 @@ def _write_json_atomic(obj, path: Path) -> None:
   """Write JSON next to `path`, then rename: a crash never leaves a half-written file."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
   with os.fdopen(fd, "w") as f:
-    json.dump(obj, f)
+    f.write(json.dumps(obj))  # json.dump streams through the pure-Python encoder: 4x slower
   os.replace(tmp, path)
 
 
