@@ -82,16 +82,12 @@ def _load_workdir(path: str) -> LoadedModel:
   model_dir = os.path.join(path, "model")
   config = load_config(model_dir)
   ckpt_dir = os.path.join(path, "checkpoints")
-  manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_handlers={"params": ocp.StandardCheckpointHandler()})
-  step = manager.latest_step()
+  # The manager only finds the newest finished step; the params item is read on its own, so
+  # Orbax does not warn about the items (optimizer, data position) a model load leaves behind.
+  step = ocp.CheckpointManager(os.path.abspath(ckpt_dir)).latest_step()
   if step is None:
     raise LlavaJaxError(f"{ckpt_dir}: no finished checkpoint in this training workdir")
-  try:
-    meta = manager.item_metadata(step)["params"]
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_host_targets(meta))))
-  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-    raise LlavaJaxError(f"{ckpt_dir}/{step}: cannot restore item 'params': {e}") from None
-  params = _unwrap(restored["params"])
+  params = restore_params(os.path.join(ckpt_dir, str(step), "params"))
   check_params(params, config, f"{ckpt_dir}/{step}/params")
   source = read_meta(model_dir) if os.path.isfile(os.path.join(model_dir, META_FILE)) else None
   return LoadedModel(config, params, model_dir, "workdir", source, os.path.join(model_dir, "config.json"))
@@ -114,10 +110,12 @@ def restore_params(params_dir: str) -> dict:
   import orbax.checkpoint as ocp
   if not os.path.isdir(params_dir):
     raise LlavaJaxError(f"{params_dir}: missing (a llava-jax checkpoint folder keeps its weights there)")
-  checkpointer = ocp.StandardCheckpointer()
+  from etils import epath  # pylint: disable=import-outside-toplevel  (orbax's path type)
+  # The handler alone reads the item folder both a checkpoint folder and a training step hold
+  # (a Checkpointer would also look for the step metadata a CheckpointManager keeps a level up).
+  handler, directory = ocp.StandardCheckpointHandler(), epath.Path(os.path.abspath(params_dir))
   try:
-    meta = checkpointer.metadata(os.path.abspath(params_dir)).item_metadata
-    params = checkpointer.restore(os.path.abspath(params_dir), _host_targets(meta))
+    params = handler.restore(directory, args=ocp.args.StandardRestore(_host_targets(handler.metadata(directory).tree)))
   except (KeyError, TypeError, ValueError, FileNotFoundError, OSError) as e:
     raise LlavaJaxError(f"{params_dir}: cannot restore the Orbax checkpoint: {' '.join(str(e).split())[:200]}") from None
   return _unwrap(params)
