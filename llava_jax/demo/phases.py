@@ -140,9 +140,10 @@ def stage0(workdir: str, data: dict, s) -> dict:
         config.text, rows, steps=s.lm_steps, batch_size=s.lm_batch, lr=s.lm_lr, seed=s.seed,
         progress=lambda i, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)))
 
-  # Only the projector starts random: initializing it alone skips compiling a whole-model init.
+  # Only the projector starts random: initializing it alone skips compiling a whole-model init
+  # (jitted: one small program compiles faster than its ops do one by one).
   features = np.zeros((1, config.vision_feature_size), np.float32)
-  projector = nn.unbox(projector_for(config).init(pretrain.init_key(s.seed), features))["params"]
+  projector = nn.unbox(jax.jit(projector_for(config).init)(pretrain.init_key(s.seed), features))["params"]
   params = {"vision_tower": vision_params, "projector": jax.device_get(projector), "language_model": lm_params}
   path = save_checkpoint_folder(os.path.join(root, "model"), config, params, assets)
 
