@@ -88,6 +88,20 @@ def test_clip_loss_prefers_matching_pairs():
   assert float(acc) == 1.0 and float(matched) < 0.01 < float(shuffled)
 
 
+def test_object_pooling_averages_only_the_patches_holding_objects():
+  import numpy as np
+  from llava_jax.demo.stage0 import object_mask, pool_patches
+  rng = np.random.default_rng(0)
+  hidden = rng.normal(size=(2, 1 + 4, 3)).astype(np.float32)  # CLS + 4 patches
+  mask = object_mask(np.array([[2, 0, -1], [3, -1, -1]]), 4)
+  np.testing.assert_array_equal(np.asarray(mask), [[1, 0, 1, 0], [0, 0, 0, 1]])
+  pooled = np.asarray(pool_patches(hidden, "objects", mask))
+  np.testing.assert_allclose(pooled[0], (hidden[0, 1] + hidden[0, 3]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(pooled[1], hidden[1, 4], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(pool_patches(hidden, "mean")), hidden[:, 1:].mean(1), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(pool_patches(hidden, "cls")), hidden[:, 0])
+
+
 def test_region_targets_name_each_objects_patch_and_phrase():
   from llava_jax.demo import world
   ann = {"width": 96, "height": 96, "objects": [

@@ -39,8 +39,8 @@ class Settings:
   patch_size: int = 24           # 4x4 = 16 image tokens (one per layout cell): the LM sequence is what costs on a CPU
   vision_hidden: int = 96        # shape, the hard attribute: probe on an object's patch 83% -> 90% (64 -> 96)
   vision_layers: int = 4
-  vision_feature_layer: int = -1  # the layer CLIP's mean pooling trains directly
-  clip_pool: str = "mean"
+  vision_feature_layer: int = -1  # the layer CLIP's pooling trains directly
+  clip_pool: str = "objects"     # stage0.pool_patches: "mean" left the LM reading a bag of colors (color 73% -> 91%)
   text_hidden: int = 64
   text_layers: int = 3
   vocab_size: int = 512
@@ -60,7 +60,9 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = dataclasses.replace(FULL, n_train=1000, n_test=40, clip_steps=40, lm_steps=100, lm_batch=8)
+# At 40 CLIP steps the object-pooled tower does not ground yet (quick color 22% vs 17% blind);
+# the mean-pooled one does (61% vs 11%).
+QUICK = dataclasses.replace(FULL, n_train=1000, n_test=40, clip_steps=40, lm_steps=100, lm_batch=8, clip_pool="mean")
 
 
 def _cpu() -> float:
