@@ -102,6 +102,17 @@ def test_object_pooling_averages_only_the_patches_holding_objects():
   np.testing.assert_array_equal(np.asarray(pool_patches(hidden, "cls")), hidden[:, 0])
 
 
+def test_train_clip_refuses_an_unknown_pool_and_object_pooling_without_regions():
+  import numpy as np
+  import pytest
+  from llava_jax.demo.stage0 import train_clip
+  arrays = [np.zeros((2, 4), np.int32), np.zeros(2, np.int32)] * 2
+  with pytest.raises(ValueError, match="expected one of"):
+    train_clip(None, np.zeros((2, 8, 8, 3)), *arrays, vocab_size=8, steps=1, batch_size=2, pool="object")
+  with pytest.raises(ValueError, match="needs `regions`"):
+    train_clip(None, np.zeros((2, 8, 8, 3)), *arrays, vocab_size=8, steps=1, batch_size=2, pool="objects")
+
+
 def test_region_targets_name_each_objects_patch_and_phrase():
   from llava_jax.demo import world
   ann = {"width": 96, "height": 96, "objects": [

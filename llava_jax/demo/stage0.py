@@ -109,6 +109,9 @@ def object_mask(patch_index, n_patches: int):
   return jnp.minimum(jnp.sum(jax.nn.one_hot(patch_index, n_patches), axis=1), 1.0)  # one_hot(-1) is all zeros
 
 
+POOLS = ("cls", "mean", "objects")
+
+
 def pool_patches(hidden, pool: str, mask=None):
   """The image's global vector from the tower's last hidden states (N, 1 + patches, D).
 
@@ -183,6 +186,8 @@ def train_clip(vision: VisionConfig, pixels: np.ndarray, ids: np.ndarray, eot: n
   eot/hard_eot (N,) index of each caption's end-of-text token; `regions` adds the dense term
   (its phrases encoded at the captions' length T).
   """
+  if pool not in POOLS:
+    raise ValueError(f"train_clip: pool={pool!r}; expected one of {POOLS}")
   if pool == "objects" and regions is None:
     raise ValueError("train_clip: pool='objects' needs `regions` (the patches holding objects)")
   text = TextTower(vocab_size, text_width, text_layers, max(1, text_width // 16), ids.shape[1], text_width)
@@ -201,7 +206,7 @@ def train_clip(vision: VisionConfig, pixels: np.ndarray, ids: np.ndarray, eot: n
     texts, ends = [t, ht], [e, he]
     if regions is not None:
       texts, ends = texts + [regions.phrase_ids], ends + [regions.phrase_eot]
-    mask = object_mask(region_batch[0], n_patches) if regions is not None else None
+    mask = object_mask(region_batch[0], n_patches) if pool == "objects" else None
     img, patches, txt, scale = model.apply({"params": p}, px, jnp.concatenate(texts), jnp.concatenate(ends), mask)
     b = t.shape[0]
     loss, _ = clip_loss(img, txt[:b], txt[b:2 * b], scale)
