@@ -16,8 +16,11 @@ import importlib.util
 import os
 
 # (steps, batch, lr) per stage; measured on the demo machine (see llava_jax/demo/recipe.py).
+# Stage 1 (feature alignment) is where the projector learns to hand the frozen LM words it can
+# read: at 60 steps its caption loss barely moved (1.58 -> 1.41) and stage 2 had to do the
+# alignment itself (held-out headline 78.4%); at 300 steps, 84-88% on the same stage 0.
 SCHEDULE = {
-    ("pretrain", False): dict(total_steps=60, batch_size=32, lr=3e-3),
+    ("pretrain", False): dict(total_steps=300, batch_size=32, lr=3e-3),
     ("finetune", False): dict(total_steps=850, batch_size=32, lr=2e-3),
     ("pretrain", True): dict(total_steps=20, batch_size=32, lr=3e-3),
     ("finetune", True): dict(total_steps=800, batch_size=4, lr=2e-3),  # many small steps ground sooner
