@@ -38,8 +38,9 @@ def test_demo_quick_end_to_end(tmp_path):
   assert r["examples"] and all(os.path.isfile(e["image"]) for e in r["examples"])
   assert (workdir / "losses.png").stat().st_size > 0
   assert set(r["headline"]) == {"accuracy", "blind_accuracy"}
-  # The quick run grounds color first: measured 75% with the image against 22% blind (36 color
-  # questions; 47-61% vs 11% with earlier worlds and pooling). A 20-point margin is ~7 answers.
+  # The quick run grounds color first: measured 75% with the image against 22% blind on one
+  # machine and 58% vs 17% on another, same code and seed (36 color questions; 47-61% vs 11% with
+  # earlier worlds and pooling). A 20-point margin is ~7 answers.
   assert r["accuracy"]["color"] >= r["blind_accuracy"]["color"] + 0.2, (r["accuracy"], r["blind_accuracy"])
 
   export, image = str(workdir / "export"), r["examples"][0]["image"]
