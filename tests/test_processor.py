@@ -1,6 +1,8 @@
 """The inference processor against transformers' LlavaProcessor built from the same folder."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -185,6 +187,18 @@ def test_chat_template_sources(tmp_path):
   assert processor_lib.load_chat_template(plain, tokenizer) is None
   tokenizer.chat_template = "TOKENIZER"
   assert processor_lib.load_chat_template(plain, tokenizer) == "TOKENIZER"
+
+
+def test_plain_tokenizer_loads_as_autotokenizer_without_torch(folder):
+  auto = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+  ours = processor_lib.load_tokenizer(folder)
+  assert type(ours) is type(auto)
+  text = "USER: <image>\nWhat is in the image? ASSISTANT: a red square</s>"
+  assert ours(text)["input_ids"] == auto(text)["input_ids"]
+  # A fresh interpreter: AutoTokenizer would import torch (via the model-config classes).
+  code = "import sys; from llava_jax.data import processor; processor.load_tokenizer(sys.argv[1]); print('torch' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
 
 
 def test_bad_folders(tmp_path):

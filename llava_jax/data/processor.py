@@ -25,11 +25,20 @@ ImageLike = Union[Image.Image, images_lib.ImageSource]
 PathLike = Union[str, os.PathLike]
 
 
+# tokenizer_config.json classes that are plain `tokenizer.json` wrappers: loaded directly, they
+# skip AutoTokenizer's import of the model-config machinery, which imports torch (~5 s).
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(folder: PathLike):
-  """The folder's tokenizer via transformers.AutoTokenizer, local files only."""
+  """The folder's tokenizer as transformers.AutoTokenizer loads it, local files only."""
   import transformers  # pylint: disable=import-outside-toplevel  (slow import, only when needed)
+  folder = os.fspath(folder)
+  config = os.path.join(folder, "tokenizer_config.json")
+  name = read_json(config).get("tokenizer_class") if os.path.isfile(config) else None
+  loader = getattr(transformers, name) if name in PLAIN_TOKENIZER_CLASSES else transformers.AutoTokenizer
   try:
-    return transformers.AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+    return loader.from_pretrained(folder, local_files_only=True)
   except (OSError, ValueError, KeyError, TypeError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise LlavaJaxError(f"{os.fspath(folder)}: cannot load tokenizer ({message})") from None

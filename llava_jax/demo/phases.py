@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 
@@ -16,8 +17,13 @@ from llava_jax.demo import world
 IMAGE_TAG = "<image>"
 
 
-def _bar(desc: str, total: int):
-  return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+def _bar(desc: str, total: int, position: int | None = None):
+  return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True, position=position)
+
+
+def _progress(bar):
+  """A training loop's (step, loss) callback that advances `bar`."""
+  return lambda step, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}", refresh=False))
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -128,17 +134,19 @@ def stage0(workdir: str, data: dict, s) -> dict:
   if s.clip_dense:
     phrase_ids, phrase_eot = _encode_captions(tokenizer, tokenizer(list(world.PHRASES))["input_ids"], length)
     regions = pretrain.RegionTargets(*world.region_targets(anns, grid), phrase_ids, phrase_eot)
-  with _bar("stage0: CLIP vision tower", s.clip_steps) as bar:
+  # The language model trains beside CLIP, in a thread: XLA compiles each step on one core, and
+  # each tower's compile and host-side work leave a core the other can use.
+  rows = pretrain.pack(tokenizer(corpus)["input_ids"], s.lm_seq, tokenizer.eos_token_id)
+  with _bar("stage0: CLIP vision tower", s.clip_steps, position=0) as clip_bar, \
+       _bar("stage0: LLaMA language model", s.lm_steps, position=1) as lm_bar, \
+       concurrent.futures.ThreadPoolExecutor(1) as pool:
+    lm = pool.submit(pretrain.train_lm, config.text, rows, steps=s.lm_steps, batch_size=s.lm_batch, lr=s.lm_lr,
+                     seed=s.seed, progress=_progress(lm_bar))
     vision_params, clip_losses = pretrain.train_clip(
         config.vision, pixels, ids, eot, hard_ids, hard_eot, vocab_size=len(tokenizer), steps=s.clip_steps,
         batch_size=s.clip_batch, lr=s.clip_lr, seed=s.seed, pool=s.clip_pool, regions=regions,
-        progress=lambda i, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)))
-
-  rows = pretrain.pack(tokenizer(corpus)["input_ids"], s.lm_seq, tokenizer.eos_token_id)
-  with _bar("stage0: LLaMA language model", s.lm_steps) as bar:
-    lm_params, lm_losses = pretrain.train_lm(
-        config.text, rows, steps=s.lm_steps, batch_size=s.lm_batch, lr=s.lm_lr, seed=s.seed,
-        progress=lambda i, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)))
+        progress=_progress(clip_bar))
+    lm_params, lm_losses = lm.result()
 
   # Only the projector starts random: initializing it alone skips compiling a whole-model init
   # (jitted: one small program compiles faster than its ops do one by one).

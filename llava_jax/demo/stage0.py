@@ -195,7 +195,7 @@ def train_clip(vision: VisionConfig, pixels: np.ndarray, ids: np.ndarray, eot: n
   n_patches = vision.num_patches
   params = nn.unbox(jax.jit(model.init)(init_key(seed), pixels[:2], ids[:2], eot[:2], np.ones((2, n_patches)))["params"])
   tx = _optimizer(lr, steps, weight_decay=1e-4)
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)  # one compile, not one per parameter's zeros
   arrays = (pixels, ids, eot, hard_ids, hard_eot)
   if regions is not None:
     arrays += (regions.patch, regions.phrase)
@@ -247,7 +247,7 @@ def train_lm(text: TextConfig, rows: np.ndarray, *, steps: int, batch_size: int,
 
   params = nn.unbox(jax.jit(lambda k, x: model.init(k, x, method=forward))(init_key(seed), rows[:1])["params"])
   tx = _optimizer(lr, steps, weight_decay=0.0)
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)  # one compile, not one per parameter's zeros
 
   def loss_fn(p, ids):
     logits = model.apply({"params": p}, ids, method=forward)
