@@ -7,9 +7,16 @@ WORKDIR ?= demo_workdir
 # Tests run on 2 workers; each JAX process is pinned to fewer threads so they do not fight.
 PYTEST_WORKERS ?= 2
 # pip byte-compiles every installed file (~17k, a third of a fresh install's time); instead,
-# importing what the demo, CLI and tests load writes bytecode for just those modules.
+# importing what the demo and CLI load (their lazy imports included) writes bytecode for just
+# those modules; with PYTHONDONTWRITEBYTECODE set, as here, every later process would otherwise
+# compile them again (~4 s each). The tests' torch and transformers models get theirs in a step
+# of their own (24 s that `make demo`, which never imports torch, skips).
 WARM_IMPORTS := import llava_jax.cli, llava_jax.demo.phases, llava_jax.demo.stage0, llava_jax.train.main, \
-  llava_jax.infer.run, llava_jax.weights.convert, torch; from transformers import LlavaForConditionalGeneration
+  llava_jax.infer.run, llava_jax.weights.convert, orbax.checkpoint, grain.python, matplotlib.pyplot, \
+  huggingface_hub, transformers.utils.chat_template_utils; \
+  from llava_jax.train import metrics; metrics.summary_writer_class()
+WARM_TEST_IMPORTS := import torch; from transformers import LlavaForConditionalGeneration
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install test demo bench clean
 
@@ -21,9 +28,13 @@ $(STAMP): requirements.txt setup.py
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$(WARM_IMPORTS)"
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$(WARM_TEST_IMPORTS)"
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
