@@ -41,7 +41,7 @@ def load_tokenizer(folder: PathLike):
     return loader.from_pretrained(folder, local_files_only=True)
   except (OSError, ValueError, KeyError, TypeError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise LlavaJaxError(f"{os.fspath(folder)}: cannot load tokenizer ({message})") from None
+    raise LlavaJaxError(f"{folder}: cannot load tokenizer ({message})") from None
 
 
 def load_chat_template(folder: PathLike, tokenizer=None) -> Optional[str]:
