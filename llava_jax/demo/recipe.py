@@ -34,14 +34,15 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 class Settings:
   """Everything the demo decides besides stage 1-2 schedules (those live in configs/demo_shapes.py)."""
   n_train: int = 3000
-  n_test: int = 100
+  n_test: int = 400              # ~350 questions per type: a standard error of ~2 points (4 at 100 images)
   image_size: int = 96
   patch_size: int = 24           # 4x4 = 16 image tokens (one per layout cell): the LM sequence is what costs on a CPU
   vision_hidden: int = 96        # shape, the hard attribute: probe on an object's patch 83% -> 90% (64 -> 96)
   vision_layers: int = 4
   vision_feature_layer: int = -1  # the layer CLIP's pooling trains directly
   clip_pool: str = "objects"     # stage0.pool_patches: "mean" left the LM reading a bag of colors (color 73% -> 91%)
-  text_hidden: int = 64
+  text_hidden: int = 96          # 3 heads of 32; at 64 wide, headline 84.8% and POPE F1 0.898 / 0.862 (400 held-out
+                                 # images) against 87.9% and 0.935 / 0.911, for 1.5x stage 2's time
   text_layers: int = 3
   vocab_size: int = 512
   clip_steps: int = 180          # CLIP is under-trained at 120 (shape probe 83%; 91% at 240)
@@ -60,7 +61,8 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = dataclasses.replace(FULL, n_train=1000, n_test=40, clip_steps=40, lm_steps=100, lm_batch=8)
+# The quick run keeps the 64-wide LM: under two minutes matters more there than the last points.
+QUICK = dataclasses.replace(FULL, n_train=1000, n_test=40, text_hidden=64, clip_steps=40, lm_steps=100, lm_batch=8)
 
 
 def _cpu() -> float:
