@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 
 QA_TYPES = ("color", "shape", "count", "position", "existence")
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -38,6 +39,11 @@ def test_demo_quick_end_to_end(tmp_path):
   assert r["examples"] and all(os.path.isfile(e["image"]) for e in r["examples"])
   assert (workdir / "losses.png").stat().st_size > 0
   assert set(r["headline"]) == {"accuracy", "blind_accuracy"}
+  from llava_jax.data import instruct_engine
+  with open(workdir / "data" / "test.json") as f:
+    asked = Counter(q["qtype"] for q in instruct_engine.make_eval_questions(json.load(f), r["settings"]["seed"]))
+  for qtype, groups in r["accuracy_by_reference"].items():  # each color/shape question in exactly one group
+    assert set(groups) == {"one_attribute", "with_size"} and sum(g["count"] for g in groups.values()) == asked[qtype]
   # The quick run grounds color first: measured 75% with the image against 22% blind on one
   # machine and 58% vs 17% on another, same code and seed (36 color questions; 47-61% vs 11% with
   # earlier worlds and pooling). A 20-point margin is ~7 answers.
@@ -140,3 +146,26 @@ def test_pack_cuts_a_stream_of_documents():
   from llava_jax.demo.stage0 import pack
   rows = pack([[5, 6, 7], [8], [9, 10]], 3, eos_id=2)
   assert rows.tolist() == [[5, 6, 7], [2, 8, 2], [9, 10, 2]]
+
+
+def test_accuracy_by_reference_splits_color_and_shape_by_how_the_object_is_named():
+  from llava_jax.demo import evaluate, report
+  colors, shapes = ["red", "blue"], ["circle", "star"]
+  qa = [  # (qtype, ref, prediction, truth)
+      ("color", {"shape": "star"}, "The star is red.", "red"),
+      ("color", {"shape": "circle"}, "The circle is red.", "blue"),
+      ("color", {"size": "small", "shape": "star"}, "The small star is blue.", "blue"),
+      ("shape", {"size": "large", "color": "red"}, "The large red object is a circle.", "star"),
+      ("existence", {}, "Yes.", "yes")]
+  records = [{"qtype": t, "args": {"ref": ref} if ref else {"color": "red", "shape": "star"}, "prediction": p,
+              "answer": truth, "choices": colors if t == "color" else shapes if t == "shape" else ["yes", "no"]}
+             for t, ref, p, truth in qa]
+  split = evaluate.accuracy_by_reference(records)
+  assert split["color"] == {"one_attribute": {"accuracy": 0.5, "count": 2}, "with_size": {"accuracy": 1.0, "count": 1}}
+  assert split["shape"]["with_size"] == {"accuracy": 0.0, "count": 1}
+  assert split["shape"]["one_attribute"]["count"] == 0 and math.isnan(split["shape"]["one_attribute"]["accuracy"])
+  assert "object named by one attribute 50.0% (2 questions)" in report.table(
+      {"accuracy": {t: 0.5 for t in QA_TYPES}, "blind_accuracy": {t: 0.5 for t in QA_TYPES},
+       "accuracy_by_reference": split, "pope": {s: dict.fromkeys(POPE_KEYS, 0.5) for s in POPE_SPLITS},
+       "blind_pope": {s: dict.fromkeys(POPE_KEYS, 0.5) for s in POPE_SPLITS}, "seconds": {}, "params": {},
+       "examples": []})

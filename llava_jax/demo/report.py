@@ -10,6 +10,7 @@ from llava_jax.data.instruct_engine import POPE_SPLITS, QA_TYPES
 
 CONTRACT_KEYS = ("accuracy", "blind_accuracy", "pope", "blind_pope", "seconds", "params", "examples")
 PHASES = ("data", "stage0", "stage1", "stage2", "eval", "total")
+REFERENCE_LABELS = {"one_attribute": "object named by one attribute", "with_size": "object that needs its size"}
 
 
 def write(workdir: str, results: dict) -> None:
@@ -63,6 +64,9 @@ def table(r: dict) -> str:
   if "headline" in r:
     h = r["headline"]
     lines.append(f"{'color+shape+exist':<16}{_pct(h['accuracy']):>12}{_pct(h['blind_accuracy']):>10}")
+  for qtype, groups in r.get("accuracy_by_reference", {}).items():
+    lines.append(f"  {qtype}: " + ", ".join(f"{REFERENCE_LABELS[name]} {_pct(g['accuracy']).strip()} ({g['count']} questions)"
+                                           for name, g in groups.items()))
   lines += ["", f"{'POPE':<13}{'acc':>8}{'prec':>8}{'recall':>8}{'F1':>8}{'yes':>8}{'blind F1':>10}"]
   for split in POPE_SPLITS:
     m, b = r["pope"][split], r["blind_pope"][split]
