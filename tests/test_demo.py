@@ -169,3 +169,36 @@ def test_accuracy_by_reference_splits_color_and_shape_by_how_the_object_is_named
        "accuracy_by_reference": split, "pope": {s: dict.fromkeys(POPE_KEYS, 0.5) for s in POPE_SPLITS},
        "blind_pope": {s: dict.fromkeys(POPE_KEYS, 0.5) for s in POPE_SPLITS}, "seconds": {}, "params": {},
        "examples": []})
+
+
+def test_evaluate_asks_each_distinct_prompt_once_and_scores_every_question(monkeypatch):
+  from llava_jax.data import shapes
+  from llava_jax.demo import evaluate
+  test = [shapes.render(seed)[1] for seed in range(2_000_000_000, 2_000_000_012)]
+  for ann in test:
+    ann["image"] = f"{ann['id']}.png"
+  sets = evaluate.questions(test)
+  truth = {}
+  for qs in sets.values():
+    for q in qs:
+      truth[(q["question"], q["image"])] = q["answer"]
+  asked = []
+
+  class FakeAsker:  # answers the truth when it sees the image, "no" blind
+    def __init__(self, *args):
+      pass
+
+    def ask(self, items, progress=None):
+      asked.extend(items)
+      progress(len(items))
+      return ["no" if image is None else truth[(question, image)] for question, image in items]
+
+  monkeypatch.setattr(evaluate, "Asker", FakeAsker)
+  done = []
+  r = evaluate.evaluate(None, "folder", test, progress=done.append)
+  n_questions = 2 * sum(len(qs) for qs in sets.values())  # each with its image and blind
+  assert len(asked) == len(set(asked)) == sum(done) == len(evaluate.distinct_prompts(sets)) < n_questions
+  assert all(v == 1.0 for v in r["accuracy"].values()) and all(m["f1"] == 1.0 for m in r["pope"].values())
+  assert all(m["f1"] == 0.0 and m["yes_ratio"] == 0.0 for m in r["blind_pope"].values())
+  blind_existence = [q["answer"] == "no" for q in sets["qa"] if q["qtype"] == "existence"]
+  assert r["blind_accuracy"]["existence"] == sum(blind_existence) / len(blind_existence)

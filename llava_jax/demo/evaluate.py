@@ -101,21 +101,30 @@ def score(sets: dict[str, list[dict]], answers: dict[str, list[str]]) -> dict:
   return result
 
 
+def _prompt(q: dict, blind: bool) -> tuple[str, str | None]:
+  return q["question"], None if blind else q["image"]
+
+
+def distinct_prompts(sets: dict[str, list[dict]]) -> list[tuple[str, str | None]]:
+  """Every (question, image path) to ask, the image None for the blind ablation, each once:
+  POPE's "yes" questions repeat across its three splits and a blind question is the same prompt
+  for every image (on the demo's 400 held-out images, 14,234 questions are 5,349 prompts)."""
+  return list(dict.fromkeys(_prompt(q, blind) for blind in (False, True) for qs in sets.values() for q in qs))
+
+
 def evaluate(session, image_folder: str, test_annotations: Sequence[dict], *, num_examples: int = 4,
              progress: Callable[[int], None] | None = None, seed: int = 0) -> dict:
-  """Per-type accuracy, POPE per split, the same with blank images, and a few examples."""
+  """Per-type accuracy, POPE per split, the same with blank images, and a few examples.
+  `progress` is called with the number of prompts just answered (see distinct_prompts)."""
   sets = questions(test_annotations, seed)
   asker = Asker(session, image_folder)
-  # One list, interleaved at random, so every batch has about the same longest prompt and
-  # the engine compiles a single shape.
-  items = [(name, i, blind) for blind in (False, True) for name, qs in sets.items() for i in range(len(qs))]
-  order = np.random.default_rng(seed).permutation(len(items))
-  asked = asker.ask([(sets[items[k][0]][items[k][1]]["question"],
-                      None if items[k][2] else sets[items[k][0]][items[k][1]]["image"]) for k in order], progress)
-  answers = {blind: {name: [""] * len(qs) for name, qs in sets.items()} for blind in (False, True)}
-  for k, text in zip(order, asked):
-    name, i, blind = items[k]
-    answers[blind][name][i] = text
+  # Asked in random order, so every batch has about the same longest prompt and the engine
+  # compiles a single shape.
+  prompts = distinct_prompts(sets)
+  order = np.random.default_rng(seed).permutation(len(prompts))
+  replies = dict(zip((prompts[k] for k in order), asker.ask([prompts[k] for k in order], progress)))
+  answers = {blind: {name: [replies[_prompt(q, blind)] for q in qs] for name, qs in sets.items()}
+             for blind in (False, True)}
   seen, blind = score(sets, answers[False]), score(sets, answers[True])
   result = {"accuracy": seen["accuracy"], "blind_accuracy": blind["accuracy"],
             "pope": seen["pope"], "blind_pope": blind["pope"], "accuracy_by_reference": seen["by_reference"]}

@@ -209,9 +209,8 @@ def evaluate(export_dir: str, data: dict, s) -> dict:
   from llava_jax.infer.run import load_session  # pylint: disable=import-outside-toplevel
   session = load_session(export_dir)
   sets = evaluation.questions(data["test"], s.seed)
-  total = 2 * sum(len(q) for q in sets.values())
-  with tqdm(total=total, desc="eval: held-out questions (with image, then blind)", unit="q",
-            dynamic_ncols=True) as bar:
+  with tqdm(total=len(evaluation.distinct_prompts(sets)), desc="eval: held-out questions (with image and blind)",
+            unit="q", dynamic_ncols=True) as bar:
     results = evaluation.evaluate(session, data["folder"], data["test"], progress=bar.update, seed=s.seed)
   results["description"] = evaluation.describe(session, data["folder"], data["test"][0], s.seed)
   return results
