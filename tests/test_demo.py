@@ -157,10 +157,10 @@ def test_accuracy_by_reference_splits_color_and_shape_by_how_the_object_is_named
       ("color", {"size": "small", "shape": "star"}, "The small star is blue.", "blue"),
       ("shape", {"size": "large", "color": "red"}, "The large red object is a circle.", "star"),
       ("existence", {}, "Yes.", "yes")]
-  records = [{"qtype": t, "args": {"ref": ref} if ref else {"color": "red", "shape": "star"}, "prediction": p,
-              "answer": truth, "choices": colors if t == "color" else shapes if t == "shape" else ["yes", "no"]}
-             for t, ref, p, truth in qa]
-  split = evaluate.accuracy_by_reference(records)
+  questions = [{"qtype": t, "args": {"ref": ref} if ref else {"color": "red", "shape": "star"}, "answer": truth,
+                "choices": colors if t == "color" else shapes if t == "shape" else ["yes", "no"]}
+               for t, ref, _, truth in qa]
+  split = evaluate.accuracy_by_reference(questions, [p for _, _, p, _ in qa])
   assert split["color"] == {"one_attribute": {"accuracy": 0.5, "count": 2}, "with_size": {"accuracy": 1.0, "count": 1}}
   assert split["shape"]["with_size"] == {"accuracy": 0.0, "count": 1}
   assert split["shape"]["one_attribute"]["count"] == 0 and math.isnan(split["shape"]["one_attribute"]["accuracy"])

@@ -75,16 +75,16 @@ def questions(test_annotations: Sequence[dict], seed: int = 0) -> dict[str, list
   return out
 
 
-def accuracy_by_reference(qa: Sequence[dict]) -> dict:
+def accuracy_by_reference(qa: Sequence[dict], answers: Sequence[str]) -> dict:
   """Color and shape accuracy by how the question names its object: by the other attribute
   alone ("the star") or with its size too ("the small star": a lookup by two attributes, which
-  the demo model gets wrong far more often). Records carry `prediction` and the engine's `args`."""
+  the demo model gets wrong far more often). `qa` are the engine's eval questions (with `args`)."""
   out = {}
   for qtype in REFERENCE_TYPES:
     groups = {"one_attribute": [], "with_size": []}
-    for r in qa:
-      if r["qtype"] == qtype:
-        groups["with_size" if "size" in r["args"]["ref"] else "one_attribute"].append(r)
+    for q, a in zip(qa, answers):
+      if q["qtype"] == qtype:
+        groups["with_size" if "size" in q["args"]["ref"] else "one_attribute"].append(dict(q, prediction=a))
     out[qtype] = {name: {"accuracy": scoring.accuracy_by_type(records).get(qtype, float("nan")),
                          "count": len(records)} for name, records in groups.items()}
   return out
@@ -93,8 +93,7 @@ def accuracy_by_reference(qa: Sequence[dict]) -> dict:
 def score(sets: dict[str, list[dict]], answers: dict[str, list[str]]) -> dict:
   qa = [dict(q, prediction=a) for q, a in zip(sets["qa"], answers["qa"])]
   by_type = scoring.accuracy_by_type(qa)
-  result = {"accuracy": {t: by_type.get(t, float("nan")) for t in QA_TYPES}, "pope": {},
-            "by_reference": accuracy_by_reference(qa)}
+  result = {"accuracy": {t: by_type.get(t, float("nan")) for t in QA_TYPES}, "pope": {}}
   for split in instruct_engine.POPE_SPLITS:
     qs = sets[f"pope_{split}"]
     result["pope"][split] = pope.metrics(answers[f"pope_{split}"], [q["answer"] for q in qs])
@@ -127,7 +126,8 @@ def evaluate(session, image_folder: str, test_annotations: Sequence[dict], *, nu
              for blind in (False, True)}
   seen, blind = score(sets, answers[False]), score(sets, answers[True])
   result = {"accuracy": seen["accuracy"], "blind_accuracy": blind["accuracy"],
-            "pope": seen["pope"], "blind_pope": blind["pope"], "accuracy_by_reference": seen["by_reference"]}
+            "pope": seen["pope"], "blind_pope": blind["pope"],
+            "accuracy_by_reference": accuracy_by_reference(sets["qa"], answers[False]["qa"])}
   result["headline"] = {
       "accuracy": scoring.mean([seen["accuracy"][t] for t in HEADLINE_TYPES]),
       "blind_accuracy": scoring.mean([blind["accuracy"][t] for t in HEADLINE_TYPES])}
