@@ -155,7 +155,7 @@ def test_accuracy_by_reference_splits_color_and_shape_by_how_the_object_is_named
       ("color", {"shape": "star"}, "The star is red.", "red"),
       ("color", {"shape": "circle"}, "The circle is red.", "blue"),
       ("color", {"size": "small", "shape": "star"}, "The small star is blue.", "blue"),
-      ("shape", {"size": "large", "color": "red"}, "The large red object is a circle.", "star"),
+      ("shape", {"size": "large", "color": "red"}, "A large red circle.", "star"),
       ("existence", {}, "Yes.", "yes")]
   questions = [{"qtype": t, "args": {"ref": ref} if ref else {"color": "red", "shape": "star"}, "answer": truth,
                 "choices": colors if t == "color" else shapes if t == "shape" else ["yes", "no"]}

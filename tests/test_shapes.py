@@ -283,6 +283,8 @@ def test_every_generated_answer_is_true(annotations, instruct):
         assert scoring.decision(reply, ie.ANSWER_WORDS[turn["qtype"]]) == turn["answer"], reply
         if turn["qtype"] in ("color", "shape", "existence"):  # ... after the object is restated
           assert all(w in reply.lower() for w in _arg_words(turn["args"])), (reply, turn["args"])
+        if turn["qtype"] == "shape":  # ... with the color it is looked up by right before it
+          assert reply.endswith(f"{turn['args']['ref']['color']} {turn['answer']}."), reply
         if turn["qtype"] == "existence":  # ... and the colors of the named shape are looked up
           assert _looked_up_colors(reply, turn["args"]["shape"]) == {
               o["color"] for o in _with(ann, {"shape": turn["args"]["shape"]})}, reply
