@@ -13,6 +13,7 @@ from PIL import Image
 
 from llava_jax.data import instruct_engine as ie
 from llava_jax.data import shapes
+from llava_jax.errors import LlavaJaxError
 from llava_jax.eval import scoring
 from llava_jax.errors import LlavaJaxError
 
@@ -158,6 +159,20 @@ def test_write_world_is_deterministic(world, tmp_path):
   for ann in again:
     assert (tmp_path / ann["image"]).read_bytes() == (folder / ann["image"]).read_bytes()
   assert json.loads((folder / "train.json").read_text()) == train
+
+
+def test_object_counts_weigh_how_many_objects_an_image_holds():
+  def counts(weights):
+    return Counter(len(shapes.render(seed, 48, weights)[1]["objects"]) for seed in range(400))
+  assert counts((0, 0, 0, 1)) == {4: 400}
+  assert counts((0, 1, 0, 0)) == {2: 400}
+  dense = counts((0.1, 0.2, 0.35, 0.35))
+  assert set(dense) == {1, 2, 3, 4} and 0.6 <= (dense[3] + dense[4]) / 400 <= 0.8, dense
+  uniform = counts(None)
+  assert 0.4 <= (uniform[3] + uniform[4]) / 400 <= 0.6, uniform
+  for bad in ((0.5, 0.5), (0.5, 0.5, 0.5, 0.5), (-0.1, 0.4, 0.4, 0.3)):
+    with pytest.raises(LlavaJaxError, match="object_counts"):
+      shapes.render(0, 48, bad)
 
 
 def test_splits_have_disjoint_seed_ranges(world):

@@ -5,7 +5,7 @@ so a dataset is a range of seeds. Each split owns a disjoint seed range (`SPLIT_
 `image_seeds(split, n, seed)` takes block `seed` of `SEED_BLOCK` consecutive seeds inside it:
 held-out ("val"/"test") images can never be training images, whatever `n` and `seed` are.
 
-Objects (1-4) have a shape, a named color, a size and a position: each sits at a jittered place
+Objects (1-4; uniformly many unless `object_counts` weighs them) have a shape, a named color, a size and a position: each sits at a jittered place
 inside its own cell of a 4 x 4 layout grid, so objects never overlap or touch, and an object lies
 inside one cell of a vision tower whose patches tile the image 4 x 4 (the demo's: what each image
 token holds is then one object or nothing, as an object detector's anchors would see it). Colors and
@@ -95,10 +95,21 @@ def _background(rng, px: int) -> tuple[str, np.ndarray]:
   return kind, np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _sample_objects(rng, size: int) -> list[dict]:
+def _object_count(rng, object_counts) -> int:
+  """1-4: uniform (the default draw, which fixed seeds' images rely on), or weighted by
+  `object_counts` (the probabilities of 1, 2, 3 and 4 objects)."""
+  if object_counts is None:
+    return int(rng.integers(1, 5))
+  weights = np.asarray(object_counts, np.float64)
+  if weights.shape != (4,) or weights.min() < 0 or not math.isclose(weights.sum(), 1.0):
+    raise LlavaJaxError(f"shapes: object_counts {tuple(object_counts)}: expected 4 probabilities (1-4 objects) summing to 1")
+  return 1 + int(rng.choice(4, p=weights))
+
+
+def _sample_objects(rng, size: int, object_counts=None) -> list[dict]:
   """Attributes and places of 1-4 objects, each inside its own (random) layout cell."""
   objects, cell = [], size / LAYOUT_GRID
-  for k in rng.permutation(LAYOUT_GRID ** 2)[:rng.integers(1, 5)]:
+  for k in rng.permutation(LAYOUT_GRID ** 2)[:_object_count(rng, object_counts)]:
     color = list(COLORS)[rng.choice(len(COLORS), p=_COLOR_P)]
     shape = SHAPES[rng.choice(len(SHAPES), p=_SHAPE_P)]
     u = rng.random()
@@ -128,12 +139,13 @@ def _outline(shape: str, x: float, y: float, s: float) -> list[tuple[float, floa
            cy - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5)) for k in range(10)]
 
 
-def render(image_seed: int, size: int = 64) -> tuple[Image.Image, dict]:
-  """One image and its annotation (without the "image" path) from one image seed."""
+def render(image_seed: int, size: int = 64, object_counts=None) -> tuple[Image.Image, dict]:
+  """One image and its annotation (without the "image" path) from one image seed (and the
+  object-count weights, see `_object_count`)."""
   if not 32 <= size <= 256:
     raise LlavaJaxError(f"shapes: image size {size} out of range [32, 256] (48-96 recommended)")
   rng = np.random.default_rng(image_seed)
-  objects = _sample_objects(rng, size)
+  objects = _sample_objects(rng, size, object_counts)
   kind, bg = _background(rng, size)  # at 1x: 4x cheaper, and smooth anyway
   canvas = Image.fromarray(bg).resize((size * _SS,) * 2, Image.Resampling.NEAREST)
   draw = ImageDraw.Draw(canvas)
@@ -179,14 +191,15 @@ def _write_json_atomic(obj, path: Path) -> None:
   os.replace(tmp, path)
 
 
-def write_world(folder, split: str, n: int, seed: int = 0, size: int = 64) -> list[dict]:
+def write_world(folder, split: str, n: int, seed: int = 0, size: int = 64, object_counts=None) -> list[dict]:
   """Write `n` images of `split` to FOLDER/images/SPLIT/ID.png and their annotations to
-  FOLDER/SPLIT.json (image paths relative to FOLDER). Returns the annotations."""
+  FOLDER/SPLIT.json (image paths relative to FOLDER). Returns the annotations.
+  `object_counts`: probabilities of 1-4 objects per image (default: uniform)."""
   folder = Path(folder)
   (folder / "images" / split).mkdir(parents=True, exist_ok=True)
   annotations = []
   for image_seed in image_seeds(split, n, seed):
-    image, ann = render(image_seed, size)
+    image, ann = render(image_seed, size, object_counts)
     ann = {"image": f"images/{split}/{ann['id']}.png", "split": split, **ann}
     image.save(folder / ann["image"], compress_level=1)  # fast; these images are tiny anyway
     annotations.append(ann)

@@ -32,7 +32,7 @@ def _progress(bar):
 def make_data(workdir: str, s) -> dict:
   folder = os.path.join(workdir, "data")
   with _bar("data: images + instructions", 3) as bar:
-    train = world.shapes.write_world(folder, "train", s.n_train, s.seed, s.image_size)
+    train = world.shapes.write_world(folder, "train", s.n_train, s.seed, s.image_size, s.train_object_counts)
     bar.update()
     test = world.shapes.write_world(folder, "test", s.n_test, s.seed, s.image_size)
     bar.update()

@@ -35,6 +35,10 @@ class Settings:
   """Everything the demo decides besides stage 1-2 schedules (those live in configs/demo_shapes.py)."""
   n_train: int = 3000
   n_test: int = 400              # ~350 questions per type: a standard error of ~2 points (4 at 100 images)
+  # Probabilities of 1-4 objects in a training image (held-out images: uniform). A lookup only
+  # has to pick its object where others could be picked instead: denser training scenes make
+  # the attention lookups form (see benchmarks/demo.md).
+  train_object_counts: tuple = (0.1, 0.2, 0.35, 0.35)
   image_size: int = 96
   patch_size: int = 24           # 4x4 = 16 image tokens (one per layout cell): the LM sequence is what costs on a CPU
   vision_hidden: int = 96        # shape, the hard attribute: probe on an object's patch 83% -> 90% (64 -> 96)
