@@ -25,7 +25,7 @@ SCHEDULE = {
     ("finetune", False): dict(total_steps=850, batch_size=32, lr=2e-3),
     ("pretrain", True): dict(total_steps=20, batch_size=32, lr=3e-3),
     # Many small steps ground sooner. At 800 the quick run's grounding was a coin toss: color
-    # 61% vs 25% blind on seed 0, no margin on seed 1; at 1600 a 47-64 point margin on seeds 0-2.
+    # 61% vs 25% blind on seed 0, no margin on seed 1; at 1600 a 35-58 point margin on seeds 0-2.
     ("finetune", True): dict(total_steps=1600, batch_size=4, lr=2e-3),
 }
 MAX_LEN = 160  # default token budget; `llava-jax demo` passes its own (recipe.Settings.max_len)

@@ -13,7 +13,6 @@ from PIL import Image
 
 from llava_jax.data import instruct_engine as ie
 from llava_jax.data import shapes
-from llava_jax.errors import LlavaJaxError
 from llava_jax.eval import scoring
 from llava_jax.errors import LlavaJaxError
 

@@ -5,13 +5,13 @@ so a dataset is a range of seeds. Each split owns a disjoint seed range (`SPLIT_
 `image_seeds(split, n, seed)` takes block `seed` of `SEED_BLOCK` consecutive seeds inside it:
 held-out ("val"/"test") images can never be training images, whatever `n` and `seed` are.
 
-Objects (1-4; uniformly many unless `object_counts` weighs them) have a shape, a named color, a size and a position: each sits at a jittered place
-inside its own cell of a 4 x 4 layout grid, so objects never overlap or touch, and an object lies
-inside one cell of a vision tower whose patches tile the image 4 x 4 (the demo's: what each image
-token holds is then one object or nothing, as an object detector's anchors would see it). Colors and
-sizes come from small priors that are mildly skewed and correlated inside a scene (objects often
-share a color or a shape), so "popular" and "co-occurring" objects exist, as in COCO, which
-POPE's popular/adversarial negatives rely on. Backgrounds are light, low-saturation colors
+Objects (1-4; uniformly many unless `object_counts` weighs them) have a shape, a named color, a
+size and a position: each sits at a jittered place inside its own cell of a 4 x 4 layout grid, so
+objects never overlap or touch, and an object lies inside one cell of a vision tower whose patches
+tile the image 4 x 4 (the demo's: what each image token holds is then one object or nothing, as an
+object detector's anchors would see it). Colors and sizes come from small priors that are mildly
+skewed and correlated inside a scene (objects often share a color or a shape), so "popular" and
+"co-occurring" objects exist, as in COCO, which POPE's popular/adversarial negatives rely on. Backgrounds are light, low-saturation colors
 (plain, gradient or noisy) that never come near the saturated object palette.
 """
 
