@@ -11,8 +11,9 @@ objects never overlap or touch, and an object lies inside one cell of a vision t
 tile the image 4 x 4 (the demo's: what each image token holds is then one object or nothing, as an
 object detector's anchors would see it). Colors and sizes come from small priors that are mildly
 skewed and correlated inside a scene (objects often share a color or a shape), so "popular" and
-"co-occurring" objects exist, as in COCO, which POPE's popular/adversarial negatives rely on. Backgrounds are light, low-saturation colors
-(plain, gradient or noisy) that never come near the saturated object palette.
+"co-occurring" objects exist, as in COCO, which POPE's popular/adversarial negatives rely on.
+Backgrounds are light, low-saturation colors (plain, gradient or noisy) that never come near the
+saturated object palette.
 """
 
 import colorsys
