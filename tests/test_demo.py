@@ -195,7 +195,7 @@ def test_evaluate_asks_each_distinct_prompt_once_and_scores_every_question(monke
 
   monkeypatch.setattr(evaluate, "Asker", FakeAsker)
   done = []
-  r = evaluate.evaluate(None, "folder", test, progress=done.append)
+  r = evaluate.evaluate(None, "folder", sets, progress=done.append)
   n_questions = 2 * sum(len(qs) for qs in sets.values())  # each with its image and blind
   assert len(asked) == len(set(asked)) == sum(done) == len(evaluate.distinct_prompts(sets)) < n_questions
   assert all(v == 1.0 for v in r["accuracy"].values()) and all(m["f1"] == 1.0 for m in r["pope"].values())

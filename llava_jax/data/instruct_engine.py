@@ -174,8 +174,8 @@ def _ask_attribute(ann, rng, qtype: str) -> QA | None:
   Either reply puts the word the object is looked up by right before the answer word, where a
   small LM's attention can use it to find the object: with "The red object is a star." the
   demo's LM spread its image attention over every object (in scenes of 3-4 objects, 0.26 on the
-  asked one, 0.57 on the others) and answered shape 80% right; with "A red star." it put 0.72 on the asked one (98% on
-  one-attribute lookups). See benchmarks/demo.md."""
+  asked one, 0.57 on the others) and answered shape 80% right; with "A red star." it put 0.72 on
+  the asked one (98% on one-attribute lookups). See benchmarks/demo.md."""
   other = "shape" if qtype == "color" else "color"
   refs = _refs(ann["objects"], [(other,), ("size", other)])
   if not refs:

@@ -111,11 +111,11 @@ def distinct_prompts(sets: dict[str, list[dict]]) -> list[tuple[str, str | None]
   return list(dict.fromkeys(_prompt(q, blind) for blind in (False, True) for qs in sets.values() for q in qs))
 
 
-def evaluate(session, image_folder: str, test_annotations: Sequence[dict], *, num_examples: int = 4,
+def evaluate(session, image_folder: str, sets: dict[str, list[dict]], *, num_examples: int = 4,
              progress: Callable[[int], None] | None = None, seed: int = 0) -> dict:
-  """Per-type accuracy, POPE per split, the same with blank images, and a few examples.
-  `progress` is called with the number of prompts just answered (see distinct_prompts)."""
-  sets = questions(test_annotations, seed)
+  """Per-type accuracy, POPE per split, the same with blank images, and a few examples, on the
+  question sets of `questions`. `progress` is called with the number of prompts just answered
+  (see distinct_prompts)."""
   asker = Asker(session, image_folder)
   # Asked in random order, so every batch has about the same longest prompt and the engine
   # compiles a single shape.

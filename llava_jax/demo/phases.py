@@ -211,7 +211,7 @@ def evaluate(export_dir: str, data: dict, s) -> dict:
   sets = evaluation.questions(data["test"], s.seed)
   with tqdm(total=len(evaluation.distinct_prompts(sets)), desc="eval: held-out questions (with image and blind)",
             unit="q", dynamic_ncols=True) as bar:
-    results = evaluation.evaluate(session, data["folder"], data["test"], progress=bar.update, seed=s.seed)
+    results = evaluation.evaluate(session, data["folder"], sets, progress=bar.update, seed=s.seed)
   results["description"] = evaluation.describe(session, data["folder"], data["test"][0], s.seed)
   return results
 
