@@ -15,17 +15,13 @@ The architecture comes from the stage-0 model folder given as `init`.
 import importlib.util
 import os
 
-# (steps, batch, lr) per stage; measured on the demo machine (see llava_jax/demo/recipe.py).
-# Stage 1 (feature alignment) is where the projector learns to hand the frozen LM words it can
-# read: at 60 steps its caption loss barely moved (1.58 -> 1.41) and stage 2 had to do the
-# alignment itself (held-out headline 78.4%); on the same stage 0, 88.4% at 300 steps (84.7% at
-# lr 1e-2, 84.2% at 600 steps: the seed-to-seed spread).
+# (steps, batch, lr) per stage, chosen by measurement (benchmarks/demo.md). Stage 1 needs
+# enough steps to align on its own; otherwise stage 2 spends its budget on alignment.
 SCHEDULE = {
     ("pretrain", False): dict(total_steps=300, batch_size=32, lr=3e-3),
     ("finetune", False): dict(total_steps=850, batch_size=32, lr=2e-3),
     ("pretrain", True): dict(total_steps=20, batch_size=32, lr=3e-3),
-    # Many small steps ground sooner. At 800 the quick run's grounding was a coin toss: color
-    # 61% vs 25% blind on seed 0, no margin on seed 1; at 1600 a 35-58 point margin on seeds 0-2.
+    # Many small steps ground sooner; fewer leave the quick run's grounding to the seed's luck.
     ("finetune", True): dict(total_steps=1600, batch_size=4, lr=2e-3),
 }
 MAX_LEN = 160  # default token budget; `llava-jax demo` passes its own (recipe.Settings.max_len)

@@ -54,9 +54,8 @@ SPLIT_RANGES = {  # disjoint by construction; 1000 blocks each
 _COLOR_P = np.linspace(1.0, 0.6, len(COLORS)) / np.linspace(1.0, 0.6, len(COLORS)).sum()
 _SHAPE_P = np.linspace(1.0, 0.7, len(SHAPES)) / np.linspace(1.0, 0.7, len(SHAPES)).sum()
 LAYOUT_GRID = 4  # objects occupy distinct cells of a LAYOUT_GRID x LAYOUT_GRID grid
-# Object side as a fraction of its cell. At 0.5-0.6 (12-14 px in the demo's 96-px images) a
-# small object's shape was at the limit of what a 24-px patch embedding reads (demo, held out:
-# shape 48% for small objects vs 83% for large ones; at 0.62-0.72, 67% vs 88%).
+# Object side as a fraction of its cell: smaller objects' shapes are at the limit of what the
+# demo's 24-px patch embedding reads.
 _SIDE = {"small": (0.62, 0.72), "large": (0.8, 0.92)}
 _SS = 2  # supersampling factor: draw at 2x, box-filter down = antialiased edges
 

@@ -34,22 +34,21 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 class Settings:
   """Everything the demo decides besides stage 1-2 schedules (those live in configs/demo_shapes.py)."""
   n_train: int = 3000
-  n_test: int = 400              # ~350 questions per type: a standard error of ~2 points (4 at 100 images)
+  n_test: int = 400              # ~350 questions per type, so a type's accuracy is known to ~2 points
   # Probabilities of 1-4 objects in a training image (held-out images: uniform). A lookup only
   # has to pick its object where others could be picked instead: denser training scenes make
   # the attention lookups form (see benchmarks/demo.md).
   train_object_counts: tuple = (0.1, 0.2, 0.35, 0.35)
   image_size: int = 96
   patch_size: int = 24           # 4x4 = 16 image tokens (one per layout cell): the LM sequence is what costs on a CPU
-  vision_hidden: int = 96        # shape, the hard attribute: probe on an object's patch 83% -> 90% (64 -> 96)
+  vision_hidden: int = 96        # shape is the hard attribute to read off a patch; narrower towers read it worse
   vision_layers: int = 4
   vision_feature_layer: int = -1  # the layer CLIP's pooling trains directly
-  clip_pool: str = "objects"     # stage0.pool_patches: "mean" left the LM reading a bag of colors (color 73% -> 91%)
-  text_hidden: int = 96          # 3 heads of 32; at 64 wide, headline 84.8% and POPE F1 0.898 / 0.862 (400 held-out
-                                 # images) against 87.9% and 0.935 / 0.911, for 1.5x stage 2's time
+  clip_pool: str = "objects"     # stage0.pool_patches: "mean" teaches the LM to read the image's bag of colors
+  text_hidden: int = 96          # 3 heads of 32: the narrowest LM that meets the demo's POPE targets
   text_layers: int = 3
   vocab_size: int = 512
-  clip_steps: int = 180          # CLIP is under-trained at 120 (shape probe 83%; 91% at 240)
+  clip_steps: int = 180          # fewer leaves CLIP under-trained on shape
   clip_batch: int = 128
   clip_lr: float = 3e-3
   clip_dense: bool = True         # the region-phrase term (stage0.RegionTargets)
