@@ -60,7 +60,7 @@ class TextConfig:
   hidden_act: str = "silu"
   attention_bias: bool = False
   mlp_bias: bool = False
-  sliding_window: int | None = None  # Mistral; carried along, not applied (prompts are short)
+  sliding_window: int | None = None  # Mistral: a token attends to its last sliding_window tokens (itself included)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,12 @@ IMAGE_TOKEN = 127
 
 
 def tiny_hf_config(*, text="llama", projector_act="gelu", feature_layer=-2, strategy="default",
-                   image_size=28, patch_size=7, tie=False, rope_scaling=None) -> transformers.LlavaConfig:
+                   image_size=28, patch_size=7, tie=False, rope_scaling=None,
+                   sliding_window=None) -> transformers.LlavaConfig:
   """A LLaVA config small enough to run in milliseconds but with every structural feature on.
 
-  text="llama": Vicuna-style multi-head attention; text="mistral": grouped-query with rope_theta 1e6.
+  text="llama": Vicuna-style multi-head attention; text="mistral": grouped-query with rope_theta 1e6
+  and, with `sliding_window`, attention to the last sliding_window tokens only.
   """
   vision = transformers.CLIPVisionConfig(
       hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=image_size,
@@ -31,8 +33,8 @@ def tiny_hf_config(*, text="llama", projector_act="gelu", feature_layer=-2, stra
     text_config = transformers.LlamaConfig(num_key_value_heads=4, rope_parameters=rope, **common)
   else:
     text_config = transformers.MistralConfig(
-        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, sliding_window=None,
-        **common)
+        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        sliding_window=sliding_window, **common)
   tokens = (image_size // patch_size) ** 2 + (1 if strategy == "full" else 0)
   return transformers.LlavaConfig(
       vision_config=vision, text_config=text_config, image_token_index=IMAGE_TOKEN, image_seq_length=tokens,
@@ -49,6 +51,16 @@ def tiny_hf_model(seed=0, **kwargs) -> transformers.LlavaForConditionalGeneratio
       if "norm" in name or name.endswith("bias") or "layrnorm" in name:
         p.add_(0.1 * torch.randn_like(p))
   return model
+
+
+def text_with_images(rng, length: int, tokens_per_image: int, image_starts) -> np.ndarray:
+  """One prompt row: BOS, then random text ids (avoiding pad/bos/eos and the image id) with one image's
+  `tokens_per_image` image tokens starting at each of `image_starts`."""
+  ids = rng.integers(3, IMAGE_TOKEN, length)
+  ids[0] = 1
+  for start in image_starts:
+    ids[start:start + tokens_per_image] = IMAGE_TOKEN
+  return ids
 
 
 def our_config(hf_model) -> LlavaConfig:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fixtures import IMAGE_TOKEN, hf_state, our_config, tiny_hf_model
+from hf_fixtures import IMAGE_TOKEN, hf_state, our_config, text_with_images, tiny_hf_model
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer.generate import Engine, Prompt, bucket_length
 from llava_jax.weights.mapping import hf_to_params
@@ -23,7 +23,10 @@ VARIANTS = {
     "mistral_gqa_linear_tied": {"text": "mistral", "projector_act": "linear", "tie": True},
     "last_layer_full": {"feature_layer": -1, "strategy": "full"},
     "layer_list": {"feature_layer": [-2, 0]},
+    # The 35-token prompt crosses the window while decoding; the 42-token one starts past it.
+    "mistral_window_crossed_in_decode": {"text": "mistral", "sliding_window": 40},
 }
+LONG_WINDOW = 24
 
 
 def _prompts(tokens_per_image, seed=0):
@@ -51,12 +54,26 @@ def _hf_generate(hf_model, prompts, **kwargs):
   return out[:, width:].numpy()
 
 
-def _setup(variant):
-  hf_model = tiny_hf_model(**VARIANTS[variant])
+def _long_prompts(tokens_per_image, seed=1):
+  """Two prompts over 300 tokens, two images each (one far past the other): left padded into a 320 bucket,
+  the longer one fills two attention blocks of 128 queries and part of a third."""
+  rng = np.random.default_rng(seed)
+  rows = [text_with_images(rng, 313, tokens_per_image, (41, 257)),
+          text_with_images(rng, 290, tokens_per_image, (1, 167))]
+  pixels = rng.standard_normal((2, 2, 28, 28, 3)).astype(np.float32)
+  return [Prompt(r.astype(np.int32), px) for r, px in zip(rows, pixels)]
+
+
+def _engine(hf_model) -> Engine:
   hf_model.generation_config.eos_token_id = None  # random weights: make sure all 20 tokens are produced
   config = our_config(hf_model)
-  engine = Engine(config, hf_to_params(hf_state(hf_model).__getitem__, config), eos_token_ids=[], pad_token_id=PAD)
-  return hf_model, engine, _prompts(config.image_seq_length)
+  return Engine(config, hf_to_params(hf_state(hf_model).__getitem__, config), eos_token_ids=[], pad_token_id=PAD)
+
+
+def _setup(variant):
+  hf_model = tiny_hf_model(**VARIANTS[variant])
+  engine = _engine(hf_model)
+  return hf_model, engine, _prompts(engine.config.image_seq_length)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +144,37 @@ def test_prefill_logits_match_transformers_left_padded(llama):
   valid = mask.astype(bool)
   error = np.abs(logits[valid] - ref[valid]).max() / np.abs(ref[valid]).max()
   assert error < 1e-5, error
+
+
+@pytest.fixture(scope="module", params=[None, LONG_WINDOW], ids=["full_attention", "sliding_window"])
+def long_mistral(request):
+  hf_model = tiny_hf_model(text="mistral", sliding_window=request.param)
+  engine = _engine(hf_model)
+  return hf_model, engine, _long_prompts(engine.config.image_seq_length)
+
+
+def test_long_prompt_prefill_logits_match_transformers(long_mistral):
+  """The prefill's block-by-block causal attention (and the window's skipped keys) on prompts over 300 tokens."""
+  hf_model, engine, prompts = long_mistral
+  logits, mask = engine.forward(prompts)
+  assert mask.shape[1] == 320 and min(len(p.input_ids) for p in prompts) > 256  # blocks of 128: 2 full, 1 partial
+  ref = _hf_prefill_logits(hf_model, prompts, mask)
+  valid = mask.astype(bool)
+  error = np.abs(logits[valid] - ref[valid]).max() / np.abs(ref[valid]).max()
+  assert error < 1e-5, error
+
+
+def test_long_prompt_greedy_batch_matches_transformers(long_mistral):
+  _check_batch(*long_mistral)
+
+
+def test_sliding_window_decides_the_long_generations():
+  """transformers generates other tokens for the long prompts without the window, so the parity
+  tests above fail if the window is not applied."""
+  prompts = _long_prompts(tiny_hf_model().config.image_seq_length)
+  windowed = _hf_generate(tiny_hf_model(text="mistral", sliding_window=LONG_WINDOW), prompts)
+  unwindowed = _hf_generate(tiny_hf_model(text="mistral"), prompts)
+  assert all((w != u).any() for w, u in zip(windowed, unwindowed))
 
 
 def test_bad_requests(llama):

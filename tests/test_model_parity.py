@@ -1,12 +1,14 @@
 """Our Flax LLaVA computes the logits transformers' PyTorch LLaVA computes (1e-5 relative)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from hf_fixtures import IMAGE_TOKEN, hf_state, our_config, tiny_hf_model
+from hf_fixtures import IMAGE_TOKEN, hf_state, our_config, text_with_images, tiny_hf_model
 from llava_jax.errors import LlavaJaxError
 from llava_jax.models.llava import Llava, unstack_layers
 from llava_jax.weights import mapping
@@ -136,3 +138,28 @@ def test_unrolled_layers_match_transformers():
   pixels = rng.normal(size=(2, 3, 28, 28)).astype(np.float32)
   ours, ref = run_both(hf_model, ids, pixels, config=config.replace(scan_layers=False), params=params)
   assert relative_error(ours, ref) < TOLERANCE
+
+
+def test_sliding_window_matches_transformers_past_the_window():
+  """Mistral's sliding window in the full-sequence (training) forward: left-padded prompts of 300+
+  tokens, images before and far past a window of 24 tokens."""
+  window = 24
+  hf_model = tiny_hf_model(text="mistral", sliding_window=window)
+  rng = np.random.default_rng(6)
+  tokens = hf_model.config.image_seq_length
+  pad = 17  # row 1 is shorter: left padding
+  ids = np.stack([text_with_images(rng, 310, tokens, (5, 200)),
+                  np.concatenate([np.zeros(pad, np.int64), text_with_images(rng, 310 - pad, tokens, (30, 250))])])
+  mask = np.ones_like(ids)
+  mask[1, :pad] = 0
+  pixels = rng.normal(size=(4, 3, 28, 28)).astype(np.float32)
+  ours, ref = run_both(hf_model, ids, pixels, attention_mask=mask)
+  real = mask.astype(bool)
+  assert relative_error(ours[real], ref[real]) < TOLERANCE
+  # Without the window, the first `window` tokens agree and every later one differs.
+  config = our_config(hf_model)
+  unwindowed, _ = run_both(hf_model, ids, pixels, attention_mask=mask,
+                           config=config.replace(text=dataclasses.replace(config.text, sliding_window=None)))
+  assert relative_error(unwindowed[0, :window], ref[0, :window]) < TOLERANCE
+  differences = np.abs(unwindowed[0, window:] - ref[0, window:]).max(axis=-1) / np.abs(ref).max()
+  assert differences.min() > 100 * TOLERANCE, differences.min()

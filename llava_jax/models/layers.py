@@ -142,16 +142,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                     block: int = 128) -> jax.Array:
+                     block: int = 128, sliding_window: int | None = None) -> jax.Array:
   """`attention` for S queries at positions 0..S-1 over their own S keys under a causal `mask`.
 
   Each block of `block` queries attends only to the keys up to its last position (the mask hides
   the later ones, whose softmax weights are exactly zero), which skips ~40% of the products of a
-  long prompt.
+  long prompt. With a `sliding_window` W (which `mask` applies), a block also skips the keys more
+  than W - 1 slots before its first query.
   """
   s = q.shape[1]
-  outs = [attention(q[:, i:i + block], k[:, :i + block], v[:, :i + block], mask[:, i:i + block, :i + block], scale)
-          for i in range(0, s, block)]
+  outs = []
+  for i in range(0, s, block):
+    first = 0 if sliding_window is None else max(0, i - sliding_window + 1)
+    keys = slice(first, i + block)
+    outs.append(attention(q[:, i:i + block], k[:, keys], v[:, keys], mask[:, i:i + block, keys], scale))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 

@@ -72,8 +72,11 @@ class LlamaAttention(nn.Module):
                      for name, new in (("k", k), ("v", v))}
       if not prefill:
         k, v = layer_cache["k"], layer_cache["v"]
-    attend = causal_attention if prefill else attention
-    out = attend(q, k.astype(self.dtype), v.astype(self.dtype), mask[..., :k.shape[1]], c.head_dim ** -0.5)
+    k, v, mask = k.astype(self.dtype), v.astype(self.dtype), mask[..., :k.shape[1]]
+    if prefill:
+      out = causal_attention(q, k, v, mask, c.head_dim ** -0.5, sliding_window=c.sliding_window)
+    else:
+      out = attention(q, k, v, mask, c.head_dim ** -0.5)
     out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.attention_bias,
                 contract=(-2, -1), out_first=self.out_first)(out)
     return out, layer_cache

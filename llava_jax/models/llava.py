@@ -25,17 +25,23 @@ def check_image_token_count(input_ids, images_per_row: int, tokens_per_image: in
           f"({tokens_per_image} per image)")
 
 
-def attention_layout(kv_mask: jax.Array, num_queries: int, cache_index):
+def attention_layout(kv_mask: jax.Array, num_queries: int, cache_index, sliding_window: int | None = None):
   """Positions (B, S) and the causal mask (B, S, T) for queries at slots [cache_index, cache_index + S).
 
   kv_mask (B, T) marks the valid key slots (False for left padding and unwritten cache slots).
   Positions count valid slots, so left-padded rows start at 0 exactly as HF's generate does.
+  With a `sliding_window` W (Mistral), the query at slot i sees the keys at slots j with
+  i - W < j <= i: its last W tokens, itself included, counted in slots as transformers'
+  `sliding_window_overlay` counts them (slots and positions differ only by left padding).
   """
   query_slots = cache_index + jnp.arange(num_queries)
   positions = jnp.maximum(jnp.cumsum(kv_mask.astype(jnp.int32), axis=1) - 1, 0)
   positions = jnp.take(positions, query_slots, axis=1)
-  causal = jnp.arange(kv_mask.shape[1])[None, :] <= query_slots[:, None]
-  return positions, kv_mask[:, None, :].astype(bool) & causal[None]
+  distance = query_slots[:, None] - jnp.arange(kv_mask.shape[1])[None, :]
+  visible = distance >= 0
+  if sliding_window is not None:
+    visible &= distance < sliding_window
+  return positions, kv_mask[:, None, :].astype(bool) & visible[None]
 
 
 def example_batch(config: LlavaConfig) -> dict:
@@ -116,5 +122,5 @@ class Llava(nn.Module):
     embeds = self.embed(input_ids, pixel_values)
     if attention_mask is None:  # required with a cache
       attention_mask = jnp.ones(input_ids.shape, bool)
-    positions, mask = attention_layout(attention_mask, input_ids.shape[1], cache_index)
+    positions, mask = attention_layout(attention_mask, input_ids.shape[1], cache_index, self.config.text.sliding_window)
     return self.language_model(embeds, positions, mask, cache, cache_index, last_logits_only)
