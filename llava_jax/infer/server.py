@@ -38,8 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from llava_jax.data import images as images_lib
-from llava_jax.data import templates
-from llava_jax.data.processor import Processor, add_image_tags
+from llava_jax.data.conversation import Turn, is_text
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer.batcher import Batcher, Job, Overloaded
 from llava_jax.infer.generate import Prompt
@@ -210,12 +209,6 @@ def _too_large(got: str, limit: str) -> ApiError:
                   param="image_url")
 
 
-@dataclasses.dataclass
-class Turn:
-  role: str  # "system" | "user" | "assistant"
-  parts: list  # str (text) or PIL image, in the order given
-
-
 def read_messages(messages: Sequence[Message], limits: Limits) -> list[Turn]:
   turns, count = [], 0
   for i, message in enumerate(messages):
@@ -233,47 +226,10 @@ def read_messages(messages: Sequence[Message], limits: Limits) -> list[Turn]:
         raise ApiError(400, f"at most {limits.max_images} images per request", "too_many_images",
                        param="messages")
       parts.append(decode_image_url(part.image_url.url, limits))
-    turns.append(Turn("system" if message.role == "developer" else message.role, parts))
+    turns.append(Turn("system" if message.role == "developer" else message.role, tuple(parts)))
   if turns[-1].role != "user":
     raise ApiError(400, "the last message must be from the user", "invalid_value", param="messages")
   return turns
-
-
-def render_prompt(processor: Processor, turns: Sequence[Turn], template: str) -> str:
-  """The conversation as the model expects it, ending where the assistant's answer starts.
-
-  With the folder's chat template every message becomes a list of `{"type": "text"}` /
-  `{"type": "image"}` parts (the form transformers' processors render), so a one-message
-  request renders exactly as `llava-jax generate` renders its prompt. Without one, the
-  model's named conversation `template` is used; it carries its own system prompt.
-  """
-  if processor.chat_template is not None:
-    from transformers.utils import chat_template_utils  # pylint: disable=import-outside-toplevel
-    conversation = [{"role": t.role, "content": [
-        {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in t.parts]}
-                    for t in turns]
-    try:
-      rendered, _ = chat_template_utils.render_jinja_template(
-          conversations=[conversation], chat_template=processor.chat_template, add_generation_prompt=True,
-          **dict(processor.tokenizer.special_tokens_map))
-    except Exception as e:  # jinja raises many types; templates raise on e.g. unsupported roles
-      raise ApiError(400, f"messages: the model's chat template refused them ({e})".replace("\n", " "),
-                     "invalid_messages", param="messages") from None
-    return rendered[0]
-  dialogue = [t for t in turns if t.role != "system"]
-  texts = []
-  for t in dialogue:
-    words = "\n".join(p for p in t.parts if isinstance(p, str))
-    texts.append(add_image_tags(words, sum(not isinstance(p, str) for p in t.parts), processor.image_token))
-  roles = [t.role for t in dialogue]
-  if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
-    raise ApiError(400, "messages: this model has no chat template; its conversation template needs "
-                   "user and assistant messages alternating, starting and ending with user",
-                   "invalid_messages", param="messages")
-  history = list(zip(texts[:-1:2], texts[1::2]))
-  tok = processor.tokenizer
-  return templates.generation_prompt(template, texts[-1], history,
-                                     bos=tok.bos_token or "", eos=tok.eos_token or "")
 
 
 # ---- output: tokens -> text deltas --------------------------------------------------------------
@@ -343,7 +299,7 @@ class Prepared:
 
 
 class ChatService:
-  """A loaded model (`run.Session`: engine, processor, template) and its batcher, behind HTTP.
+  """A loaded model (`run.Session`: engine and processor) and its batcher, behind HTTP.
 
   The session's engine only needs `stream(prompts, max_new_tokens, params)`, `eos_token_ids` and
   `config` (image_seq_length, text.max_position_embeddings), so tests can pass a stand-in.
@@ -376,12 +332,10 @@ class ChatService:
       raise ApiError(404, f"model {request.model!r} does not exist; this server serves {self.model_id!r}",
                      "model_not_found", param="model")
     turns = read_messages(request.messages, self.limits)
-    images = [p for t in turns for p in t.parts if not isinstance(p, str)]
+    images = [p for t in turns for p in t.parts if not is_text(p)]
     try:
       with self._tokenizer_lock:
-        text = render_prompt(self.processor, turns, self.session.template)
-        inputs = self.processor.encode(text, images, self.session.image_seq_length,
-                                       add_special_tokens=self.processor.adds_special_tokens(text))
+        inputs = self.processor.encode_conversation(turns, images, self.session.image_seq_length)
     except LlavaJaxError as e:
       raise ApiError(400, f"messages: {e}", "invalid_messages", param="messages") from None
     prompt_tokens = len(inputs.input_ids)
