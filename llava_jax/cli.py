@@ -67,10 +67,10 @@ def _chat(args) -> None:
 
 
 def _serve(args) -> None:
-  from llava_jax.infer import server
+  from llava_jax.infer.serve import command
   mesh = _mesh(args.mesh)
-  server.serve_command(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
-                       batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name, mesh=mesh)
+  command.serve_command(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
+                        batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name, mesh=mesh)
 
 
 def _demo(args) -> None:

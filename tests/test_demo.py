@@ -68,12 +68,12 @@ def test_demo_refuses_a_foreign_workdir(tmp_path):
 
 
 def test_chat_template_renders_the_training_prompt():
-  from llava_jax.data import processor, templates
+  from llava_jax.data import conversation, templates
   from llava_jax.demo.tokenizer import VICUNA_CHAT_TEMPLATE
   question = "What color is the star?"
-  ours = processor.format_prompt(question, 1, VICUNA_CHAT_TEMPLATE,
-                                 template_vars={"bos_token": "<s>", "eos_token": "</s>"})
-  assert ours == templates.generation_prompt("vicuna_v1", processor.add_image_tags(question, 1), bos="")
+  ours = conversation.render([conversation.user_turn(question, 1)], VICUNA_CHAT_TEMPLATE, "vicuna_v1",
+                             special_tokens={"bos_token": "<s>", "eos_token": "</s>"})
+  assert ours == templates.generation_prompt("vicuna_v1", "<image>\n" + question)
 
 
 def test_hard_negative_differs_from_the_caption():

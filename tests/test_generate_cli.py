@@ -91,7 +91,7 @@ def test_chat_answers_resets_and_quits(folder, expected):
 def test_chat_keeps_history(folder):
   """The second turn's prompt holds the first exchange, its image, and the new question."""
   processor = Processor.from_folder(folder)
-  session = types.SimpleNamespace(processor=processor, template="vicuna_v1", image_seq_length=16)
+  session = types.SimpleNamespace(processor=processor, image_seq_length=16)
   conversation = Conversation(session)
   conversation.pending.append(Image.open(folder / "img.png"))
   conversation.prompt(QUESTION)

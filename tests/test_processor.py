@@ -148,9 +148,10 @@ def test_fallback_template_without_chat_template(tmp_path):
   # Tags the user placed stay where they are.
   assert ours.format_prompt("A <image> B", 1) == f"{system} USER: A <image> B ASSISTANT:"
   # Every training template is available as a fallback, and generation prompts match training.
-  assert processor_lib.format_prompt("Hi", 0, None, "llama_2").startswith("[INST]")
+  assert Processor(ours.tokenizer, ours.image_processor, fallback_template="llama_2").format_prompt(
+      "Hi", 0).startswith("[INST]")
   with pytest.raises(LlavaJaxError, match="'nope'"):
-    processor_lib.format_prompt("Hi", 0, None, "nope")
+    Processor(ours.tokenizer, ours.image_processor, fallback_template="nope").format_prompt("Hi", 0)
 
 
 def test_user_tags_kept_with_chat_template(ours):

@@ -22,11 +22,13 @@ import pytest
 from PIL import Image
 
 from llava_jax.infer import run
-from llava_jax.infer import server as server_lib
 from llava_jax.infer.batcher import Batcher, Job, group_jobs
 from llava_jax.infer.generate import Prompt
 from llava_jax.infer.sampling import SamplingParams
-from llava_jax.infer.server import RequestOutput
+from llava_jax.infer.serve.app import create_app
+from llava_jax.infer.serve.command import listen_socket, load_service
+from llava_jax.infer.serve.limits import Limits
+from llava_jax.infer.serve.output import RequestOutput
 
 MODEL_ID = "tiny-llava"
 MAX_TOKENS = 12
@@ -187,8 +189,7 @@ CHAT_TEMPLATE = (
     "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
-LIMITS = server_lib.Limits(max_body_bytes=2**20, max_image_bytes=20_000, max_image_pixels=128 * 128,
-                           max_images=2)
+LIMITS = Limits(max_body_bytes=2**20, max_image_bytes=20_000, max_image_pixels=128 * 128, max_images=2)
 
 
 @pytest.fixture(scope="module")
@@ -206,15 +207,15 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(model_dir):
-  return server_lib.load_service(str(model_dir), model_id=MODEL_ID, max_batch=8, batch_wait_ms=5, limits=LIMITS)
+  return load_service(str(model_dir), model_id=MODEL_ID, max_batch=8, batch_wait_ms=5, limits=LIMITS)
 
 
 @pytest.fixture(scope="module")
 def client(service):
   import uvicorn
-  sock = server_lib.listen_socket("127.0.0.1", 0)
+  sock = listen_socket("127.0.0.1", 0)
   port = sock.getsockname()[1]
-  uv = uvicorn.Server(uvicorn.Config(server_lib.create_app(service), log_level="warning"))
+  uv = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
   thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   deadline = time.monotonic() + 30

@@ -1,8 +1,8 @@
 """Inference-side processor: (prompt text, images) -> model inputs, as transformers' LlavaProcessor.
 
-`Processor.prepare` is what `llava-jax generate` calls: format the user's message (chat template
-of the folder, else a named fallback template), expand each `<image>` to the model's number of
-image tokens, tokenize with the folder's tokenizer and preprocess the images (NHWC).
+`Processor.prepare` is what `llava-jax generate` calls: render the user's message (conversation.py:
+chat template of the folder, else a named fallback template), expand each `<image>` to the model's
+number of image tokens, tokenize with the folder's tokenizer and preprocess the images (NHWC).
 """
 
 import dataclasses
@@ -12,12 +12,12 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from llava_jax.data import conversation
 from llava_jax.data import images as images_lib
 from llava_jax.data import templates
 from llava_jax.errors import LlavaJaxError
 from llava_jax.fileio import read_json
 
-DEFAULT_IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 CHAT_TEMPLATE_JSON = "chat_template.json"
 
@@ -83,42 +83,6 @@ def _default_template(template, where: str) -> str:
   return template
 
 
-def add_image_tags(user_text: str, num_images: int, image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
-  """Puts one `<image>` line per image before the text, unless the text already places them."""
-  if num_images == 0 or image_token in user_text:
-    return user_text
-  return f"{image_token}\n" * num_images + user_text
-
-
-def format_prompt(user_text: str, num_images: int, chat_template: Optional[str],
-                  fallback_template_name: str = "vicuna_v1",
-                  image_token: str = DEFAULT_IMAGE_TOKEN,
-                  template_vars: Optional[dict] = None) -> str:
-  """The generation prompt for one user message, as processor.apply_chat_template renders it.
-
-  With a chat template the message is `[image parts..., text part]` (no image parts when the
-  text already contains `<image>` tags, so they stay where the user put them), rendered with
-  add_generation_prompt=True and `template_vars` (the tokenizer's special tokens, e.g. bos_token).
-  Without one, the named fallback template formats the text with its image tags.
-  """
-  if chat_template is None:
-    # The tokenizer adds BOS itself, so the template text starts without one.
-    return templates.generation_prompt(
-        fallback_template_name, add_image_tags(user_text, num_images, image_token), bos="")
-  from transformers.utils import chat_template_utils  # pylint: disable=import-outside-toplevel
-  content = [] if image_token in user_text else [{"type": "image"}] * num_images
-  content.append({"type": "text", "text": user_text})
-  messages = [{"role": "user", "content": content}]
-  try:
-    rendered, _ = chat_template_utils.render_jinja_template(
-        conversations=[messages], chat_template=chat_template, add_generation_prompt=True,
-        **(template_vars or {}))
-  except Exception as e:  # jinja2 raises many types (TemplateError, UndefinedError, ...).
-    raise LlavaJaxError(f"chat template failed to render ({type(e).__name__}: {e})"
-                        .replace("\n", " ")) from None
-  return rendered[0]
-
-
 @dataclasses.dataclass
 class LlavaInputs:
   """Model inputs. input_ids int32 (S,) or (B, S); pixel_values float32 (N, H, W, 3), images of
@@ -138,7 +102,7 @@ class Processor:
     self.image_processor = image_processor
     self.chat_template = chat_template
     # LlavaProcessor's rule: the tokenizer's own image_token wins over the configured one.
-    self.image_token = getattr(tokenizer, "image_token", None) or image_token or DEFAULT_IMAGE_TOKEN
+    self.image_token = getattr(tokenizer, "image_token", None) or image_token or templates.IMAGE_TAG
     self.fallback_template = fallback_template
 
   @classmethod
@@ -171,18 +135,28 @@ class Processor:
     pad = self.tokenizer.pad_token_id
     return 0 if pad is None else int(pad)
 
+  def render(self, turns: Sequence[conversation.Turn]) -> str:
+    """The conversation as this model's prompt text (see conversation.render)."""
+    return conversation.render(turns, self.chat_template, self.fallback_template, self.image_token,
+                               self.tokenizer.special_tokens_map)
+
   def format_prompt(self, user_text: str, num_images: int) -> str:
-    return format_prompt(user_text, num_images, self.chat_template, self.fallback_template,
-                         self.image_token, dict(self.tokenizer.special_tokens_map))
+    """The prompt for one user message with `num_images` images."""
+    return self.render([conversation.user_turn(user_text, num_images, self.image_token)])
 
   def prepare(self, text: str, images: Sequence[ImageLike], image_seq_length: int,
               raw: bool = False) -> LlavaInputs:
-    """What `generate` feeds the model: --raw text verbatim, else the formatted user message."""
+    """What `generate` feeds the model: --raw text verbatim, else the rendered user message."""
     if raw:
       return self.encode(text, images, image_seq_length)
-    prompt = self.format_prompt(text, len(images))
-    return self.encode(prompt, images, image_seq_length,
-                       add_special_tokens=self.adds_special_tokens(prompt))
+    turn = conversation.user_turn(text, len(images), self.image_token)
+    return self.encode_conversation([turn], images, image_seq_length)
+
+  def encode_conversation(self, turns: Sequence[conversation.Turn], images: Sequence[ImageLike],
+                          image_seq_length: int) -> LlavaInputs:
+    """A conversation's prompt (ending where the answer starts) with its images, in their order."""
+    prompt = self.render(turns)
+    return self.encode(prompt, images, image_seq_length, add_special_tokens=self.adds_special_tokens(prompt))
 
   def adds_special_tokens(self, formatted_prompt: str) -> bool:
     """processor.apply_chat_template(tokenize=True)'s rule: no second BOS when the rendered

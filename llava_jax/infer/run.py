@@ -29,10 +29,9 @@ DEFAULT_TEMPLATE = "vicuna_v1"
 
 @dataclasses.dataclass
 class Session:
-  """What serving a model folder needs: the engine, the processor, and the fallback template name."""
+  """What serving a model folder needs: the engine and the processor (which renders conversations)."""
   engine: Engine
   processor: Processor
-  template: str
 
   @property
   def image_seq_length(self) -> int:
@@ -54,7 +53,7 @@ def load_session(path: str, mesh: Mesh | None = None) -> Session:
   engine = Engine(config, params, eos_token_ids=_eos_ids(loaded.assets_dir, config, processor),
                   pad_token_id=config.pad_token_id if config.pad_token_id is not None else processor.pad_token_id,
                   mesh=mesh)
-  return Session(engine, processor, template)
+  return Session(engine, processor)
 
 
 def _as_float32(x):
