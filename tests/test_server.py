@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from llava_jax.infer import run
-from llava_jax.infer.batcher import Batcher, Job, group_jobs
+from llava_jax.infer.serve.request_batcher import RequestBatcher, Job, group_jobs
 from llava_jax.infer.generate import Prompt
 from llava_jax.infer.sampling import SamplingParams
 from llava_jax.infer.serve.app import create_app
@@ -89,7 +89,7 @@ def _job(first, max_new=7, sink=None, sampling=SamplingParams(), seeded=False, e
 
 
 def _run_jobs(engine, jobs, max_batch=8):
-  batcher = Batcher(engine, max_batch=max_batch, wait_s=2.0)
+  batcher = RequestBatcher(engine, max_batch=max_batch, wait_s=2.0)
   batcher.start()
   try:
     for job in jobs:
@@ -133,7 +133,7 @@ def test_batcher_survives_a_failing_batch_and_skips_cancelled_requests():
   engine = FakeEngine(fail_on=9)
   bad, gone, good = _job(9), _job(3), _job(4)
   gone.sink.cancelled = True
-  batcher = Batcher(engine, max_batch=1, wait_s=0)
+  batcher = RequestBatcher(engine, max_batch=1, wait_s=0)
   batcher.start()
   try:
     for job in (bad, gone, good):

@@ -89,7 +89,7 @@ class DecodeState(NamedTuple):
   out: jax.Array  # (B, capacity + chunk) int32 generated tokens (pad after a row's EOS)
 
 
-class Batch(NamedTuple):
+class DeviceBatch(NamedTuple):
   """Device inputs of one request batch (left padded, batch padded)."""
   input_ids: jax.Array  # (B, P) int32
   prompt_mask: jax.Array  # (B, P) bool
@@ -188,7 +188,7 @@ class Engine:
     logits = self._forward(self.params, *batch.arrays[:3])
     return np.asarray(logits)[:batch.rows], np.asarray(batch.prompt_mask)[:batch.rows]
 
-  def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int) -> tuple[Batch, int]:
+  def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int) -> tuple[DeviceBatch, int]:
     if not prompts:
       raise LlavaJaxError("generate: no prompts")
     if max_new_tokens < 1:
@@ -229,7 +229,7 @@ class Engine:
     if self.mesh is not None:
       rows_split = NamedSharding(self.mesh, P("data"))
       put = lambda x: jax.device_put(x, rows_split)
-    return Batch(put(ids), put(mask), None if pixels is None else put(pixels), put(live), len(prompts)), slots
+    return DeviceBatch(put(ids), put(mask), None if pixels is None else put(pixels), put(live), len(prompts)), slots
 
   def _eos(self, ids: Sequence[int] | None) -> tuple[int, ...]:
     if ids is None:

@@ -9,7 +9,7 @@ A request's path, one module per step:
   command.py    `serve_command`: checks the flags, binds the socket, loads the model, runs uvicorn
   app.py        the routes: reads the body (size-limited), hands it on, answers whole or streamed
   service.py    `ChatService.prepare`: body -> checked request -> prompt tokens and images; `submit`
-                puts it on the batcher (infer/batcher.py)
+                puts it on the batcher (request_batcher.py: one worker thread runs requests together)
     request.py  the body's schema (pydantic) and its parsing
     messages.py the messages -> conversation turns (data/conversation.py renders them), with images.py
                 decoding each image from its data: URL

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from llava_jax.data.conversation import is_text
 from llava_jax.errors import LlavaJaxError
-from llava_jax.infer.batcher import Batcher, Job, Overloaded
+from llava_jax.infer.serve.request_batcher import RequestBatcher, Job, Overloaded
 from llava_jax.infer.generate import Prompt
 from llava_jax.infer.run import Session
 from llava_jax.infer.sampling import SamplingParams
@@ -46,7 +46,7 @@ class ChatService:
     self.session, self.model_id, self.limits = session, model_id, limits
     self.engine, self.processor = session.engine, session.processor
     self.context_length = session.engine.config.text.max_position_embeddings
-    self.batcher = Batcher(self.engine, max_batch=max_batch, wait_s=batch_wait_ms / 1000, max_queue=max_queue)
+    self.batcher = RequestBatcher(self.engine, max_batch=max_batch, wait_s=batch_wait_ms / 1000, max_queue=max_queue)
     self.created = int(time.time())
     # One tokenizer, used from the request threads and the worker: calls into it are serialized.
     self._tokenizer_lock = threading.Lock()

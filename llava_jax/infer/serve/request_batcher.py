@@ -91,7 +91,7 @@ def group_jobs(jobs: Sequence[Job]) -> list[list[Job]]:
   return list(groups.values())
 
 
-class Batcher:
+class RequestBatcher:
   """Owns `engine` (anything with `stream(prompts, max_new_tokens, params)` and `eos_token_ids`)."""
 
   def __init__(self, engine, max_batch: int = 8, wait_s: float = 0.01, max_queue: int = 256):
