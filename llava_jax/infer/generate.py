@@ -269,9 +269,8 @@ class Engine:
                                   (input_ids, pixel_values, kv_mask))
       # (rows, 1, ...) -> (rows, ...): logits are per row; per-layer caches (rows·kv_heads, T, d).
       logits = logits[:, 0]
-      # The barrier keeps the map's stacked output apart from the decode loop that consumes it:
-      # without it, the one-program batch-8 decode measured slower in 3 of 4 A/B runs on a noisy
-      # host (118-121 vs 154-164 tok/s); the separately compiled streaming decode did not change.
+      # The barrier keeps the map's stacked output apart from the decode loop that consumes it;
+      # fused, XLA:CPU lays the cache out worse for the decode (benchmarks/README.md).
       cache = jax.lax.optimization_barrier(jax.tree.map(lambda c: c.reshape((-1,) + c.shape[2:]), cache))
     return logits, self._constrain(cache), kv_mask
 
