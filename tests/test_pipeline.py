@@ -209,8 +209,7 @@ def test_global_batch_on_a_mesh(world):
 
 
 def test_tfds_round_trip_and_same_batches(world, tmp_path):
-  pytest.importorskip("tensorflow_datasets")
-  from llava_jax.data import llava_json, tfds_builder
+  from llava_jax.data import llava_json, tfds_builder  # imports tensorflow_datasets (pinned: missing fails)
   json_path = str(world["root"] / "mixed.jsonl")
   data_dir = tfds_builder.build(json_path, str(world["root"]), str(tmp_path / "tfds"))
   source = tfds_builder.open_source(data_dir)

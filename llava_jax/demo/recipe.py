@@ -148,6 +148,29 @@ def collect_results(results: dict, timer: Timer, stage0: dict, stage1: str, stag
   results["params"] = phases.param_counts(export)
   results["losses"] = {"clip": stage0["clip_losses"], "lm": stage0["lm_losses"],
                        "stage1": phases.read_losses(stage1), "stage2": phases.read_losses(stage2)}
-  results["settings"] = dict(dataclasses.asdict(s), quick=quick)
+  results["settings"] = settings_record(s, quick)
   results["export"] = export
   return results
+
+
+def settings_record(s: Settings, quick: bool) -> dict:
+  """results.json's "settings" (JSON types: tuples as lists)."""
+  return json.loads(json.dumps(dict(dataclasses.asdict(s), quick=quick)))
+
+
+def finished_training(workdir: str, s: Settings, quick: bool) -> dict:
+  """What the training phases of a demo that finished in WORKDIR with these settings returned
+  (stage 0's dict, stage 1's and stage 2's trainer workdirs): the notebook explores a trained
+  demo with them instead of training again."""
+  workdir = os.path.abspath(workdir)
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    raise LlavaJaxError(f"demo: {path} not found: `llava-jax demo --workdir {workdir}` has not finished there")
+  with open(path) as f:
+    results = json.load(f)
+  if results.get("settings") != settings_record(s, quick):
+    raise LlavaJaxError(f"demo: {path} was trained with other settings than quick={quick} asks for")
+  losses = results["losses"]
+  return {"stage0": {"model": os.path.join(workdir, "stage0", "model"), "clip_losses": losses["clip"],
+                     "lm_losses": losses["lm"]},
+          "stage1": os.path.join(workdir, "stage1"), "stage2": os.path.join(workdir, "stage2")}
