@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= demo_workdir
-# Tests run on 2 workers; each JAX process is pinned to fewer threads so they do not fight.
+# Tests run on 2 workers (pytest-xdist), one test file per worker at a time (--dist loadfile).
 PYTEST_WORKERS ?= 2
 # pip byte-compiles every installed file (~17k, a third of a fresh install's time); instead,
 # importing what the demo and CLI load (their lazy imports included) writes bytecode for just
