@@ -42,7 +42,8 @@ def select_best_resolution(image_hw: Sequence[int], pinpoints: Sequence[Sequence
   """The (height, width) pinpoint that shows most of the image's pixels, then wastes the least area.
 
   The image is scaled (up or down) to fit each pinpoint; its pixels shown are those of the scaled
-  size (truncated to ints), at most the original count. Among equals the first pinpoint wins.
+  size (truncated to ints, so zero for a side scaled below one pixel), at most the original count.
+  Among equals the first pinpoint wins.
   """
   height, width = _image_hw(image_hw, name)
   if not pinpoints:
@@ -56,9 +57,6 @@ def select_best_resolution(image_hw: Sequence[int], pinpoints: Sequence[Sequence
 
   # max() returns the first of equal keys, which is transformers' strict-improvement loop.
   best = max(pinpoints, key=shown_then_unwasted)
-  if shown_then_unwasted(best)[0] == 0:
-    raise LlavaJaxError(f"{name}: image {height}x{width} is so elongated that every grid pinpoint "
-                        f"({[list(p) for p in pinpoints]}) scales one of its sides to zero pixels")
   return int(best[0]), int(best[1])
 
 
