@@ -253,12 +253,17 @@ class ImageProcessor:
       f.write("\n")
     return path
 
+  def as_rgb(self, img: Image.Image) -> Image.Image:
+    """`img` itself when RGB, else converted (refused when do_convert_rgb is false)."""
+    if img.mode == "RGB":
+      return img
+    if not self.do_convert_rgb:
+      raise LlavaJaxError(f"image mode {img.mode} is not RGB and do_convert_rgb is false")
+    return to_rgb(img)
+
   def preprocess(self, img: Image.Image) -> np.ndarray:
     """One PIL image -> float32 (H, W, 3), step for step as transformers' PIL backend."""
-    if img.mode != "RGB":
-      if not self.do_convert_rgb:
-        raise LlavaJaxError(f"image mode {img.mode} is not RGB and do_convert_rgb is false")
-      img = to_rgb(img)
+    img = self.as_rgb(img)
     if self.pad_to_square:
       img = pad_to_square(img, self.background_rgb)
     if self.do_resize:
