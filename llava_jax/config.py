@@ -145,7 +145,8 @@ TEXT_FAMILIES = {
                                     max_position_embeddings=4096 * 32, sliding_window=4096)),
     "qwen2": Family(_TEXT_KEYS, fixed={"qkv_bias": True}, check=_qwen2_no_sliding_layers,
                     defaults=dict(_TEXT_DEFAULTS, vocab_size=151936, intermediate_size=22016,
-                                  max_position_embeddings=32768, bos_token_id=None, eos_token_id=None)),
+                                  num_key_value_heads=32, max_position_embeddings=32768, bos_token_id=None,
+                                  eos_token_id=None)),
 }
 VISION_FAMILIES = {
     "clip_vision_model": Family(
