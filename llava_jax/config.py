@@ -110,7 +110,7 @@ class Family:
   shared: section keys that set several fields at once (LLaMA's attention_bias: q/k/v and o biases);
   fixed: fields the architecture fixes, absent from its config.json (Qwen2's q/k/v biases);
   defaults: transformers' values for keys a config.json leaves out;
-  check: rejects sections that describe what we do not implement.
+  check: rejects sections (defaults filled in) that describe what we do not implement.
   """
   keys: tuple[str, ...]
   shared: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
@@ -122,10 +122,9 @@ class Family:
 def _qwen2_no_sliding_layers(section: dict, source: str) -> None:
   """Qwen2 windows the layers from max_window_layers on when use_sliding_window is set (per-layer
   windows, which we do not implement); released Qwen2 checkpoints leave it off."""
-  layers = section.get("num_hidden_layers", 0)
   types = section.get("layer_types") or (
       ["sliding_attention" if section.get("use_sliding_window") and i >= section.get("max_window_layers", 28)
-       else "full_attention" for i in range(layers)])
+       else "full_attention" for i in range(section["num_hidden_layers"])])
   if "sliding_attention" in types and section.get("use_sliding_window"):
     raise LlavaJaxError(f"{source}: text_config use_sliding_window {section['use_sliding_window']!r} (Qwen2's "
                         "per-layer sliding window) is not supported")
@@ -298,9 +297,9 @@ def _read_section(cls, families: dict, section: str, d: dict, source: str) -> di
   model_type = d.get("model_type", cls.model_type)
   _check_type(section, model_type, families, source)
   family = families[model_type]
-  if family.check:
-    family.check(d, source)
   values = {**family.defaults, **d}  # an explicit null stays: the field's own default (Mistral's sliding_window)
+  if family.check:
+    family.check(values, source)
   fields = {k: values[k] for k in family.keys if values.get(k) is not None}
   for key, targets in family.shared.items():
     if values.get(key) is not None:
