@@ -1,8 +1,12 @@
 """Model configs (vision tower, language model, LLaVA) and their Hugging Face `config.json` form.
 
 The dataclasses hold what the Flax modules need; `from_hf_dict`/`to_hf_dict` translate the
-transformers 5 `llava` config (with `clip_vision_model` and `llama`/`mistral` text configs).
-Keys we do not model are kept in `LlavaConfig.hf_extra` so a round trip loses nothing.
+transformers 5 `llava` config. Its `vision_config` and `text_config` sections are read and
+written by their family's row of VISION_FAMILIES / TEXT_FAMILIES (keyed by the section's
+`model_type`): which keys the family's config.json carries, which it fixes by architecture and
+transformers' defaults for the keys a file leaves out. Keys we do not model are kept (the
+top level in `LlavaConfig.hf_extra`, each section's source dict in its own `hf_extra`), so a
+config.json as transformers writes it round-trips exactly.
 """
 
 from __future__ import annotations
@@ -10,18 +14,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Callable
 
 from llava_jax.errors import LlavaJaxError
 from llava_jax.fileio import read_json
 
 SUPPORTED_MODEL_TYPES = ("llava",)
-SUPPORTED_VISION_TYPES = ("clip_vision_model",)
-SUPPORTED_TEXT_TYPES = ("llama", "mistral")
 PROJECTOR_TYPES = ("linear", "mlp2x")
+# transformers' rope types we compute (models/llama.rotary_inv_freq) and the rope_parameters each one reads.
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
+  model_type: str = "clip_vision_model"
   hidden_size: int = 1024
   intermediate_size: int = 4096
   num_hidden_layers: int = 24
@@ -32,6 +42,10 @@ class VisionConfig:
   layer_norm_eps: float = 1e-5
   hidden_act: str = "quick_gelu"
   projection_dim: int = 768  # unused by LLaVA; kept so config.json round-trips
+  hf_extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+  def __post_init__(self):
+    _check_type("vision_config", self.model_type, VISION_FAMILIES)
 
   @property
   def head_dim(self) -> int:
@@ -40,6 +54,20 @@ class VisionConfig:
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """rope_parameters besides rope_theta; the fields a `rope_type` does not read (ROPE_TYPES) are unused."""
+  rope_type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise LlavaJaxError(f"config: unsupported rope_type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +82,79 @@ class TextConfig:
   head_dim: int = 128
   rms_norm_eps: float = 1e-5
   rope_theta: float = 10000.0
-  rope_scaling_factor: float = 1.0  # rope_type "linear": positions are divided by this
+  rope_scaling: RopeScaling = RopeScaling()
   max_position_embeddings: int = 4096
   tie_word_embeddings: bool = False
   hidden_act: str = "silu"
-  attention_bias: bool = False
+  qkv_bias: bool = False  # biases on q_proj, k_proj, v_proj (LLaMA's attention_bias; always on in Qwen2)
+  o_proj_bias: bool = False  # LLaMA's attention_bias also covers o_proj; Qwen2 has none
   mlp_bias: bool = False
   sliding_window: int | None = None  # Mistral: a token attends to its last sliding_window tokens (itself included)
+  hf_extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+  def __post_init__(self):
+    _check_type("text_config", self.model_type, TEXT_FAMILIES)
+
+
+def _check_type(section: str, model_type: str, families: dict, source: str = "config") -> None:
+  if model_type not in families:
+    raise LlavaJaxError(
+        f"{source}: unsupported {section}.model_type {model_type!r} (supported: {', '.join(families)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How one family's config.json section reads into its dataclass and writes back.
+
+  keys: dataclass fields the section carries under the same name (read, and always written);
+  shared: section keys that set several fields at once (LLaMA's attention_bias: q/k/v and o biases);
+  fixed: fields the architecture fixes, absent from its config.json (Qwen2's q/k/v biases);
+  defaults: transformers' values for keys a config.json leaves out;
+  check: rejects sections (defaults filled in) that describe what we do not implement.
+  """
+  keys: tuple[str, ...]
+  shared: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  fixed: dict[str, object] = dataclasses.field(default_factory=dict)
+  defaults: dict[str, object] = dataclasses.field(default_factory=dict)
+  check: Callable[[dict, str], None] | None = None
+
+
+def _qwen2_no_sliding_layers(section: dict, source: str) -> None:
+  """Qwen2 windows the layers from max_window_layers on when use_sliding_window is set (per-layer
+  windows, which we do not implement); released Qwen2 checkpoints leave it off."""
+  types = section.get("layer_types") or (
+      ["sliding_attention" if section.get("use_sliding_window") and i >= section.get("max_window_layers", 28)
+       else "full_attention" for i in range(section["num_hidden_layers"])])
+  if "sliding_attention" in types and section.get("use_sliding_window"):
+    raise LlavaJaxError(f"{source}: text_config use_sliding_window {section['use_sliding_window']!r} (Qwen2's "
+                        "per-layer sliding window) is not supported")
+
+
+_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "hidden_act")
+_TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2)
+
+TEXT_FAMILIES = {
+    "llama": Family(_TEXT_KEYS + ("head_dim", "mlp_bias"), shared={"attention_bias": ("qkv_bias", "o_proj_bias")},
+                    defaults=dict(_TEXT_DEFAULTS, intermediate_size=11008, max_position_embeddings=2048,
+                                  attention_bias=False, mlp_bias=False)),
+    "mistral": Family(_TEXT_KEYS + ("head_dim", "sliding_window"),
+                      defaults=dict(_TEXT_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                                    max_position_embeddings=4096 * 32, sliding_window=4096)),
+    "qwen2": Family(_TEXT_KEYS, fixed={"qkv_bias": True}, check=_qwen2_no_sliding_layers,
+                    defaults=dict(_TEXT_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                                  num_key_value_heads=32, max_position_embeddings=32768, bos_token_id=None,
+                                  eos_token_id=None)),
+}
+VISION_FAMILIES = {
+    "clip_vision_model": Family(
+        ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+         "image_size", "patch_size", "layer_norm_eps", "hidden_act", "projection_dim"),
+        defaults=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      num_channels=3, image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu",
+                      projection_dim=512)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,22 +220,13 @@ class LlavaConfig:
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise LlavaJaxError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    vd = d.get("vision_config") or {}
     td = d.get("text_config") or {}
-    if vd.get("model_type", "clip_vision_model") not in SUPPORTED_VISION_TYPES:
-      raise LlavaJaxError(f"{source}: unsupported vision_config.model_type {vd.get('model_type')!r}")
-    if td.get("model_type", "llama") not in SUPPORTED_TEXT_TYPES:
-      raise LlavaJaxError(f"{source}: unsupported text_config.model_type {td.get('model_type')!r}")
-    vision = _from_dict(VisionConfig, vd)
-    theta, factor = _rope_from_hf(td, source)
-    text_fields = {k: v for k, v in td.items() if k not in ("rope_theta", "rope_scaling_factor")}
-    text = _from_dict(TextConfig, text_fields)
-    head_dim = td.get("head_dim") or text.hidden_size // text.num_attention_heads
-    text = dataclasses.replace(
-        text, rope_theta=theta, rope_scaling_factor=factor, head_dim=head_dim,
-        num_key_value_heads=td.get("num_key_value_heads") or text.num_attention_heads)
+    vision = VisionConfig(**_read_section(VisionConfig, VISION_FAMILIES, "vision_config", d.get("vision_config") or {},
+                                          source))
+    text = _text_from_hf(td, source)
     extras = d.get("llava_jax") or {}
     layer = d.get("vision_feature_layer", -2)
+    defaults = TEXT_FAMILIES[text.model_type].defaults
     kwargs = dict(
         vision=vision,
         text=text,
@@ -151,8 +236,8 @@ class LlavaConfig:
         vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
         vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
         pad_token_id=d.get("pad_token_id", td.get("pad_token_id")),
-        bos_token_id=td.get("bos_token_id", 1),
-        eos_token_id=_tuple_or_int(td.get("eos_token_id", 2)),
+        bos_token_id=td.get("bos_token_id", defaults["bos_token_id"]),
+        eos_token_id=_tuple_or_int(td.get("eos_token_id", defaults["eos_token_id"])),
         projector_type=extras.get("projector_type", "mlp2x"),
         hf_extra={k: v for k, v in d.items() if k not in _LLAVA_KEYS},
     )
@@ -165,21 +250,23 @@ class LlavaConfig:
     return config
 
   def to_hf_dict(self) -> dict:
-    v, t = self.vision, self.text
-    vision = dict(dataclasses.asdict(v), model_type="clip_vision_model")
-    text = {k: val for k, val in dataclasses.asdict(t).items() if k not in ("rope_theta", "rope_scaling_factor")}
-    if text["sliding_window"] is None:
-      del text["sliding_window"]
-    rope = {"rope_type": "default", "rope_theta": t.rope_theta}
-    if t.rope_scaling_factor != 1.0:
-      rope = {"rope_type": "linear", "rope_theta": t.rope_theta, "factor": t.rope_scaling_factor}
-    text.update(rope_parameters=rope, bos_token_id=self.bos_token_id, pad_token_id=self.pad_token_id,
+    t = self.text
+    text = _write_section(t, TEXT_FAMILIES)
+    for key in _ROPE_KEYS:
+      text.pop(key, None)
+    scaling = t.rope_scaling
+    text["rope_parameters"] = {"rope_type": scaling.rope_type, "rope_theta": t.rope_theta,
+                               **{k: getattr(scaling, k) for k in ROPE_TYPES[scaling.rope_type]}}
+    if "head_dim" in text or t.head_dim != t.hidden_size // t.num_attention_heads:
+      text["head_dim"] = t.head_dim
+    text.setdefault("pad_token_id", self.pad_token_id)  # the text model's own, where the source had one
+    text.update(bos_token_id=self.bos_token_id,
                 eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id)
     d = dict(self.hf_extra)
     d.update(
         architectures=d.get("architectures", ["LlavaForConditionalGeneration"]),
         model_type="llava",
-        vision_config=vision,
+        vision_config=_write_section(self.vision, VISION_FAMILIES),
         text_config=text,
         image_token_index=self.image_token_index,
         image_seq_length=self.image_seq_length,
@@ -190,7 +277,7 @@ class LlavaConfig:
         vision_feature_select_strategy=self.vision_feature_select_strategy,
         tie_word_embeddings=t.tie_word_embeddings,
     )
-    if self.pad_token_id is not None:
+    if self.pad_token_id != text["pad_token_id"]:  # LLaVA's own pad token, e.g. one added beside the text model's
       d["pad_token_id"] = self.pad_token_id
     if self.projector_type != "mlp2x":
       d["llava_jax"] = {"projector_type": self.projector_type}
@@ -202,27 +289,64 @@ _LLAVA_KEYS = {
     "projector_hidden_act", "multimodal_projector_bias", "vision_feature_layer", "vision_feature_select_strategy",
     "pad_token_id", "tie_word_embeddings", "llava_jax",
 }
+_ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")  # v5 and v4 spellings; written back as v5
 
 
-def _from_dict(cls, d: dict):
-  names = {f.name for f in dataclasses.fields(cls)}
-  return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+def _read_section(cls, families: dict, section: str, d: dict, source: str) -> dict:
+  """The dataclass fields a config.json section gives, by its family's row (the source dict kept as hf_extra)."""
+  model_type = d.get("model_type", cls.model_type)
+  _check_type(section, model_type, families, source)
+  family = families[model_type]
+  values = {**family.defaults, **d}  # an explicit null stays: the field's own default (Mistral's sliding_window)
+  if family.check:
+    family.check(values, source)
+  fields = {k: values[k] for k in family.keys if values.get(k) is not None}
+  for key, targets in family.shared.items():
+    if values.get(key) is not None:
+      fields.update(dict.fromkeys(targets, values[key]))
+  return dict(fields, **family.fixed, model_type=model_type, hf_extra=dict(d))
+
+
+def _write_section(config, families: dict) -> dict:
+  """The config.json section of a VisionConfig/TextConfig: its source dict updated with every modelled value."""
+  family = families[config.model_type]
+  for name, value in family.fixed.items():
+    if getattr(config, name) != value:
+      raise LlavaJaxError(f"config: {config.model_type} models have {name}={value!r}, got {getattr(config, name)!r}")
+  out = dict(config.hf_extra, model_type=config.model_type, **{k: getattr(config, k) for k in family.keys})
+  for key, targets in family.shared.items():
+    values = {getattr(config, t) for t in targets}
+    if len(values) != 1:
+      raise LlavaJaxError(f"config: {config.model_type}'s {key} sets {', '.join(targets)} alike; they differ")
+    out[key] = values.pop()
+  return out
+
+
+def _text_from_hf(td: dict, source: str) -> TextConfig:
+  fields = _read_section(TextConfig, TEXT_FAMILIES, "text_config", td, source)
+  theta, scaling = _rope_from_hf(td, source)
+  text = TextConfig(**fields, rope_theta=theta, rope_scaling=scaling)
+  return dataclasses.replace(
+      text, head_dim=td.get("head_dim") or text.hidden_size // text.num_attention_heads,
+      num_key_value_heads=fields.get("num_key_value_heads") or text.num_attention_heads)
 
 
 def _tuple_or_int(value):
   return tuple(value) if isinstance(value, list) else value
 
 
-def _rope_from_hf(td: dict, source: str) -> tuple[float, float]:
-  """Reads rope theta and linear scaling from either the v5 `rope_parameters` or the v4 keys."""
+def _rope_from_hf(td: dict, source: str) -> tuple[float, RopeScaling]:
+  """Rope theta and scaling from either the v5 `rope_parameters` or the v4 keys."""
   params = td.get("rope_parameters") or td.get("rope_scaling") or {}
   theta = params.get("rope_theta", td.get("rope_theta", 10000.0))
   rope_type = params.get("rope_type", params.get("type", "default"))
-  if rope_type == "default":
-    return float(theta), 1.0
-  if rope_type == "linear":
-    return float(theta), float(params["factor"])
-  raise LlavaJaxError(f"{source}: unsupported text_config rope_type {rope_type!r} (supported: default, linear)")
+  if rope_type not in ROPE_TYPES:
+    raise LlavaJaxError(
+        f"{source}: unsupported text_config rope_type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+  missing = [k for k in ROPE_TYPES[rope_type] if params.get(k) is None]
+  if missing:
+    raise LlavaJaxError(f"{source}: text_config rope_parameters of rope_type {rope_type!r} lack {missing[0]}")
+  return float(theta), RopeScaling(rope_type, **{k: params[k] for k in ROPE_TYPES[rope_type]})
 
 
 def load_config(folder: str) -> LlavaConfig:
@@ -237,4 +361,3 @@ def save_config(config: LlavaConfig, folder: str) -> None:
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
     f.write("\n")
-

@@ -12,13 +12,45 @@ VOCAB = 128
 IMAGE_TOKEN = 127
 
 
+LLAMA3_VOCAB = 128256  # Llama-3's 128K vocabulary
+# Llama-3.1 rope scaling with a short original context, so that the 6 rotary frequencies of a 12-wide head fall
+# into all three of its bands: kept (wavelength < 64/4), interpolated, divided by the factor (> 64/1).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _text_config(text: str, common: dict, rope_scaling, sliding_window):
+  """The tiny text config of one decoder family."""
+  if text == "llama":
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:
+      rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": rope_scaling}
+    return transformers.LlamaConfig(num_key_value_heads=4, rope_parameters=rope, **common)
+  if text == "mistral":
+    return transformers.MistralConfig(
+        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        sliding_window=sliding_window, **common)
+  if text == "qwen2":
+    return transformers.Qwen2Config(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                    rms_norm_eps=1e-6, **common)
+  if text == "llama3":
+    return transformers.LlamaConfig(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE,
+                                    **dict(common, vocab_size=LLAMA3_VOCAB))
+  if text == "yi":  # Yi-34B: LLaMA architecture, GQA and a large rope theta
+    return transformers.LlamaConfig(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 5e6},
+                                    **common)
+  raise ValueError(text)
+
+
 def tiny_hf_config(*, text="llama", projector_act="gelu", feature_layer=-2, strategy="default",
                    image_size=28, patch_size=7, tie=False, rope_scaling=None,
                    sliding_window=None) -> transformers.LlavaConfig:
   """A LLaVA config small enough to run in milliseconds but with every structural feature on.
 
   text="llama": Vicuna-style multi-head attention; text="mistral": grouped-query with rope_theta 1e6
-  and, with `sliding_window`, attention to the last sliding_window tokens only.
+  and, with `sliding_window`, attention to the last sliding_window tokens only; "qwen2": grouped-query
+  with q/k/v biases; "llama3": grouped-query, 128K vocabulary, llama3 rope scaling; "yi": grouped-query,
+  rope_theta 5e6.
   """
   vision = transformers.CLIPVisionConfig(
       hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=image_size,
@@ -26,15 +58,7 @@ def tiny_hf_config(*, text="llama", projector_act="gelu", feature_layer=-2, stra
   common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=tie, bos_token_id=1,
                 eos_token_id=2, pad_token_id=0)
-  if text == "llama":
-    rope = {"rope_type": "default", "rope_theta": 10000.0}
-    if rope_scaling:
-      rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": rope_scaling}
-    text_config = transformers.LlamaConfig(num_key_value_heads=4, rope_parameters=rope, **common)
-  else:
-    text_config = transformers.MistralConfig(
-        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        sliding_window=sliding_window, **common)
+  text_config = _text_config(text, common, rope_scaling, sliding_window)
   tokens = (image_size // patch_size) ** 2 + (1 if strategy == "full" else 0)
   return transformers.LlavaConfig(
       vision_config=vision, text_config=text_config, image_token_index=IMAGE_TOKEN, image_seq_length=tokens,

@@ -66,6 +66,13 @@ def _cases(root, good):
   (d / "config.json").write_text(json.dumps(config))
   cases["model_type"] = (["hf-to-jax", d], "model_type", "blip-2")
 
+  for section, value in (("text_config", "gemma"), ("vision_config", "dinov2")):
+    d = folder(f"{section}_model_type")
+    config = json.loads((d / "config.json").read_text())
+    config[section]["model_type"] = value
+    (d / "config.json").write_text(json.dumps(config))
+    cases[f"{section}_model_type"] = (["hf-to-jax", d], str(d / "config.json"), f"{section}.model_type", repr(value))
+
   d = folder("missing")
   _edit_tensors(d, lambda t: t.pop(KEY))
   cases["missing"] = (["hf-to-jax", d], KEY, hf.SAFE_WEIGHTS)
@@ -107,8 +114,8 @@ def results(tmp_path_factory):
   return root, cases, done
 
 
-@pytest.mark.parametrize("name", ["no_config", "model_type", "missing", "shape", "truncated", "exists",
-                                  "jax_missing_src", "orig_not_original"])
+@pytest.mark.parametrize("name", ["no_config", "model_type", "text_config_model_type", "vision_config_model_type",
+                                  "missing", "shape", "truncated", "exists", "jax_missing_src", "orig_not_original"])
 def test_bad_input_exits_2_with_one_line(results, name):
   root, cases, done = results
   _, out, expect = cases[name]

@@ -25,6 +25,9 @@ VARIANTS = {
     "layer_list": {"feature_layer": [-2, 0]},
     # The 35-token prompt crosses the window while decoding; the 42-token one starts past it.
     "mistral_window_crossed_in_decode": {"text": "mistral", "sliding_window": 40},
+    "qwen2_gqa_qkv_biases": {"text": "qwen2"},
+    "qwen2_tied": {"text": "qwen2", "tie": True},
+    "llama3_rope_scaling_128k_vocab": {"text": "llama3"},
 }
 LONG_WINDOW = 24
 
@@ -138,12 +141,22 @@ def _hf_prefill_logits(hf_model, prompts, mask: np.ndarray) -> np.ndarray:
 
 
 def test_prefill_logits_match_transformers_left_padded(llama):
-  hf_model, engine, prompts = llama
+  _check_prefill_logits(*llama)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_gqa_qkv_biases", "qwen2_tied", "llama3_rope_scaling_128k_vocab"])
+def test_prefill_logits_match_transformers_decoder_families(variant):
+  """The decode layout's biases, tied head and rope scaling, where tiny tied models' greedy tokens repeat."""
+  _check_prefill_logits(*_setup(variant))
+
+
+def _check_prefill_logits(hf_model, engine, prompts):
   logits, mask = engine.forward(prompts)
   ref = _hf_prefill_logits(hf_model, prompts, mask)
   valid = mask.astype(bool)
   error = np.abs(logits[valid] - ref[valid]).max() / np.abs(ref[valid]).max()
   assert error < 1e-5, error
+  return mask
 
 
 @pytest.fixture(scope="module", params=[None, LONG_WINDOW], ids=["full_attention", "sliding_window"])
@@ -155,13 +168,9 @@ def long_mistral(request):
 
 def test_long_prompt_prefill_logits_match_transformers(long_mistral):
   """The prefill's block-by-block causal attention (and the window's skipped keys) on prompts over 300 tokens."""
-  hf_model, engine, prompts = long_mistral
-  logits, mask = engine.forward(prompts)
+  mask = _check_prefill_logits(*long_mistral)
+  prompts = long_mistral[2]
   assert mask.shape[1] == 320 and min(len(p.input_ids) for p in prompts) > 256  # blocks of 128: 2 full, 1 partial
-  ref = _hf_prefill_logits(hf_model, prompts, mask)
-  valid = mask.astype(bool)
-  error = np.abs(logits[valid] - ref[valid]).max() / np.abs(ref[valid]).max()
-  assert error < 1e-5, error
 
 
 def test_long_prompt_greedy_batch_matches_transformers(long_mistral):

@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 
-from hf_fixtures import IMAGE_TOKEN, hf_state, our_config, text_with_images, tiny_hf_model
+from hf_fixtures import IMAGE_TOKEN, hf_state, our_config, text_with_images, tiny_hf_config, tiny_hf_model
+from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
+from llava_jax.models.llama import rotary_inv_freq
 from llava_jax.models.llava import Llava, unstack_layers
 from llava_jax.weights import mapping
 
@@ -54,6 +57,10 @@ VARIANTS = {
     "feature_layer_list": dict(feature_layer=[-2, -3, 0]),
     "tied_embeddings": dict(tie=True),
     "rope_linear_scaling": dict(rope_scaling=2.0),
+    "qwen2_gqa_qkv_biases": dict(text="qwen2"),
+    "qwen2_tied_embeddings": dict(text="qwen2", tie=True),
+    "llama3_gqa_rope_scaling_128k_vocab": dict(text="llama3"),
+    "yi_gqa_theta5e6": dict(text="yi"),
 }
 
 
@@ -66,6 +73,20 @@ def test_logits_match_transformers(variant):
   ours, ref = run_both(hf_model, ids, pixels)
   assert np.abs(ref).max() > 1.0  # non-trivial logits
   assert relative_error(ours, ref) < TOLERANCE
+
+
+def test_llama3_rotary_frequencies_equal_transformers():
+  """Our rope_type llama3 frequencies are transformers' `_compute_llama3_parameters` (to a float32 ulp: its
+  power function rounds differently), and the tiny config puts them in all three of its bands (so the
+  parity test above sees the scaling)."""
+  hf_config = tiny_hf_config(text="llama3")
+  theirs, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"](hf_config.text_config)
+  c = LlavaConfig.from_hf_dict(hf_config.to_dict()).text
+  ours = np.asarray(rotary_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+  np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6, atol=0)
+  unscaled = 1 / c.rope_theta ** (np.arange(0, c.head_dim, 2) / c.head_dim)
+  ratio = np.round(unscaled / ours, 4)
+  assert ratio[0] == 1 and 1 < ratio[1] < 8 and (ratio[2:] == 8).all(), ratio
 
 
 def test_two_images_in_one_prompt():

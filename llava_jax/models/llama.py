@@ -1,4 +1,8 @@
-"""LLaMA-family decoder (LLaMA, Vicuna, Mistral): RMSNorm, rotary positions, GQA, SwiGLU, KV cache.
+"""LLaMA-family decoder: RMSNorm, rotary positions, GQA, SwiGLU, KV cache.
+
+One module for every family that differs from LLaMA only by config flags: Vicuna and Yi (LLaMA
+architecture), Mistral (sliding window), Llama-3 (rope_type llama3 scaling) and Qwen2 (q/k/v
+biases without an o_proj bias); config.TEXT_FAMILIES reads each family's flags.
 
 The KV cache is an explicit pytree passed in and returned, so decoding stays pure-functional and
 runs inside `lax.while_loop`: `{"k", "v"}` of shape (layers, batch·kv_heads, slots, head_dim) with
@@ -13,11 +17,13 @@ slice of stacked weights before using it, which triples the memory traffic of a 
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llava_jax.config import TextConfig
+from llava_jax.config import RopeScaling, TextConfig
 from llava_jax.models.layers import (INIT_STD, activation, attention, causal_attention, dense, heads_major, logical,
                                      scan_layers, weight_dot)
 
@@ -34,10 +40,37 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, scaling_factor: float):
-  """cos/sin tables (B, S, head_dim) in float32 for HF's half-split rotary layout."""
+def _llama3_inv_freq(inv_freq: jax.Array, s: RopeScaling) -> jax.Array:
+  """Llama 3.1's scaling (transformers' `_compute_llama3_parameters`): wavelengths shorter than
+  original_max/high_freq_factor keep their frequency, longer than original_max/low_freq_factor are
+  divided by `factor`, and the band between interpolates smoothly."""
+  old_context = s.original_max_position_embeddings
+  low_freq_wavelen, high_freq_wavelen = old_context / s.low_freq_factor, old_context / s.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = (old_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+# rope_type -> the scaled inverse frequencies (config.ROPE_TYPES lists the parameters each reads).
+ROPE_SCALINGS = {
+    "default": lambda inv_freq, s: inv_freq,
+    "linear": lambda inv_freq, s: inv_freq / s.factor,
+    "llama3": _llama3_inv_freq,
+}
+
+
+def rotary_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
+  """The (head_dim / 2,) float32 rotary frequencies, scaled as transformers' rope_type does."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs = (positions.astype(jnp.float32) / scaling_factor)[..., None] * inv_freq
+  return ROPE_SCALINGS[scaling.rope_type](inv_freq, scaling)
+
+
+def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling):
+  """cos/sin tables (B, S, head_dim) in float32 for HF's half-split rotary layout."""
+  freqs = positions.astype(jnp.float32)[..., None] * rotary_inv_freq(head_dim, theta, scaling)
   angles = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
@@ -60,7 +93,7 @@ class LlamaAttention(nn.Module):
     """layer_cache: this layer's {"k", "v"} (B·kv_heads, T, head_dim), or None without a cache."""
     c = self.config
     proj = lambda heads, axes, name: dense((heads, c.head_dim), ("embed", axes, "kv"), name=name, dtype=self.dtype,
-                                           use_bias=c.attention_bias, out_first=self.out_first)(x)
+                                           use_bias=c.qkv_bias, out_first=self.out_first)(x)
     q = apply_rotary(proj(c.num_attention_heads, "heads", "q_proj"), cos, sin)
     k = heads_major(apply_rotary(proj(c.num_key_value_heads, "kv_heads", "k_proj"), cos, sin))
     v = heads_major(proj(c.num_key_value_heads, "kv_heads", "v_proj"))
@@ -77,7 +110,7 @@ class LlamaAttention(nn.Module):
       out = causal_attention(q, k, v, mask, c.head_dim ** -0.5, sliding_window=c.sliding_window)
     else:
       out = attention(q, k, v, mask, c.head_dim ** -0.5)
-    out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.attention_bias,
+    out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.o_proj_bias,
                 contract=(-2, -1), out_first=self.out_first)(out)
     return out, layer_cache
 
@@ -180,7 +213,7 @@ class LlamaModel(nn.Module):
     cache (None without one).
     """
     c = self.config
-    cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor)
+    cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)
     h = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
     if self.scan:
       h, cache = self.layers(h, cache, cos, sin, mask, cache_index)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,8 +12,27 @@ import numpy as np
 from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
 from llava_jax.models.clip import ClipVisionTower
+from llava_jax.models.interfaces import LanguageModel, VisionTower
 from llava_jax.models.llama import LlamaModel
 from llava_jax.models.projector import Projector
+
+# vision_config.model_type -> its tower, built from the LLaVA config and the compute dtype.
+VISION_TOWERS: dict[str, Callable[[LlavaConfig, jnp.dtype], VisionTower]] = {
+    "clip_vision_model": lambda c, dtype: ClipVisionTower(c.vision, c.feature_layers, dtype, c.remat_policy,
+                                                          c.scan_layers),
+}
+
+
+def _llama(c: LlavaConfig, dtype: jnp.dtype) -> LlamaModel:
+  return LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers, c.out_first_kernels)
+
+
+# text_config.model_type -> its decoder; families that differ from LLaMA only by config flags share its module.
+LANGUAGE_MODELS: dict[str, Callable[[LlavaConfig, jnp.dtype], LanguageModel]] = {
+    "llama": _llama,
+    "mistral": _llama,
+    "qwen2": _llama,
+}
 
 
 def check_image_token_count(input_ids, images_per_row: int, tokens_per_image: int, image_token_index: int) -> None:
@@ -81,9 +102,9 @@ class Llava(nn.Module):
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    self.vision_tower = ClipVisionTower(c.vision, c.feature_layers, dtype, c.remat_policy, c.scan_layers)
+    self.vision_tower = VISION_TOWERS[c.vision.model_type](c, dtype)
     self.projector = projector_for(c, dtype)
-    self.language_model = LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers, c.out_first_kernels)
+    self.language_model = LANGUAGE_MODELS[c.text.model_type](c, dtype)
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N, tokens_per_image, text_hidden)."""

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llava_jax.config import LlavaConfig
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.errors import LlavaJaxError
 
 # ---- transforms: (HF array, our per-layer shape) -> ours, and ours -> HF ----------------------
@@ -56,15 +56,13 @@ class Rule:
     return "{i}" in self.hf
 
 
-def rules(config: LlavaConfig) -> list[Rule]:
-  v, t = config.vision, config.text
-  vh, th = (v.num_attention_heads, v.head_dim), (t.num_attention_heads, t.head_dim)
-  kvh = (t.num_key_value_heads, t.head_dim)
+def _add(out: list[Rule]) -> Callable:
+  return lambda hf, path, transform, shape: out.append(Rule(hf, path, transform, tuple(shape)))
+
+
+def _clip_rules(v: VisionConfig) -> list[Rule]:
   out: list[Rule] = []
-
-  def add(hf, path, transform, shape):
-    out.append(Rule(hf, path, transform, tuple(shape)))
-
+  add, vh = _add(out), (v.num_attention_heads, v.head_dim)
   vt, vl = "vision_tower.", "vision_tower.encoder.layers.{i}."
   add(vt + "embeddings.patch_embedding.weight", "vision_tower/embeddings/patch_embedding/kernel", "conv",
       (v.patch_size, v.patch_size, v.num_channels, v.hidden_size))
@@ -87,14 +85,14 @@ def rules(config: LlavaConfig) -> list[Rule]:
   add(vl + "mlp.fc1.bias", "vision_tower/layers/mlp/fc1/bias", "copy", (v.intermediate_size,))
   add(vl + "mlp.fc2.weight", "vision_tower/layers/mlp/fc2/kernel", "linear", (v.intermediate_size, v.hidden_size))
   add(vl + "mlp.fc2.bias", "vision_tower/layers/mlp/fc2/bias", "copy", (v.hidden_size,))
+  return out
 
-  projections = ["linear_1"] if config.projector_type == "linear" else ["linear_1", "linear_2"]
-  for name in projections:
-    fan_in = config.vision_feature_size if name == "linear_1" else t.hidden_size
-    add(f"multi_modal_projector.{name}.weight", f"projector/{name}/kernel", "linear", (fan_in, t.hidden_size))
-    if config.multimodal_projector_bias:
-      add(f"multi_modal_projector.{name}.bias", f"projector/{name}/bias", "copy", (t.hidden_size,))
 
+def _llama_rules(t: TextConfig) -> list[Rule]:
+  """LLaMA-architecture decoders; which biases exist is the config's (Qwen2: q/k/v only)."""
+  out: list[Rule] = []
+  add = _add(out)
+  th, kvh = (t.num_attention_heads, t.head_dim), (t.num_key_value_heads, t.head_dim)
   lm, ll = "language_model.model.", "language_model.model.layers.{i}."
   add(lm + "embed_tokens.weight", "language_model/embed_tokens/embedding", "copy", (t.vocab_size, t.hidden_size))
   add(lm + "norm.weight", "language_model/norm/scale", "copy", (t.hidden_size,))
@@ -104,11 +102,11 @@ def rules(config: LlavaConfig) -> list[Rule]:
   for proj, heads in (("q_proj", th), ("k_proj", kvh), ("v_proj", kvh)):
     add(ll + f"self_attn.{proj}.weight", f"language_model/layers/self_attn/{proj}/kernel", "linear",
         (t.hidden_size,) + heads)
-    if t.attention_bias:
+    if t.qkv_bias:
       add(ll + f"self_attn.{proj}.bias", f"language_model/layers/self_attn/{proj}/bias", "bias_heads", heads)
   add(ll + "self_attn.o_proj.weight", "language_model/layers/self_attn/o_proj/kernel", "linear_out",
       th + (t.hidden_size,))
-  if t.attention_bias:
+  if t.o_proj_bias:
     add(ll + "self_attn.o_proj.bias", "language_model/layers/self_attn/o_proj/bias", "copy", (t.hidden_size,))
   for proj, fan_in, fan_out in (("gate_proj", t.hidden_size, t.intermediate_size),
                                 ("up_proj", t.hidden_size, t.intermediate_size),
@@ -119,6 +117,35 @@ def rules(config: LlavaConfig) -> list[Rule]:
   if not t.tie_word_embeddings:
     add("language_model.lm_head.weight", "language_model/lm_head/kernel", "linear", (t.hidden_size, t.vocab_size))
   return out
+
+
+# vision_config.model_type / text_config.model_type -> that family's rows (as models/llava.py builds its modules).
+VISION_RULES: dict[str, Callable[[VisionConfig], list[Rule]]] = {
+    "clip_vision_model": _clip_rules,
+}
+TEXT_RULES: dict[str, Callable[[TextConfig], list[Rule]]] = {
+    "llama": _llama_rules,
+    "mistral": _llama_rules,
+    "qwen2": _llama_rules,
+}
+
+
+def _projector_rules(config: LlavaConfig) -> list[Rule]:
+  out: list[Rule] = []
+  add, hidden = _add(out), config.text.hidden_size
+  projections = ["linear_1"] if config.projector_type == "linear" else ["linear_1", "linear_2"]
+  for name in projections:
+    fan_in = config.vision_feature_size if name == "linear_1" else hidden
+    add(f"multi_modal_projector.{name}.weight", f"projector/{name}/kernel", "linear", (fan_in, hidden))
+    if config.multimodal_projector_bias:
+      add(f"multi_modal_projector.{name}.bias", f"projector/{name}/bias", "copy", (hidden,))
+  return out
+
+
+def rules(config: LlavaConfig) -> list[Rule]:
+  """Every tensor of the model: the tower's rows, the projector's, the decoder's."""
+  return (VISION_RULES[config.vision.model_type](config.vision) + _projector_rules(config)
+          + TEXT_RULES[config.text.model_type](config.text))
 
 
 def layer_count(rule: Rule, config: LlavaConfig) -> int:
