@@ -6,14 +6,12 @@ lists writable by hand; the BPE fixture tokenizer then checks the same rules on 
 
 import numpy as np
 import pytest
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from llava_jax.data import templates
 from llava_jax.data.templates import GPT, HUMAN
 from llava_jax.errors import LlavaJaxError
 
-from tokenizer_fixture import build_tiny_tokenizer
+from tokenizer_fixture import build_tiny_tokenizer, build_word_tokenizer
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
 IMG = "<image>"
@@ -23,23 +21,10 @@ CONVERSATION = [(HUMAN, "<image>\nWhat is it?"), (GPT, "A red circle."),
                 (HUMAN, "How many?"), (GPT, "One.")]
 
 
-def word_tokenizer(texts):
-  for special in SPECIALS:  # special tokens split words, as the tokenizer will
-    texts = [t.replace(special, " ") for t in texts]
-  words = sorted({w for t in texts for w in t.split()})
-  vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.add_special_tokens(SPECIALS)
-  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                              pad_token="<pad>", unk_token="<unk>")
-
-
 def masked_tokens(name, turns):
   expanded = [(r, v.replace(IMG, IMG * SEQ)) for r, v in turns]
   rendered = templates.render(name, expanded)
-  tokenizer = word_tokenizer([rendered.text])
+  tokenizer = build_word_tokenizer([rendered.text], SPECIALS, bos_token="<s>", eos_token="</s>")
   image_id = tokenizer.convert_tokens_to_ids(IMG)
   ids, mask = templates.tokenize(rendered, tokenizer.backend_tokenizer, image_id)
   assert ids.tolist() == tokenizer(rendered.text)["input_ids"]  # same as the tokenizer's defaults
