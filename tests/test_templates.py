@@ -6,40 +6,26 @@ lists writable by hand; the BPE fixture tokenizer then checks the same rules on 
 
 import numpy as np
 import pytest
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from llava_jax.data import templates
 from llava_jax.data.templates import GPT, HUMAN
 from llava_jax.errors import LlavaJaxError
 
-from tokenizer_fixture import build_tiny_tokenizer
+from tokenizer_fixture import build_tiny_tokenizer, build_word_tokenizer
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
 IMG = "<image>"
+IM_END = templates.IM_END
 SEQ = 2  # image tokens per image in these tests
 
 CONVERSATION = [(HUMAN, "<image>\nWhat is it?"), (GPT, "A red circle."),
                 (HUMAN, "How many?"), (GPT, "One.")]
 
 
-def word_tokenizer(texts):
-  for special in SPECIALS:  # special tokens split words, as the tokenizer will
-    texts = [t.replace(special, " ") for t in texts]
-  words = sorted({w for t in texts for w in t.split()})
-  vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.add_special_tokens(SPECIALS)
-  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                              pad_token="<pad>", unk_token="<unk>")
-
-
 def masked_tokens(name, turns):
   expanded = [(r, v.replace(IMG, IMG * SEQ)) for r, v in turns]
   rendered = templates.render(name, expanded)
-  tokenizer = word_tokenizer([rendered.text])
+  tokenizer = build_word_tokenizer([rendered.text], SPECIALS, bos_token="<s>", eos_token="</s>")
   image_id = tokenizer.convert_tokens_to_ids(IMG)
   ids, mask = templates.tokenize(rendered, tokenizer.backend_tokenizer, image_id)
   assert ids.tolist() == tokenizer(rendered.text)["input_ids"]  # same as the tokenizer's defaults
@@ -110,23 +96,27 @@ def test_generation_prompt_is_the_training_prefix():
 def test_bpe_tokenizer_masks_only_answers(tmp_path):
   corpus = [templates.render(n, CONVERSATION).text for n in templates.TEMPLATE_NAMES]
   tokenizer = build_tiny_tokenizer(tmp_path / "tok", corpus=corpus)
-  tokenizer.add_tokens([templates.IM_START, templates.IM_END], special_tokens=True)  # as ChatML tokenizers have
+  # The chat special tokens, as ChatML and Llama-3 tokenizers have them.
+  tokenizer.add_tokens([templates.IM_START, templates.IM_END, templates.EOT, "<|start_header_id|>",
+                        "<|end_header_id|>"], special_tokens=True)
   image_id = tokenizer.convert_tokens_to_ids(IMG)
   backend = tokenizer.backend_tokenizer
   for name in templates.TEMPLATE_NAMES:
     expanded = [(r, v.replace(IMG, IMG * SEQ)) for r, v in CONVERSATION]
     rendered = templates.render(name, expanded, tokenizer.bos_token, tokenizer.eos_token)
     ids, mask = templates.tokenize(rendered, backend, image_id)
-    assert ids.tolist() == tokenizer(rendered.text)["input_ids"]
+    # apply_chat_template(tokenize=True)'s rule: no second BOS when the text starts with one (llama_3).
+    assert ids.tolist() == tokenizer(rendered.text, add_special_tokens=not rendered.has_bos)["input_ids"]
+    assert (ids == tokenizer.bos_token_id).sum() == 1 + (name == "llama_2")  # llama_2 opens round 2 with BOS
     assert (ids == image_id).sum() == SEQ and not mask[ids == image_id].any()
-    end_of_turn = "<|im_end|>" if name == "chatml" else "</s>"
+    end_of_turn = {"chatml": IM_END, "chatml_direct": IM_END, "llama_3": templates.EOT}.get(name, "</s>")
     # The masked tokens decode to the answers and their end-of-turn markers, nothing else.
     target = tokenizer.decode(ids[mask == 1].tolist()).replace(" ", "")
     assert target == f"Aredcircle.{end_of_turn}One.{end_of_turn}", (name, target)
     # Inference tokenization of the prompt is a prefix of the training tokenization.
     prompt = templates.generation_prompt(name, CONVERSATION[0][1].replace(IMG, IMG * SEQ),
                                          bos=tokenizer.bos_token, eos=tokenizer.eos_token)
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=not prompt.startswith(tokenizer.bos_token))["input_ids"]
     assert ids[:len(prompt_ids)].tolist() == prompt_ids, name
 
 
@@ -137,4 +127,4 @@ def test_bad_conversations_and_names():
     templates.render("vicuna_v1", CONVERSATION[:3])
   with pytest.raises(LlavaJaxError, match="expected human, gpt"):
     templates.render("vicuna_v1", [(GPT, "a"), (HUMAN, "b")])
-  assert np.asarray(templates.TEMPLATE_NAMES).size == 5
+  assert np.asarray(templates.TEMPLATE_NAMES).size == 7

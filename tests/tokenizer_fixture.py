@@ -1,7 +1,10 @@
-"""A tiny LLaMA-like tokenizer trained in-process (no downloads), saved as a model folder would have it.
+"""Tiny tokenizers built in-process (no downloads).
 
-Ids: <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=vocab_size-1 (127 by default, as tests/hf_fixtures.py's
+`build_tiny_tokenizer`: a LLaMA-like BPE tokenizer, saved as a model folder would have it. Ids:
+<pad>=0, <s>=1, </s>=2, <unk>=3, <image>=vocab_size-1 (127 by default, as tests/hf_fixtures.py's
 tiny models expect); BOS is added by the post-processor, as LLaMA's tokenizer does.
+`build_word_tokenizer`: one token per whitespace-separated word, so expected token lists can be
+written by hand.
 """
 
 import os
@@ -44,3 +47,20 @@ def build_tiny_tokenizer(folder, corpus=None, vocab_size=128):
   os.makedirs(folder, exist_ok=True)
   tokenizer.save_pretrained(folder)
   return tokenizer
+
+
+def build_word_tokenizer(texts, special_tokens, bos_token=None, eos_token=None, chat_template=None):
+  """Every whitespace-separated word of `texts` is one token; `special_tokens` (with "<unk>" and
+  "<pad>") split words as a real tokenizer's do. BOS, when given, is added by the post-processor."""
+  for special in special_tokens:
+    texts = [t.replace(special, " ") for t in texts]
+  words = sorted({w for t in texts for w in t.split()})
+  vocab = {tok: i for i, tok in enumerate(list(special_tokens) + words)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens(list(special_tokens))
+  if bos_token:
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos_token} $A",
+                                                       special_tokens=[(bos_token, vocab[bos_token])])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos_token, eos_token=eos_token,
+                                              pad_token="<pad>", unk_token="<unk>", chat_template=chat_template)

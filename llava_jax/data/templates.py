@@ -6,12 +6,38 @@ target when its characters overlap a target piece. Tokenizing once, instead of p
 LLaVA's `preprocess_v1` does, guarantees that training sees exactly the tokens inference sees,
 and needs no per-tokenizer "-2" corrections.
 
-Targets are the assistant's answer and its end-of-turn marker (EOS or `<|im_end|>`); system text,
-user turns, role tags, BOS and image tokens are never targets. The texts follow LLaVA's
-`conversation.py` (`conv_llava_plain`, `conv_vicuna_v1`, `conv_llava_llama_2`,
-`conv_mistral_instruct`) and standard ChatML. Two deliberate differences: `plain` ends the caption
-with EOS instead of LLaVA's "\\n" (so a stage-1 model stops generating), and `chatml` uses the
-common newline-separated ChatML (as Qwen-style chat templates render it).
+Targets are the assistant's answer and its end-of-turn marker (EOS, `<|im_end|>` or `<|eot_id|>`);
+system text, user turns, role headers, BOS and image tokens are never targets. The texts follow
+LLaVA's `conversation.py` (`conv_llava_plain`, `conv_vicuna_v1`, `conv_llava_llama_2`,
+`conv_mistral_instruct`, `conv_chatml_direct`) and LLaVA-NeXT's (`conv_qwen`, `conv_llava_llama_3`).
+Deliberate differences: `plain` ends the caption with EOS instead of LLaVA's "\\n" (so a stage-1
+model stops generating); LLaVA-NeXT's `preprocess_qwen` / `preprocess_llama3` also put loss on
+the format's fixed tokens in EVERY turn (`<|im_start|>`, `<|im_end|>`, "\\n"; `<|begin_of_text|>`,
+`<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`, "\\n\\n"), including those of user
+turns and the assistant's role header; here, as for every other template, only the answer and the
+end-of-turn marker that stops generation carry loss.
+
+NeXT templates and the references they reproduce:
+- `llama_3` (llama3-llava-next-8b): Meta-Llama-3-Instruct's chat template (the jinja in its
+  tokenizer_config.json) applied to [system, user, assistant, ...] with LLaVA's system prompt:
+  `<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>` then
+  `<|start_header_id|>{role}<|end_header_id|>\\n\\n{text, trimmed}<|eot_id|>` per turn. That is
+  how LLaVA-NeXT trained the model: `preprocess_llama3` applies that template turn by turn after
+  `conv_llava_llama_3`'s system prompt. Not reproduced: llava-hf's processor template for
+  llama3-llava-next-8b-hf (no system prompt, and "\\n" before every message's text, so
+  "<|end_header_id|>\\n\\n\\n" before each answer) and the doubled `<|start_header_id|>` of
+  `conv_llava_llama_3.get_prompt` (its roles carry the header too), neither of which training saw.
+  A folder with a chat template is still rendered with it, as transformers does (conversation.py).
+  The text starts with BOS, as the Llama-3 template writes it, so tokenizing adds no second one
+  (`Rendered.has_bos`: the rule of the processor's `adds_special_tokens`).
+- `chatml` (Qwen NeXT: llava-next-72b/110b): Qwen2's chat template (default system
+  "You are a helpful assistant.", "\\n" after every `<|im_end|>`), which is also LLaVA-NeXT's
+  `conv_qwen` / `preprocess_qwen` text and llava-hf's documented llava-next-72b-hf prompt.
+- `chatml_direct` (llava-v1.6-34b, Yi-34B): LLaVA's `conv_chatml_direct`, the format that model
+  was trained with: system "Answer the questions." and NO "\\n" after `<|im_end|>`, as llava-hf
+  documents the llava-v1.6-34b-hf prompt and as transformers' conversion script checked against
+  the original input ids. It differs from `chatml` in those two places only, so one `chatml`
+  cannot serve both Yi and Qwen models exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +58,9 @@ LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able
                   "visual content that the user provides, and assist the user with a variety of "
                   "tasks using natural language.")
 CHATML_SYSTEM = "You are a helpful assistant."
+CHATML_DIRECT_SYSTEM = "Answer the questions."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+EOT = "<|eot_id|>"
 
 # (text, is_target) pieces; a conversation is a list of (user, answer-or-None) exchanges, where
 # None means "open": the text ends where the assistant's answer would start (generation).
@@ -45,6 +73,7 @@ class Rendered:
   """A rendered conversation: its text and the [start, end) character spans that carry loss."""
   text: str
   spans: Tuple[Tuple[int, int], ...]
+  has_bos: bool = False  # the text starts with BOS itself: tokenizing must not add a second one
 
 
 def _plain(exchanges: Exchanges, bos: str, eos: str) -> Pieces:
@@ -87,12 +116,34 @@ def _mistral_instruct(exchanges: Exchanges, bos: str, eos: str) -> Pieces:
   return _inst(exchanges, bos, eos, "", round_sep="")
 
 
-def _chatml(exchanges: Exchanges, bos: str, eos: str) -> Pieces:
-  pieces: Pieces = [(f"{IM_START}system\n{CHATML_SYSTEM}{IM_END}\n", False)]
+def _chatml_turns(exchanges: Exchanges, system: str, turn_sep: str) -> Pieces:
+  pieces: Pieces = [(f"{IM_START}system\n{system}{IM_END}{turn_sep}", False)]
   for user, answer in exchanges:
-    pieces.append((f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n", False))
+    pieces.append((f"{IM_START}user\n{user}{IM_END}{turn_sep}{IM_START}assistant\n", False))
     if answer is not None:
-      pieces += [(answer + IM_END, True), ("\n", False)]
+      pieces += [(answer + IM_END, True), (turn_sep, False)]
+  return pieces
+
+
+def _chatml(exchanges: Exchanges, bos: str, eos: str) -> Pieces:
+  return _chatml_turns(exchanges, CHATML_SYSTEM, turn_sep="\n")
+
+
+def _chatml_direct(exchanges: Exchanges, bos: str, eos: str) -> Pieces:
+  return _chatml_turns(exchanges, CHATML_DIRECT_SYSTEM, turn_sep="")
+
+
+def _llama_3_header(role: str) -> str:
+  return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def _llama_3(exchanges: Exchanges, bos: str, eos: str) -> Pieces:
+  # conv_llava_llama_3 reuses conv_llava_llama_2's system prompt; the Llama-3 template trims each text.
+  pieces: Pieces = [(f"{bos}{_llama_3_header('system')}{LLAMA_2_SYSTEM}{EOT}", False)]
+  for user, answer in exchanges:
+    pieces.append((f"{_llama_3_header('user')}{user.strip()}{EOT}{_llama_3_header('assistant')}", False))
+    if answer is not None:
+      pieces.append((answer.strip() + EOT, True))
   return pieces
 
 
@@ -102,6 +153,8 @@ _TEMPLATES: dict = {
     "llama_2": _llama_2,
     "mistral_instruct": _mistral_instruct,
     "chatml": _chatml,
+    "chatml_direct": _chatml_direct,
+    "llama_3": _llama_3,
 }
 TEMPLATE_NAMES = tuple(_TEMPLATES)
 
@@ -129,13 +182,13 @@ def _pairs(turns: Sequence[Tuple[str, str]]) -> List[Tuple[str, str]]:
 def render(name: str, turns: Sequence[Tuple[str, str]], bos: str = "<s>", eos: str = "</s>") -> Rendered:
   """Renders (role, text) turns, role "human"/"gpt", into text and its target character spans."""
   pieces = _TEMPLATES[check_template(name)](_pairs(turns), bos or "", eos or "")
-  text, spans, pos = [], [], 0
+  spans, pos = [], 0
   for piece, target in pieces:
     if target:
       spans.append((pos, pos + len(piece)))
-    text.append(piece)
     pos += len(piece)
-  return Rendered("".join(text), tuple(spans))
+  text = "".join(piece for piece, _ in pieces)
+  return Rendered(text, tuple(spans), has_bos=bool(bos) and text.startswith(bos))
 
 
 def generation_prompt(name: str, user_text: str, history: Sequence[Tuple[str, str]] = (),
@@ -154,12 +207,13 @@ def tokenize(rendered: Rendered, tokenizer, image_token_id: Optional[int] = None
   """Tokenizes the whole text once; returns (input_ids int32 (L,), loss_mask float32 (L,)).
 
   `tokenizer` is a `tokenizers.Tokenizer` (a transformers fast tokenizer's `backend_tokenizer`);
-  its post-processor adds BOS exactly as calling the transformers tokenizer with defaults does.
+  its post-processor adds BOS exactly as calling the transformers tokenizer with defaults does,
+  unless the text starts with BOS itself (then, as apply_chat_template(tokenize=True), it adds none).
   loss_mask[t] = 1 when token t is a target (the model predicts it from position t - 1): when
   any of its characters lies in an answer span. A token straddling a span's end (possible when
   the end-of-turn marker is not a special token) is a target: generation must produce it to stop.
   """
-  encoding = tokenizer.encode(rendered.text)
+  encoding = tokenizer.encode(rendered.text, add_special_tokens=not rendered.has_bos)
   ids = np.asarray(encoding.ids, np.int32)
   mask = np.zeros(len(ids), np.float32)
   spans = rendered.spans
