@@ -72,13 +72,15 @@ def layout_for(config: LlavaConfig) -> ImageLayout:
   return IMAGE_LAYOUTS[config.model_type](config)
 
 
-def images_feature_index(layout: ImageLayout, sizes: Sequence[Sequence[int]]) -> np.ndarray:
+def images_feature_index(layout: ImageLayout, sizes: Sequence[Sequence[int]],
+                         names: Sequence[str] | None = None) -> np.ndarray:
   """int32 (image tokens of all images,): each image's `feature_index`, shifted past the tiles of the images
   before it, so that it indexes the features of all the images' tiles in order (what a prompt row feeds the
   model with its image tokens: the row's k-th image token takes feature index[k])."""
   parts, tiles = [np.zeros(0, np.int32)], 0
-  for i, size in enumerate(sizes):
-    index = layout.feature_index(size, f"image {i + 1}")
+  names = names or [f"image {i + 1}" for i in range(len(sizes))]
+  for size, name in zip(sizes, names):
+    index = layout.feature_index(size, name)
     parts.append(np.where(index == NEWLINE, NEWLINE, index + tiles * layout.tokens_per_tile).astype(np.int32))
-    tiles += layout.tiles(size, f"image {i + 1}")
+    tiles += layout.tiles(size, name)
   return np.concatenate(parts)

@@ -152,17 +152,20 @@ class Processor:
     """The prompt for one user message with `num_images` images."""
     return self.render([conversation.user_turn(user_text, num_images, self.image_token)])
 
-  def prepare(self, text: str, images: Sequence[ImageLike], raw: bool = False) -> LlavaInputs:
-    """What `generate` feeds the model: --raw text verbatim, else the rendered user message."""
+  def prepare(self, text: str, images: Sequence[ImageLike], raw: bool = False,
+              names: Optional[Sequence[str]] = None) -> LlavaInputs:
+    """What `generate` feeds the model: --raw text verbatim, else the rendered user message. `names`: how
+    errors name the images (their files), where they are given decoded."""
     if raw:
-      return self.encode(text, images)
+      return self.encode(text, images, names=names)
     turn = conversation.user_turn(text, len(images), self.image_token)
-    return self.encode_conversation([turn], images)
+    return self.encode_conversation([turn], images, names)
 
-  def encode_conversation(self, turns: Sequence[conversation.Turn], images: Sequence[ImageLike]) -> LlavaInputs:
+  def encode_conversation(self, turns: Sequence[conversation.Turn], images: Sequence[ImageLike],
+                          names: Optional[Sequence[str]] = None) -> LlavaInputs:
     """A conversation's prompt (ending where the answer starts) with its images, in their order."""
     prompt = self.render(turns)
-    return self.encode(prompt, images, add_special_tokens=self.adds_special_tokens(prompt))
+    return self.encode(prompt, images, add_special_tokens=self.adds_special_tokens(prompt), names=names)
 
   def adds_special_tokens(self, formatted_prompt: str) -> bool:
     """processor.apply_chat_template(tokenize=True)'s rule: no second BOS when the rendered
@@ -171,7 +174,7 @@ class Processor:
     return not (bos is not None and formatted_prompt.startswith(bos))
 
   def encode(self, prompt_text: str, images: Sequence[ImageLike], image_token: Optional[str] = None,
-             add_special_tokens: bool = True) -> LlavaInputs:
+             add_special_tokens: bool = True, names: Optional[Sequence[str]] = None) -> LlavaInputs:
     """Expands the i-th `<image>` to the tokens of the i-th image and tokenizes (LlavaProcessor's way)."""
     image_token = image_token or self.image_token
     num_tags = prompt_text.count(image_token)
@@ -179,7 +182,7 @@ class Processor:
       raise LlavaJaxError(f"prompt has {num_tags} {image_token} tag(s) but {len(images)} "
                           "image(s) were given; they must match")
     pictures = [_as_pil(img) for img in images]
-    names = [_image_name(img, i) for i, img in enumerate(images)]
+    names = list(names) if names is not None else [_image_name(img, i) for i, img in enumerate(images)]
     sizes = [(p.height, p.width) for p in pictures]
     counts = [self.layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
     tiles = [self.layout.pixels(p, self.image_processor, name) for p, name in zip(pictures, names)]
@@ -191,7 +194,7 @@ class Processor:
       raise LlavaJaxError(
           f"tokenized prompt has {ids.count(self.image_token_id)} image tokens, expected "
           f"{sum(counts)} for its {num_tags} image(s); the tokenizer splits or merges {image_token!r}")
-    return LlavaInputs(np.asarray(ids, np.int32), pixel_values, images_feature_index(self.layout, sizes))
+    return LlavaInputs(np.asarray(ids, np.int32), pixel_values, images_feature_index(self.layout, sizes, names))
 
   def encode_batch(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],
                    add_special_tokens: bool = True, length: Optional[int] = None) -> LlavaInputs:

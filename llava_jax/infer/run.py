@@ -115,7 +115,7 @@ def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, 
                         "image(s) were given; they must match")
   pictures = load_images(images)  # before loading weights: a bad image fails fast
   session = load_session(model, mesh)
-  inputs = session.processor.prepare(prompt, pictures, raw=raw)
+  inputs = session.processor.prepare(prompt, pictures, raw=raw, names=images)
   print(f"llava-jax: prompt of {len(inputs.input_ids)} tokens, {len(pictures)} image(s)", file=sys.stderr)
   request = Prompt.of(inputs)
   for piece in stream_text(session, request, max_new_tokens, sampling):
