@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +17,8 @@ from llava_jax.infer.generate import Prompt
 from llava_jax.infer.sampling import SamplingParams
 from llava_jax.infer.serve.command import load_service
 from llava_jax.weights import convert, mapping
-from test_convert import SHARD, _assert_same_tensors, _read_folder, _relayout
+from test_convert import SHARD, _assert_same_tensors, _read_folder, round_trip
+from test_generate_cli import _run
 from test_llava_next import TEMPLATE, reference_processor
 from test_server import MODEL_ID, _data_url, client  # noqa: F401  (client: the HTTP fixture over `service`)
 from tokenizer_fixture import build_tiny_tokenizer
@@ -51,16 +49,9 @@ def saved(tmp_path_factory, next_model):
 @pytest.mark.parametrize("layout", mapping.LAYOUTS)
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 def test_round_trip_bit_for_bit(tmp_path, saved, next_model, layout, sharded):
-  src = saved / ("sharded" if sharded else "single")
-  if layout != "saved":
-    _relayout(src, tmp_path / "in", layout)
-    src = tmp_path / "in"
-  convert.hf_to_jax(str(src), str(tmp_path / "jax"))
-  convert.jax_to_hf(str(tmp_path / "jax"), str(tmp_path / "out"), max_shard_bytes=SHARD if sharded else 10**9)
-  _assert_same_tensors(_read_folder(src), _read_folder(tmp_path / "out"))
-  assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()
-  model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "out",
-                                                                               output_loading_info=True)
+  src, out = round_trip(saved, tmp_path, layout, sharded)
+  assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+  model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
   assert torch.equal(model.model.image_newline, next_model.model.image_newline)
 
@@ -86,13 +77,6 @@ def folder(tmp_path_factory, next_model):
   (path / "tiny.png").write_bytes(_png((5, 40)))
   (path / "bad.png").write_bytes(b"this is not a png")
   return path
-
-
-def _run(folder, *args):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(folder / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="")
-  return subprocess.run([sys.executable, "-m", "llava_jax", *args], capture_output=True, text=True, env=env,
-                        timeout=300)
 
 
 @pytest.mark.parametrize("args,message", [
