@@ -1,7 +1,7 @@
 """Model configs (vision tower, language model, LLaVA) and their Hugging Face `config.json` form.
 
 The dataclasses hold what the Flax modules need; `from_hf_dict`/`to_hf_dict` translate the
-transformers 5 `llava` config. Its `vision_config` and `text_config` sections are read and
+transformers 5 `llava` and `llava_next` configs (MODEL_TYPES). Its `vision_config` and `text_config` sections are read and
 written by their family's row of VISION_FAMILIES / TEXT_FAMILIES (keyed by the section's
 `model_type`): which keys the family's config.json carries, which it fixes by architecture and
 transformers' defaults for the keys a file leaves out. Keys we do not model are kept (the
@@ -19,7 +19,11 @@ from typing import Callable
 from llava_jax.errors import LlavaJaxError
 from llava_jax.fileio import read_json
 
-SUPPORTED_MODEL_TYPES = ("llava",)
+# config.json model_type -> the architecture transformers writes for it. `llava_next` adds AnyRes
+# (image_grid_pinpoints, image_newline); how each type lays out an image's tokens is data/layouts.py's table.
+MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+# transformers' LlavaNextConfig default (llava-v1.6's).
+DEFAULT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 PROJECTOR_TYPES = ("linear", "mlp2x")
 # transformers' rope types we compute (models/llama.rotary_inv_freq) and the rope_parameters each one reads.
 ROPE_TYPES = {
@@ -46,6 +50,11 @@ class VisionConfig:
 
   def __post_init__(self):
     _check_type("vision_config", self.model_type, VISION_FAMILIES)
+
+  @property
+  def class_tokens(self) -> int:
+    """Tokens the tower outputs besides its patches (CLIP: the class token)."""
+    return VISION_CLASS_TOKENS[self.model_type]
 
   @property
   def head_dim(self) -> int:
@@ -147,6 +156,7 @@ TEXT_FAMILIES = {
                                   num_key_value_heads=32, max_position_embeddings=32768, bos_token_id=None,
                                   eos_token_id=None)),
 }
+VISION_CLASS_TOKENS = {"clip_vision_model": 1}
 VISION_FAMILIES = {
     "clip_vision_model": Family(
         ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
@@ -159,10 +169,12 @@ VISION_FAMILIES = {
 
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
+  model_type: str = "llava"
   vision: VisionConfig = VisionConfig()
   text: TextConfig = TextConfig()
   image_token_index: int = 32000
-  image_seq_length: int = 576
+  image_seq_length: int = 576  # features per tile (transformers keeps it for llava_next too; unused there)
+  image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # llava_next's AnyRes resolutions (height, width)
   projector_type: str = "mlp2x"
   projector_hidden_act: str = "gelu"
   multimodal_projector_bias: bool = True
@@ -181,6 +193,8 @@ class LlavaConfig:
   hf_extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def __post_init__(self):
+    if self.model_type not in MODEL_TYPES:
+      raise LlavaJaxError(f"config: unsupported model_type {self.model_type!r} (supported: {', '.join(MODEL_TYPES)})")
     if self.projector_type not in PROJECTOR_TYPES:
       raise LlavaJaxError(f"config: projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
     if self.vision_feature_select_strategy not in ("default", "full"):
@@ -203,8 +217,14 @@ class LlavaConfig:
     return tuple(out)
 
   @property
-  def tokens_per_image(self) -> int:
-    return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+  def tokens_per_tile(self) -> int:
+    """Features the projector gives one tower input (a whole LLaVA-1.5 image, one AnyRes tile)."""
+    return self.vision.num_patches + (self.vision.class_tokens if self.vision_feature_select_strategy == "full" else 0)
+
+  @property
+  def has_image_newline(self) -> bool:
+    """LLaVA-NeXT's learned embedding closing each row of an image's AnyRes feature grid."""
+    return self.model_type == "llava_next"
 
   @property
   def vision_feature_size(self) -> int:
@@ -218,8 +238,8 @@ class LlavaConfig:
   @classmethod
   def from_hf_dict(cls, d: dict, source: str = "config.json") -> "LlavaConfig":
     model_type = d.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise LlavaJaxError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type not in MODEL_TYPES:
+      raise LlavaJaxError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
     td = d.get("text_config") or {}
     vision = VisionConfig(**_read_section(VisionConfig, VISION_FAMILIES, "vision_config", d.get("vision_config") or {},
                                           source))
@@ -228,6 +248,7 @@ class LlavaConfig:
     layer = d.get("vision_feature_layer", -2)
     defaults = TEXT_FAMILIES[text.model_type].defaults
     kwargs = dict(
+        model_type=model_type,
         vision=vision,
         text=text,
         image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
@@ -241,12 +262,15 @@ class LlavaConfig:
         projector_type=extras.get("projector_type", "mlp2x"),
         hf_extra={k: v for k, v in d.items() if k not in _LLAVA_KEYS},
     )
+    if model_type == "llava_next":
+      kwargs["image_grid_pinpoints"] = _grid_pinpoints(d.get("image_grid_pinpoints"), vision.image_size, source)
+      _check_anyres_strategy(kwargs["vision_feature_select_strategy"], vision, source)
     config = cls(**kwargs)
-    seq_len = d.get("image_seq_length", config.tokens_per_image)
+    seq_len = d.get("image_seq_length", config.tokens_per_tile if model_type == "llava" else 576)
     config = config.replace(image_seq_length=seq_len)
-    if seq_len != config.tokens_per_image:
+    if model_type == "llava" and seq_len != config.tokens_per_tile:
       raise LlavaJaxError(
-          f"{source}: image_seq_length is {seq_len} but the vision tower gives {config.tokens_per_image} tokens per image")
+          f"{source}: image_seq_length is {seq_len} but the vision tower gives {config.tokens_per_tile} tokens per image")
     return config
 
   def to_hf_dict(self) -> dict:
@@ -264,8 +288,8 @@ class LlavaConfig:
                 eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id)
     d = dict(self.hf_extra)
     d.update(
-        architectures=d.get("architectures", ["LlavaForConditionalGeneration"]),
-        model_type="llava",
+        architectures=d.get("architectures", [MODEL_TYPES[self.model_type]]),
+        model_type=self.model_type,
         vision_config=_write_section(self.vision, VISION_FAMILIES),
         text_config=text,
         image_token_index=self.image_token_index,
@@ -277,6 +301,8 @@ class LlavaConfig:
         vision_feature_select_strategy=self.vision_feature_select_strategy,
         tie_word_embeddings=t.tie_word_embeddings,
     )
+    if self.image_grid_pinpoints is not None:
+      d["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
     if self.pad_token_id != text["pad_token_id"]:  # LLaVA's own pad token, e.g. one added beside the text model's
       d["pad_token_id"] = self.pad_token_id
     if self.projector_type != "mlp2x":
@@ -287,7 +313,7 @@ class LlavaConfig:
 _LLAVA_KEYS = {
     "model_type", "vision_config", "text_config", "image_token_index", "image_token_id", "image_seq_length",
     "projector_hidden_act", "multimodal_projector_bias", "vision_feature_layer", "vision_feature_select_strategy",
-    "pad_token_id", "tie_word_embeddings", "llava_jax",
+    "pad_token_id", "tie_word_embeddings", "llava_jax", "image_grid_pinpoints",
 }
 _ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")  # v5 and v4 spellings; written back as v5
 
@@ -329,6 +355,30 @@ def _text_from_hf(td: dict, source: str) -> TextConfig:
   return dataclasses.replace(
       text, head_dim=td.get("head_dim") or text.hidden_size // text.num_attention_heads,
       num_key_value_heads=fields.get("num_key_value_heads") or text.num_attention_heads)
+
+
+def _grid_pinpoints(value, image_size: int, source: str) -> tuple[tuple[int, int], ...]:
+  """llava_next's image_grid_pinpoints: [height, width] pairs, each side a multiple of the tower's image size."""
+  if value is None:
+    return DEFAULT_GRID_PINPOINTS
+  pairs = value if isinstance(value, list) else [value]
+  if not pairs:
+    raise LlavaJaxError(f"{source}: image_grid_pinpoints is empty")
+  for pair in pairs:
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair)):
+      raise LlavaJaxError(f"{source}: image_grid_pinpoints entry {pair!r} is not a [height, width] pair of positive ints")
+    if pair[0] % image_size or pair[1] % image_size:
+      raise LlavaJaxError(f"{source}: image_grid_pinpoints entry {pair} is not a multiple of the vision tower's "
+                          f"image_size {image_size}")
+  return tuple((int(h), int(w)) for h, w in pairs)
+
+
+def _check_anyres_strategy(strategy: str, vision: VisionConfig, source: str) -> None:
+  """AnyRes lays each tile's features out as a patch grid; "full" keeps the class token, which has no place in it
+  (transformers' LlavaNext fails on such a model too)."""
+  if strategy == "full" and vision.class_tokens:
+    raise LlavaJaxError(f"{source}: vision_feature_select_strategy 'full' keeps the {vision.model_type} class token, "
+                        "which the AnyRes feature grid of llava_next has no place for (use 'default')")
 
 
 def _tuple_or_int(value):

@@ -68,13 +68,7 @@ def tiny_hf_config(*, text="llama", projector_act="gelu", feature_layer=-2, stra
 
 def tiny_hf_model(seed=0, **kwargs) -> transformers.LlavaForConditionalGeneration:
   torch.manual_seed(seed)
-  model = transformers.LlavaForConditionalGeneration(tiny_hf_config(**kwargs)).eval()
-  # Norm weights and biases start at 1/0; perturb them so a mapping mistake cannot hide.
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name or name.endswith("bias") or "layrnorm" in name:
-        p.add_(0.1 * torch.randn_like(p))
-  return model
+  return _perturbed(transformers.LlavaForConditionalGeneration(tiny_hf_config(**kwargs)).eval())
 
 
 def text_with_images(rng, length: int, tokens_per_image: int, image_starts) -> np.ndarray:
@@ -98,3 +92,42 @@ def hf_state(hf_model) -> dict[str, np.ndarray]:
   with tempfile.TemporaryDirectory() as d:
     hf_model.save_pretrained(d)
     return load_file(os.path.join(d, "model.safetensors"))
+
+
+# LLaVA-NeXT: 28-px tiles of 4x4 patches and pinpoints of 1x2, 2x1, 2x2, 1x3 and 3x1 tiles.
+NEXT_IMAGE_SIZE = 28
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
+NEXT_PREPROCESSOR = {"size": {"shortest_edge": NEXT_IMAGE_SIZE},
+                     "crop_size": {"height": NEXT_IMAGE_SIZE, "width": NEXT_IMAGE_SIZE},
+                     "image_grid_pinpoints": NEXT_PINPOINTS}
+
+
+def tiny_hf_next_config(*, text="llama", feature_layer=-2, strategy="default") -> transformers.LlavaNextConfig:
+  """A tiny LLaVA-NeXT config (2-layer CLIP tower of 28-px tiles, patch 7) over one of the tiny decoders."""
+  base = tiny_hf_config(text=text, feature_layer=feature_layer, strategy=strategy, image_size=NEXT_IMAGE_SIZE,
+                        patch_size=7)
+  base.vision_config.num_hidden_layers = 2
+  return transformers.LlavaNextConfig(
+      vision_config=base.vision_config, text_config=base.text_config, image_token_index=IMAGE_TOKEN,
+      image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=feature_layer,
+      vision_feature_select_strategy=strategy, projector_hidden_act="gelu", tie_word_embeddings=False)
+
+
+def _perturbed(model):
+  # Norm weights and biases start at 1/0; perturb them so a mapping mistake cannot hide.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias") or "layrnorm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def tiny_hf_next_model(seed=0, **kwargs) -> transformers.LlavaNextForConditionalGeneration:
+  torch.manual_seed(seed)
+  return _perturbed(transformers.LlavaNextForConditionalGeneration(tiny_hf_next_config(**kwargs)).eval())
+
+
+def next_image_processor():
+  """transformers' PIL LLaVA-NeXT image processor of the tiny NeXT models."""
+  from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+  return LlavaNextImageProcessorPil(**NEXT_PREPROCESSOR)

@@ -82,7 +82,7 @@ def _data_url(image) -> str:
 
 def _through_generate(session, images):
   """What `llava-jax generate --image IMG --prompt Q` feeds the engine."""
-  inputs = session.processor.prepare(EXCHANGES[0][0], images[:1], session.image_seq_length)
+  inputs = session.processor.prepare(EXCHANGES[0][0], images[:1])
   return inputs.input_ids, inputs.pixel_values
 
 
@@ -133,7 +133,7 @@ def _assert_entry_points_agree(session, images, first, both):
     _assert_prompt(got, first)
   for got in (chat_both, _through_server(session, images, EXCHANGES)):
     _assert_prompt(got, both)
-  assert (chat_both[0] == session.processor.image_token_id).sum() == 2 * session.image_seq_length
+  assert (chat_both[0] == session.processor.image_token_id).sum() == 2 * session.engine.config.image_seq_length
 
 
 @pytest.mark.parametrize("chat_template", [LLAVA_15_TEMPLATE, INST_TEMPLATE], ids=["llava_1_5", "inst_bos"])

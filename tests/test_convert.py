@@ -93,17 +93,23 @@ def saved_dirs(tmp_path_factory, f32_model):
   return root
 
 
-@pytest.mark.parametrize("layout", mapping.LAYOUTS)
-@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
-def test_round_trip_bit_for_bit(tmp_path, saved_dirs, f32_model, layout, sharded):
-  src = saved_dirs / ("sharded" if sharded else "single")
+def round_trip(saved, tmp_path, layout: str, sharded: bool):
+  """saved/single or saved/sharded, renamed into `layout`, through hf-to-jax and jax-to-hf: every tensor comes
+  back bit for bit. Returns the source folder and the output folder."""
+  src = saved / ("sharded" if sharded else "single")
   if layout != "saved":
     _relayout(src, tmp_path / "in", layout)
     src = tmp_path / "in"
   convert.hf_to_jax(str(src), str(tmp_path / "jax"))
   convert.jax_to_hf(str(tmp_path / "jax"), str(tmp_path / "out"), max_shard_bytes=SHARD if sharded else 10**9)
-
   _assert_same_tensors(_read_folder(src), _read_folder(tmp_path / "out"))
+  return src, tmp_path / "out"
+
+
+@pytest.mark.parametrize("layout", mapping.LAYOUTS)
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_round_trip_bit_for_bit(tmp_path, saved_dirs, f32_model, layout, sharded):
+  src, _ = round_trip(saved_dirs, tmp_path, layout, sharded)
   for asset in ("chat_template.jinja", "preprocessor_config.json", "generation_config.json", "config.json"):
     assert (tmp_path / "out" / asset).read_bytes() == (src / asset).read_bytes(), asset
   if layout == "saved":  # the very files transformers wrote, byte for byte (order, shards, index)

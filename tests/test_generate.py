@@ -188,7 +188,7 @@ def test_sliding_window_decides_the_long_generations():
 
 def test_bad_requests(llama):
   _, engine, prompts = llama
-  with pytest.raises(LlavaJaxError, match="image tokens but 1 image"):
+  with pytest.raises(LlavaJaxError, match="image tokens but its 1 image tile"):
     engine.generate([Prompt(prompts[0].input_ids, prompts[0].pixel_values[:1])], 4)
   with pytest.raises(LlavaJaxError, match="max_new_tokens"):
     engine.generate(prompts, 0)

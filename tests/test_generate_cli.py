@@ -14,6 +14,7 @@ from PIL import Image
 
 from hf_fixtures import tiny_hf_model
 from llava_jax.data.images import ImageProcessor
+from llava_jax.data.layouts import FixedLayout
 from llava_jax.data.processor import Processor
 from llava_jax.infer.chat import Conversation
 from tokenizer_fixture import build_tiny_tokenizer
@@ -90,8 +91,8 @@ def test_chat_answers_resets_and_quits(folder, expected):
 
 def test_chat_keeps_history(folder):
   """The second turn's prompt holds the first exchange, its image, and the new question."""
-  processor = Processor.from_folder(folder)
-  session = types.SimpleNamespace(processor=processor, image_seq_length=16)
+  processor = Processor.from_folder(folder, FixedLayout(16))
+  session = types.SimpleNamespace(processor=processor)
   conversation = Conversation(session)
   conversation.pending.append(Image.open(folder / "img.png"))
   conversation.prompt(QUESTION)

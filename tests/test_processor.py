@@ -11,6 +11,7 @@ from PIL import Image
 
 from llava_jax.data import processor as processor_lib
 from llava_jax.data.images import ImageProcessor
+from llava_jax.data.layouts import FixedLayout
 from llava_jax.data.processor import Processor
 from llava_jax.errors import LlavaJaxError
 from tokenizer_fixture import build_tiny_tokenizer
@@ -18,6 +19,7 @@ from tokenizer_fixture import build_tiny_tokenizer
 CROP, PATCH = 28, 14
 # vision_feature_select_strategy "default" drops the class token: (28 // 14) ** 2 + 1 - 1 tokens.
 IMAGE_SEQ_LENGTH = 4
+LAYOUT = FixedLayout(IMAGE_SEQ_LENGTH)
 
 # LLaVA-1.5-hf's template shape: role, image lines, then text; no BOS (the tokenizer adds it).
 LLAVA_TEMPLATE = (
@@ -54,7 +56,7 @@ def reference(folder):
 
 @pytest.fixture(scope="module")
 def ours(folder):
-  return Processor.from_folder(folder)
+  return Processor.from_folder(folder, LAYOUT)
 
 
 def _images(*sizes):
@@ -75,7 +77,7 @@ def _nhwc(pixel_values):
 def test_encode_matches_llava_processor(ours, reference, prompt, sizes):
   imgs = _images(*sizes)
   expected = reference(text=prompt, images=imgs or None, return_tensors="np")
-  got = ours.encode(prompt, imgs, IMAGE_SEQ_LENGTH)
+  got = ours.encode(prompt, imgs)
   assert got.input_ids.dtype == np.int32
   np.testing.assert_array_equal(got.input_ids, expected["input_ids"][0])
   assert got.input_ids[0] == ours.tokenizer.bos_token_id  # the tokenizer's own BOS
@@ -91,16 +93,16 @@ def test_encode_batch_left_padding(ours, reference):
   reference.tokenizer.padding_side = "left"
   expected = reference(text=prompts, images=[i for row in imgs for i in row], padding=True,
                        return_tensors="np")
-  got = ours.encode_batch(prompts, imgs, IMAGE_SEQ_LENGTH)
+  got = ours.encode_batch(prompts, imgs)
   np.testing.assert_array_equal(got.input_ids, expected["input_ids"])
   np.testing.assert_array_equal(got.attention_mask, expected["attention_mask"])
   np.testing.assert_array_equal(got.pixel_values, _nhwc(expected["pixel_values"]))
   assert got.input_ids[1, 0] == ours.pad_token_id == 0
-  wider = ours.encode_batch(prompts, imgs, IMAGE_SEQ_LENGTH, length=got.input_ids.shape[1] + 3)
+  wider = ours.encode_batch(prompts, imgs, length=got.input_ids.shape[1] + 3)
   np.testing.assert_array_equal(wider.input_ids[:, 3:], got.input_ids)
   assert not wider.attention_mask[:, :3].any()
   with pytest.raises(LlavaJaxError, match="does not fit the length 2"):
-    ours.encode_batch(prompts, imgs, IMAGE_SEQ_LENGTH, length=2)
+    ours.encode_batch(prompts, imgs, length=2)
 
 
 @pytest.mark.parametrize("template", [LLAVA_TEMPLATE, BOS_TEMPLATE], ids=["no_bos", "bos"])
@@ -108,7 +110,7 @@ def test_encode_batch_left_padding(ours, reference):
 def test_chat_template_matches_apply_chat_template(tmp_path, template, num_images):
   folder = _model_folder(tmp_path, template)
   reference = transformers.LlavaProcessor.from_pretrained(str(folder), local_files_only=True)
-  ours = Processor.from_folder(folder)
+  ours = Processor.from_folder(folder, LAYOUT)
   imgs = _images(*[(30 + 7 * i, 40) for i in range(num_images)])
   text = "What is in the image?"
   content = [{"type": "image", "image": img} for img in imgs] + [{"type": "text", "text": text}]
@@ -117,7 +119,7 @@ def test_chat_template_matches_apply_chat_template(tmp_path, template, num_image
   assert prompt == reference.apply_chat_template(conversation, add_generation_prompt=True)
   expected = reference.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                            return_dict=True, return_tensors="np")
-  got = ours.prepare(text, imgs, IMAGE_SEQ_LENGTH)
+  got = ours.prepare(text, imgs)
   np.testing.assert_array_equal(got.input_ids, expected["input_ids"][0])
   assert (got.input_ids == ours.tokenizer.bos_token_id).sum() == 1
   if imgs:
@@ -128,17 +130,17 @@ def test_saved_by_transformers_folder(tmp_path, reference):
   # transformers 5 saves the image processor nested in processor_config.json, no preprocessor_config.
   reference.save_pretrained(tmp_path)
   assert not (tmp_path / "preprocessor_config.json").exists()
-  ours = Processor.from_folder(tmp_path)
+  ours = Processor.from_folder(tmp_path, LAYOUT)
   assert ours.image_processor == ImageProcessor.default(CROP)
   assert ours.chat_template == LLAVA_TEMPLATE
   imgs = _images((33, 44))
-  got = ours.prepare("Describe.", imgs, IMAGE_SEQ_LENGTH)
+  got = ours.prepare("Describe.", imgs)
   expected = reference(text="USER: <image>\nDescribe. ASSISTANT:", images=imgs, return_tensors="np")
   np.testing.assert_array_equal(got.input_ids, expected["input_ids"][0])
 
 
 def test_fallback_template_without_chat_template(tmp_path):
-  ours = Processor.from_folder(_model_folder(tmp_path, chat_template=None))
+  ours = Processor.from_folder(_model_folder(tmp_path, chat_template=None), LAYOUT)
   assert ours.chat_template is None
   system = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
             "gives helpful, detailed, and polite answers to the human's questions.")
@@ -148,10 +150,10 @@ def test_fallback_template_without_chat_template(tmp_path):
   # Tags the user placed stay where they are.
   assert ours.format_prompt("A <image> B", 1) == f"{system} USER: A <image> B ASSISTANT:"
   # Every training template is available as a fallback, and generation prompts match training.
-  assert Processor(ours.tokenizer, ours.image_processor, fallback_template="llama_2").format_prompt(
+  assert Processor(ours.tokenizer, ours.image_processor, LAYOUT, fallback_template="llama_2").format_prompt(
       "Hi", 0).startswith("[INST]")
   with pytest.raises(LlavaJaxError, match="'nope'"):
-    Processor(ours.tokenizer, ours.image_processor, fallback_template="nope").format_prompt("Hi", 0)
+    Processor(ours.tokenizer, ours.image_processor, LAYOUT, fallback_template="nope").format_prompt("Hi", 0)
 
 
 def test_user_tags_kept_with_chat_template(ours):
@@ -162,7 +164,7 @@ def test_raw_prompt_and_image_paths(ours, reference, tmp_path):
   path = tmp_path / "photo.png"
   _images((31, 47))[0].save(path)
   raw = "<s>USER: <image>\nWhat? ASSISTANT:"
-  got = ours.prepare(raw, [path], IMAGE_SEQ_LENGTH, raw=True)
+  got = ours.prepare(raw, [path], raw=True)
   # --raw means the tokenizer's defaults, as LlavaProcessor(text=...), even with a BOS in the text.
   expected = reference(text=raw, images=[Image.open(path)], return_tensors="np")
   np.testing.assert_array_equal(got.input_ids, expected["input_ids"][0])
@@ -171,11 +173,11 @@ def test_raw_prompt_and_image_paths(ours, reference, tmp_path):
 
 def test_image_count_mismatch(ours):
   with pytest.raises(LlavaJaxError, match=r"prompt has 2 <image> tag\(s\) but 1 image\(s\)"):
-    ours.encode("<image> <image>", _images((28, 28)), IMAGE_SEQ_LENGTH)
+    ours.encode("<image> <image>", _images((28, 28)))
   with pytest.raises(LlavaJaxError, match=r"prompt has 0 <image> tag\(s\) but 1 image\(s\)"):
-    ours.prepare("no tags", _images((28, 28)), IMAGE_SEQ_LENGTH, raw=True)
+    ours.prepare("no tags", _images((28, 28)), raw=True)
   with pytest.raises(LlavaJaxError, match=r"prompt has 1 <image> tag\(s\) but 0 image\(s\)"):
-    ours.prepare("one <image> here", [], IMAGE_SEQ_LENGTH)
+    ours.prepare("one <image> here", [])
 
 
 def test_chat_template_sources(tmp_path):
@@ -204,9 +206,9 @@ def test_plain_tokenizer_loads_as_autotokenizer_without_torch(folder):
 
 def test_bad_folders(tmp_path):
   with pytest.raises(LlavaJaxError, match="nowhere: model folder not found"):
-    Processor.from_folder(tmp_path / "nowhere")
+    Processor.from_folder(tmp_path / "nowhere", LAYOUT)
   with pytest.raises(LlavaJaxError, match="cannot load tokenizer"):
-    Processor.from_folder(tmp_path)
+    Processor.from_folder(tmp_path, LAYOUT)
 
 
 def test_decode(ours):

@@ -265,8 +265,8 @@ def expected(service):
   session, answers = service.session, []
   for text, seed in CASES:
     images = [] if seed is None else [Image.open(io.BytesIO(_png(seed=seed)))]
-    inputs = session.processor.prepare(text, images, session.image_seq_length)
-    prompt = Prompt(inputs.input_ids, inputs.pixel_values if images else None)
+    inputs = session.processor.prepare(text, images)
+    prompt = Prompt.of(inputs)
     answer = "".join(run.stream_text(session, prompt, MAX_TOKENS, SamplingParams()))
     tokens = np.concatenate([rows[0] for rows in session.engine.stream([prompt], MAX_TOKENS)])
     reason = "stop" if tokens[-1] in session.engine.eos_token_ids else "length"

@@ -16,6 +16,7 @@ from llava_jax.data import conversation, templates
 from llava_jax.data.conversation import IMAGE, Turn
 from llava_jax.data.images import ImageProcessor
 from llava_jax.data.pipeline import Preprocess
+from llava_jax.data.layouts import FixedLayout
 from llava_jax.data.processor import Processor
 from llava_jax.data.templates import GPT, HUMAN
 
@@ -73,9 +74,9 @@ def hf_messages(system=None):
 
 def generation_ids(tokenizer, name, image_seq_length):
   """The token ids `generate`/`chat`/`serve` feed the model for TURNS (the processor's own path)."""
-  processor = Processor(tokenizer, ImageProcessor.default(28), fallback_template=name)
+  processor = Processor(tokenizer, ImageProcessor.default(28), FixedLayout(image_seq_length), fallback_template=name)
   image = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
-  return processor.encode_conversation(TURNS, [image], image_seq_length).input_ids.tolist()
+  return processor.encode_conversation(TURNS, [image]).input_ids.tolist()
 
 
 @pytest.mark.parametrize("name, jinja, system, bos", [

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-from llava_jax.data.images import ImageProcessor
+from llava_jax.data.images import PROCESSOR_CONFIG, ImageProcessor, read_image_processor_config
 from llava_jax.errors import LlavaJaxError
+from llava_jax.fileio import read_json
 
 HW = Tuple[int, int]
 
@@ -28,6 +30,9 @@ FEATURE_STRATEGIES = ("default", "full")
 
 # transformers pads the resized image with zeros before tiling (black, not the mean color).
 TILE_PAD_RGB = (0, 0, 0)
+
+# A feature index meaning the model's `image_newline` embedding instead of a tile feature (see feature_index).
+NEWLINE = -1
 
 
 def _image_hw(image_hw: Sequence[int], name: str) -> HW:
@@ -162,6 +167,52 @@ class AnyResLayout:
     kept_rows = row_slice.stop - row_slice.start
     kept_cols = col_slice.stop - col_slice.start
     return self.tokens_per_tile + kept_rows * (kept_cols + 1)
+
+  def tiles(self, image_hw: Sequence[int], name: str = "image") -> int:
+    """Tower inputs of one image: the whole image and its rows * cols tiles."""
+    rows, cols = self.grid_shape(image_hw, name)
+    return rows * cols + 1
+
+  def feature_index(self, image_hw: Sequence[int], name: str = "image") -> np.ndarray:
+    """int32 (num_image_tokens,): the feature each of the image's tokens takes, as an index into its tiles'
+    features flattened (tile-major, `tokens_per_tile` each), NEWLINE for the newline embedding.
+
+    This is transformers' `pack_image_features` as a gather: the whole image's features, then the tiles'
+    patch grids joined into one (rows * p, cols * p) grid, cropped by `unpad_slices`, read row by row with
+    a newline after each row.
+    """
+    rows, cols = self.grid_shape(image_hw, name)
+    side, per_tile = self.patches_per_side, self.tokens_per_tile
+    if per_tile != side * side:
+      raise LlavaJaxError(f"AnyRes: a tile gives {per_tile} features, not the {side}x{side} patch grid the layout "
+                          f"needs (vision_feature_select_strategy {self.vision_feature_select_strategy!r} with "
+                          f"{self.num_additional_image_tokens} additional token(s))")
+    row_slice, col_slice = unpad_slices(image_hw, (rows * side, cols * side))
+    r = np.arange(row_slice.start, row_slice.stop)[:, None]
+    c = np.arange(col_slice.start, col_slice.stop)[None, :]
+    tile = 1 + (r // side) * cols + c // side  # tile 0 is the whole image
+    grid = tile * per_tile + (r % side) * side + c % side
+    grid = np.concatenate([grid, np.full((len(grid), 1), NEWLINE)], axis=1)
+    return np.concatenate([np.arange(per_tile), grid.ravel()]).astype(np.int32)
+
+  def pixels(self, img: Image.Image, processor: ImageProcessor, name: str = "image") -> np.ndarray:
+    return anyres_pixels(img, processor, self, name)
+
+  def check_processor_files(self, folder: str) -> None:
+    """A model folder's LlavaNextProcessor settings (processor_config.json) and image processor pinpoints
+    must be this layout's (the model's config.json), or the token counts would not match the features."""
+    path = os.path.join(folder, PROCESSOR_CONFIG)
+    found = read_json(path) if os.path.isfile(path) else {}
+    ours = {"patch_size": self.patch_size, "vision_feature_select_strategy": self.vision_feature_select_strategy,
+            "num_additional_image_tokens": self.num_additional_image_tokens}
+    for key, value in ours.items():
+      if found.get(key, value) != value:
+        raise LlavaJaxError(f"{path}: {key} is {found[key]!r} but the model's config.json gives {value!r}")
+    image_config = read_image_processor_config(folder) or {}
+    pinpoints = image_config.get("image_grid_pinpoints")
+    if pinpoints is not None and [tuple(p) for p in pinpoints] != list(self.grid_pinpoints):
+      raise LlavaJaxError(f"{folder}: the image processor's image_grid_pinpoints {pinpoints} differ from the model's "
+                          f"{[list(p) for p in self.grid_pinpoints]}")
 
 
 def _overview_hw(processor: ImageProcessor) -> HW:

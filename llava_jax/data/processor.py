@@ -1,8 +1,10 @@
-"""Inference-side processor: (prompt text, images) -> model inputs, as transformers' LlavaProcessor.
+"""Inference-side processor: (prompt text, images) -> model inputs, as transformers' LlavaProcessor
+and LlavaNextProcessor.
 
 `Processor.prepare` is what `llava-jax generate` calls: render the user's message (conversation.py:
-chat template of the folder, else a named fallback template), expand each `<image>` to the model's
-number of image tokens, tokenize with the folder's tokenizer and preprocess the images (NHWC).
+chat template of the folder, else a named fallback template), expand each `<image>` to the number of
+image tokens its image gives under the model's image layout (data/layouts.py), tokenize with the
+folder's tokenizer and preprocess the images into tower inputs (NHWC) with the feature index.
 """
 
 import dataclasses
@@ -15,6 +17,7 @@ from PIL import Image
 from llava_jax.data import conversation
 from llava_jax.data import images as images_lib
 from llava_jax.data import templates
+from llava_jax.data.layouts import ImageLayout, images_feature_index
 from llava_jax.errors import LlavaJaxError
 from llava_jax.fileio import read_json
 
@@ -85,32 +88,36 @@ def _default_template(template, where: str) -> str:
 
 @dataclasses.dataclass
 class LlavaInputs:
-  """Model inputs. input_ids int32 (S,) or (B, S); pixel_values float32 (N, H, W, 3), images of
-  all rows in order; attention_mask int32 like input_ids (batched only)."""
+  """Model inputs. input_ids int32 (S,) or (B, S); pixel_values float32 (N, H, W, 3), the tower inputs
+  (images, or AnyRes tiles) of all rows in order; image_feature_index int32 (image tokens,): the
+  feature each image token takes (see layouts.images_feature_index), one array per row when batched;
+  attention_mask int32 like input_ids (batched only)."""
   input_ids: np.ndarray
   pixel_values: np.ndarray
+  image_feature_index: Union[np.ndarray, List[np.ndarray]]
   attention_mask: Optional[np.ndarray] = None
 
 
 class Processor:
-  """Tokenizer + image processor + chat template of one model folder."""
+  """Tokenizer + image processor + image layout + chat template of one model folder."""
 
-  def __init__(self, tokenizer, image_processor: images_lib.ImageProcessor,
+  def __init__(self, tokenizer, image_processor: images_lib.ImageProcessor, layout: ImageLayout,
                chat_template: Optional[str] = None, image_token: Optional[str] = None,
                fallback_template: str = "vicuna_v1"):
     self.tokenizer = tokenizer
     self.image_processor = image_processor
+    self.layout = layout
     self.chat_template = chat_template
     # LlavaProcessor's rule: the tokenizer's own image_token wins over the configured one.
     self.image_token = getattr(tokenizer, "image_token", None) or image_token or templates.IMAGE_TAG
     self.fallback_template = fallback_template
 
   @classmethod
-  def from_folder(cls, folder: PathLike, image_size: Optional[int] = None,
+  def from_folder(cls, folder: PathLike, layout: ImageLayout, image_size: Optional[int] = None,
                   fallback_template: str = "vicuna_v1",
                   image_aspect_ratio: Optional[str] = None) -> "Processor":
     """Loads a model folder's tokenizer, image processor (default CLIP one of `image_size` when
-    the folder has none) and chat template."""
+    the folder has none) and chat template; its processor files must agree with the model's `layout`."""
     if not os.path.isdir(folder):
       raise LlavaJaxError(f"{os.fspath(folder)}: model folder not found")
     tokenizer = load_tokenizer(folder)
@@ -119,7 +126,8 @@ class Processor:
     image_token = None
     if os.path.isfile(processor_config):
       image_token = read_json(processor_config).get("image_token")
-    return cls(tokenizer, image_processor, load_chat_template(folder, tokenizer), image_token,
+    layout.check_processor_files(folder)
+    return cls(tokenizer, image_processor, layout, load_chat_template(folder, tokenizer), image_token,
                fallback_template)
 
   @property
@@ -144,19 +152,20 @@ class Processor:
     """The prompt for one user message with `num_images` images."""
     return self.render([conversation.user_turn(user_text, num_images, self.image_token)])
 
-  def prepare(self, text: str, images: Sequence[ImageLike], image_seq_length: int,
-              raw: bool = False) -> LlavaInputs:
-    """What `generate` feeds the model: --raw text verbatim, else the rendered user message."""
+  def prepare(self, text: str, images: Sequence[ImageLike], raw: bool = False,
+              names: Optional[Sequence[str]] = None) -> LlavaInputs:
+    """What `generate` feeds the model: --raw text verbatim, else the rendered user message. `names`: how
+    errors name the images (their files), where they are given decoded."""
     if raw:
-      return self.encode(text, images, image_seq_length)
+      return self.encode(text, images, names=names)
     turn = conversation.user_turn(text, len(images), self.image_token)
-    return self.encode_conversation([turn], images, image_seq_length)
+    return self.encode_conversation([turn], images, names)
 
   def encode_conversation(self, turns: Sequence[conversation.Turn], images: Sequence[ImageLike],
-                          image_seq_length: int) -> LlavaInputs:
+                          names: Optional[Sequence[str]] = None) -> LlavaInputs:
     """A conversation's prompt (ending where the answer starts) with its images, in their order."""
     prompt = self.render(turns)
-    return self.encode(prompt, images, image_seq_length, add_special_tokens=self.adds_special_tokens(prompt))
+    return self.encode(prompt, images, add_special_tokens=self.adds_special_tokens(prompt), names=names)
 
   def adds_special_tokens(self, formatted_prompt: str) -> bool:
     """processor.apply_chat_template(tokenize=True)'s rule: no second BOS when the rendered
@@ -164,32 +173,36 @@ class Processor:
     bos = self.tokenizer.bos_token
     return not (bos is not None and formatted_prompt.startswith(bos))
 
-  def encode(self, prompt_text: str, images: Sequence[ImageLike], image_seq_length: int,
-             image_token: Optional[str] = None, add_special_tokens: bool = True) -> LlavaInputs:
-    """Expands each `<image>` to `image_seq_length` tokens and tokenizes (LlavaProcessor's way)."""
+  def encode(self, prompt_text: str, images: Sequence[ImageLike], image_token: Optional[str] = None,
+             add_special_tokens: bool = True, names: Optional[Sequence[str]] = None) -> LlavaInputs:
+    """Expands the i-th `<image>` to the tokens of the i-th image and tokenizes (LlavaProcessor's way)."""
     image_token = image_token or self.image_token
     num_tags = prompt_text.count(image_token)
     if num_tags != len(images):
       raise LlavaJaxError(f"prompt has {num_tags} {image_token} tag(s) but {len(images)} "
                           "image(s) were given; they must match")
-    pixel_values = self.image_processor([_as_pil(img) for img in images])
-    expanded = prompt_text.replace(image_token, image_token * image_seq_length)
+    pictures = [_as_pil(img) for img in images]
+    names = list(names) if names is not None else [_image_name(img, i) for i, img in enumerate(images)]
+    sizes = [(p.height, p.width) for p in pictures]
+    counts = [self.layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
+    tiles = [self.layout.pixels(p, self.image_processor, name) for p, name in zip(pictures, names)]
+    pixel_values = np.concatenate(tiles) if tiles else self.image_processor([])
+    pieces = prompt_text.split(image_token)
+    expanded = pieces[0] + "".join(image_token * n + piece for n, piece in zip(counts, pieces[1:]))
     ids = self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
-    if images and ids.count(self.image_token_id) != num_tags * image_seq_length:
+    if images and ids.count(self.image_token_id) != sum(counts):
       raise LlavaJaxError(
           f"tokenized prompt has {ids.count(self.image_token_id)} image tokens, expected "
-          f"{num_tags} x {image_seq_length}; the tokenizer splits or merges {image_token!r}")
-    return LlavaInputs(np.asarray(ids, np.int32), pixel_values)
+          f"{sum(counts)} for its {num_tags} image(s); the tokenizer splits or merges {image_token!r}")
+    return LlavaInputs(np.asarray(ids, np.int32), pixel_values, images_feature_index(self.layout, sizes, names))
 
   def encode_batch(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],
-                   image_seq_length: int, add_special_tokens: bool = True,
-                   length: Optional[int] = None) -> LlavaInputs:
+                   add_special_tokens: bool = True, length: Optional[int] = None) -> LlavaInputs:
     """Several prompts, LEFT padded (with the tokenizer's pad id, else 0) to the longest or to
     `length`; `images[i]` are the images of prompt i."""
     if len(prompts) != len(images):
       raise LlavaJaxError(f"{len(prompts)} prompts but {len(images)} image lists; they must match")
-    rows = [self.encode(p, imgs, image_seq_length, add_special_tokens=add_special_tokens)
-            for p, imgs in zip(prompts, images)]
+    rows = [self.encode(p, imgs, add_special_tokens=add_special_tokens) for p, imgs in zip(prompts, images)]
     longest = max((len(r.input_ids) for r in rows), default=0)
     width = longest if length is None else length
     if width < longest:
@@ -201,7 +214,7 @@ class Processor:
       input_ids[i, width - n:] = row.input_ids
       attention_mask[i, width - n:] = 1
     pixel_values = np.concatenate([r.pixel_values for r in rows]) if rows else self.image_processor([])
-    return LlavaInputs(input_ids, pixel_values, attention_mask)
+    return LlavaInputs(input_ids, pixel_values, [r.image_feature_index for r in rows], attention_mask)
 
   def decode(self, token_ids: Union[np.ndarray, List[int]]) -> str:
     """Generated ids -> text without special tokens (as LlavaProcessor.decode is used)."""
@@ -210,3 +223,8 @@ class Processor:
 
 def _as_pil(image: ImageLike) -> Image.Image:
   return image if isinstance(image, Image.Image) else images_lib.load_image(image)
+
+
+def _image_name(image: ImageLike, i: int) -> str:
+  """How errors name an image: its file, else its place among the prompt's images."""
+  return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {i + 1}"

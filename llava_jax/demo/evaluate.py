@@ -49,7 +49,9 @@ class Asker:
     # Expanding the one image token after tokenizing equals tokenizing the expanded text (it is a
     # special token), and lets each image be preprocessed once for all its questions.
     tag = processor.image_token_id
-    ids = np.concatenate([np.full(self.session.image_seq_length, tag) if t == tag else [t] for t in ids])
+    size = self.session.engine.config.vision.image_size
+    tokens = processor.layout.num_image_tokens((size, size))  # demo models: the fixed layout, one tower input
+    ids = np.concatenate([np.full(tokens, tag) if t == tag else [t] for t in ids])
     return Prompt(ids.astype(np.int32), self.pixels(path))
 
   def ask(self, items: Sequence[tuple[str, str | None]], progress: Callable[[int], None] | None = None,

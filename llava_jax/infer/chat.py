@@ -34,9 +34,8 @@ class Conversation:
   def prompt(self, user_text: str) -> Prompt:
     """The model input for `user_text` as the next user turn (pending images attached to it)."""
     pictures = self.images + self.pending
-    inputs = self.session.processor.encode_conversation(self.turns + [self._user_turn(user_text)], pictures,
-                                                        self.session.image_seq_length)
-    return Prompt(inputs.input_ids, inputs.pixel_values if pictures else None)
+    inputs = self.session.processor.encode_conversation(self.turns + [self._user_turn(user_text)], pictures)
+    return Prompt.of(inputs)
 
   def answered(self, user_text: str, answer: str) -> None:
     self.turns += [self._user_turn(user_text), Turn("assistant", (answer,))]

@@ -63,12 +63,23 @@ def bucket_batch(n: int) -> int:
 
 @dataclasses.dataclass
 class Prompt:
-  """One prompt: token ids (S,) with image tokens already expanded, and its images (M, H, W, 3)."""
+  """One prompt: token ids (S,) with image tokens already expanded, its tower inputs (M, H, W, 3): images,
+  or AnyRes tiles, and image_feature_index (image tokens,): the feature of the M inputs' flattened features
+  each image token takes (-1: image_newline; see models/llava.Llava.embed). Without an index the k-th image
+  token takes feature k (the fixed layout); llava_next prompts need one."""
   input_ids: np.ndarray
   pixel_values: np.ndarray | None = None
+  image_feature_index: np.ndarray | None = None
+
+  @classmethod
+  def of(cls, inputs) -> "Prompt":
+    """The prompt of one processor.LlavaInputs row."""
+    if not len(inputs.pixel_values):
+      return cls(inputs.input_ids)
+    return cls(inputs.input_ids, inputs.pixel_values, inputs.image_feature_index)
 
   @property
-  def num_images(self) -> int:
+  def num_tiles(self) -> int:
     return 0 if self.pixel_values is None else len(self.pixel_values)
 
 
@@ -93,13 +104,14 @@ class DeviceBatch(NamedTuple):
   """Device inputs of one request batch (left padded, batch padded)."""
   input_ids: jax.Array  # (B, P) int32
   prompt_mask: jax.Array  # (B, P) bool
-  pixel_values: jax.Array | None  # (B, M, H, W, 3) float32
+  pixel_values: jax.Array | None  # (B, M, H, W, 3) float32, M a bucketed tile count
+  image_feature_index: jax.Array | None  # (B, P) int32: a row's k-th image token takes feature [b, k]
   live: jax.Array  # (B,) bool: False for the rows that only pad the batch (they start finished)
   rows: int  # number of live rows
 
   @property
   def arrays(self) -> tuple:
-    return self.input_ids, self.prompt_mask, self.pixel_values, self.live
+    return self.input_ids, self.prompt_mask, self.pixel_values, self.image_feature_index, self.live
 
 
 class Engine:
@@ -185,7 +197,7 @@ class Engine:
   def forward(self, prompts: Sequence[Prompt]) -> tuple[np.ndarray, np.ndarray]:
     """Prefill logits (rows, P, V) of the left-padded batch and its (rows, P) mask (for tests, scoring)."""
     batch, _ = self._prepare(prompts, 1)
-    logits = self._forward(self.params, *batch.arrays[:3])
+    logits = self._forward(self.params, *batch.arrays[:4])
     return np.asarray(logits)[:batch.rows], np.asarray(batch.prompt_mask)[:batch.rows]
 
   def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int) -> tuple[DeviceBatch, int]:
@@ -193,15 +205,7 @@ class Engine:
       raise LlavaJaxError("generate: no prompts")
     if max_new_tokens < 1:
       raise LlavaJaxError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    c = self.config
-    for i, p in enumerate(prompts):
-      if len(p.input_ids) == 0:
-        raise LlavaJaxError(f"prompt {i} is empty")
-      got = int(np.sum(np.asarray(p.input_ids) == c.image_token_index))
-      if got != p.num_images * c.image_seq_length:
-        raise LlavaJaxError(
-            f"prompt {i} has {got} image tokens but {p.num_images} image(s) give "
-            f"{p.num_images * c.image_seq_length} ({c.image_seq_length} per image)")
+    indexes = [self._feature_index(i, p) for i, p in enumerate(prompts)]
     rows = bucket_batch(len(prompts))
     if self.mesh is not None:  # batch rows split over `data`
       rows = -(-rows // self.mesh.shape["data"]) * self.mesh.shape["data"]
@@ -213,23 +217,48 @@ class Engine:
       row = np.asarray(prompts[min(i, len(prompts) - 1)].input_ids, np.int32)
       ids[i, length - len(row):] = row
       mask[i, length - len(row):] = True
-    images = max(p.num_images for p in prompts)
-    pixels = None
-    if images:
-      shape = next(p.pixel_values.shape[1:] for p in prompts if p.num_images)
-      pixels = np.zeros((rows, images) + shape, np.float32)
+    tiles = max(p.num_tiles for p in prompts)
+    pixels = index = None
+    if tiles:
+      # Rows differ in tile counts (AnyRes: per image size); a bucketed count bounds the compiles.
+      shape = next(p.pixel_values.shape[1:] for p in prompts if p.num_tiles)
+      pixels = np.zeros((rows, bucket_length(tiles, minimum=1)) + shape, np.float32)
+      index = np.zeros((rows, length), np.int32)
       for i in range(rows):
-        p = prompts[min(i, len(prompts) - 1)]
-        if p.num_images:
+        last = min(i, len(prompts) - 1)  # padding rows repeat the last prompt
+        p = prompts[last]
+        if p.num_tiles:
           if p.pixel_values.shape[1:] != shape:
             raise LlavaJaxError(f"prompt {i}: images of shape {p.pixel_values.shape[1:]}, others have {shape}")
-          pixels[i, :p.num_images] = p.pixel_values
+          pixels[i, :p.num_tiles] = p.pixel_values
+          index[i, :len(indexes[last])] = indexes[last]
     live = np.arange(rows) < len(prompts)
     put = jnp.asarray
     if self.mesh is not None:
       rows_split = NamedSharding(self.mesh, P("data"))
       put = lambda x: jax.device_put(x, rows_split)
-    return DeviceBatch(put(ids), put(mask), None if pixels is None else put(pixels), put(live), len(prompts)), slots
+    maybe_put = lambda x: None if x is None else put(x)
+    return DeviceBatch(put(ids), put(mask), maybe_put(pixels), maybe_put(index), put(live), len(prompts)), slots
+
+  def _feature_index(self, i: int, p: Prompt) -> np.ndarray:
+    """Prompt i's image_feature_index, checked against its image tokens and tiles (the fixed layout's order
+    where it has none)."""
+    c = self.config
+    if len(p.input_ids) == 0:
+      raise LlavaJaxError(f"prompt {i} is empty")
+    got = int(np.sum(np.asarray(p.input_ids) == c.image_token_index))
+    features = p.num_tiles * c.tokens_per_tile
+    if p.image_feature_index is None:
+      if c.has_image_newline and p.num_tiles:
+        raise LlavaJaxError(f"prompt {i}: a {c.model_type} model needs the image_feature_index of its images")
+      index = np.arange(features, dtype=np.int32)
+    else:
+      index = np.asarray(p.image_feature_index, np.int32)
+    if got != len(index):
+      raise LlavaJaxError(f"prompt {i} has {got} image tokens but its {p.num_tiles} image tile(s) give {len(index)}")
+    if len(index) and (index.max() >= features or index.min() < (-1 if c.has_image_newline else 0)):
+      raise LlavaJaxError(f"prompt {i}: image_feature_index outside the {features} features of its image tiles")
+    return index
 
   def _eos(self, ids: Sequence[int] | None) -> tuple[int, ...]:
     if ids is None:
@@ -245,7 +274,8 @@ class Engine:
 
   # ---- device side (traced) ------------------------------------------------------------------
 
-  def _prefill(self, params, input_ids, prompt_mask, pixel_values, slots: int, last_logits_only: bool = False):
+  def _prefill(self, params, input_ids, prompt_mask, pixel_values, feature_index, slots: int,
+               last_logits_only: bool = False):
     """Runs the prompt through the model into a fresh cache of `slots` slots.
 
     Without a mesh, a batch is prefilled one row after another (`lax.map`): XLA:CPU's matmuls
@@ -257,16 +287,17 @@ class Engine:
     kv_mask = jnp.zeros((rows, slots), bool).at[:, :length].set(prompt_mask)
     dtype = jnp.dtype(self.config.dtype)
 
-    def run(ids, pixels, mask):
+    def run(ids, pixels, index, mask):
       cache = self._constrain(init_cache(self.config.text, ids.shape[0], slots, dtype, scanned=False))
-      return self.model.apply({"params": params}, ids, pixels, mask, cache, 0, last_logits_only)
+      return self.model.apply({"params": params}, ids, pixels, mask, cache, 0, last_logits_only,
+                              image_feature_index=index)
 
     if self.mesh is not None or rows == 1:
-      logits, cache = run(input_ids, pixel_values, kv_mask)
+      logits, cache = run(input_ids, pixel_values, feature_index, kv_mask)
     else:
       one_row = lambda x: None if x is None else x[None]
       logits, cache = jax.lax.map(lambda row: run(*(one_row(x) for x in row)),
-                                  (input_ids, pixel_values, kv_mask))
+                                  (input_ids, pixel_values, feature_index, kv_mask))
       # (rows, 1, ...) -> (rows, ...): logits are per row; per-layer caches (rows·kv_heads, T, d).
       logits = logits[:, 0]
       # The barrier keeps the map's stacked output apart from the decode loop that consumes it;
@@ -287,13 +318,13 @@ class Engine:
     axes = ("data", "tensor") if one_row else "data"
     return jax.lax.with_sharding_constraint(cache, NamedSharding(self.mesh, P(axes)))
 
-  def _forward_program(self, params, input_ids, prompt_mask, pixel_values):
-    return self._prefill(params, input_ids, prompt_mask, pixel_values, input_ids.shape[1])[0]
+  def _forward_program(self, params, input_ids, prompt_mask, pixel_values, feature_index):
+    return self._prefill(params, input_ids, prompt_mask, pixel_values, feature_index, input_ids.shape[1])[0]
 
-  def _start_program(self, params, input_ids, prompt_mask, pixel_values, live, values: SamplingValues, key, eos,
-                     *, slots: int, flags: SamplingFlags):
+  def _start_program(self, params, input_ids, prompt_mask, pixel_values, feature_index, live, values: SamplingValues,
+                     key, eos, *, slots: int, flags: SamplingFlags):
     """Prefill, then the first token. Returns the state and the report of the new token."""
-    logits, cache, kv_mask = self._prefill(params, input_ids, prompt_mask, pixel_values, slots, True)
+    logits, cache, kv_mask = self._prefill(params, input_ids, prompt_mask, pixel_values, feature_index, slots, True)
     rows, length = input_ids.shape
     seen = None
     if flags.penalty:
@@ -323,10 +354,10 @@ class Engine:
     window = jax.lax.dynamic_slice_in_dim(new.out, state.step, self.chunk, axis=1)
     return new, (window, state.step, new.step, new.done)
 
-  def _generate_program(self, params, input_ids, prompt_mask, pixel_values, live, values, key, eos, max_new_tokens,
-                        *, slots: int, flags: SamplingFlags):
-    state, _ = self._start_program(params, input_ids, prompt_mask, pixel_values, live, values, key, eos,
-                                   slots=slots, flags=flags)
+  def _generate_program(self, params, input_ids, prompt_mask, pixel_values, feature_index, live, values, key, eos,
+                        max_new_tokens, *, slots: int, flags: SamplingFlags):
+    state, _ = self._start_program(params, input_ids, prompt_mask, pixel_values, feature_index, live, values, key,
+                                   eos, slots=slots, flags=flags)
     state = self._decode_loop(params, state, values, key, eos, max_new_tokens, flags)
     return state.out, state.step, state.done
 

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llava_jax.data import images as images_lib
+from llava_jax.data.layouts import layout_for
 from llava_jax.data.processor import Processor
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer.generate import Engine, Prompt
@@ -33,10 +34,6 @@ class Session:
   engine: Engine
   processor: Processor
 
-  @property
-  def image_seq_length(self) -> int:
-    return self.engine.config.image_seq_length
-
 
 def load_session(path: str, mesh: Mesh | None = None) -> Session:
   """Loads weights (float32), tokenizer, image processor and chat template of a model folder.
@@ -47,7 +44,7 @@ def load_session(path: str, mesh: Mesh | None = None) -> Session:
   loaded = load_model(path)
   config = loaded.config
   template = _config_template(loaded.config_path) or DEFAULT_TEMPLATE
-  processor = Processor.from_folder(loaded.assets_dir, image_size=config.vision.image_size,
+  processor = Processor.from_folder(loaded.assets_dir, layout_for(config), image_size=config.vision.image_size,
                                     fallback_template=template)
   params = jax.tree.map(_as_float32, loaded.params)
   engine = Engine(config, params, eos_token_ids=_eos_ids(loaded.assets_dir, config, processor),
@@ -118,9 +115,9 @@ def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, 
                         "image(s) were given; they must match")
   pictures = load_images(images)  # before loading weights: a bad image fails fast
   session = load_session(model, mesh)
-  inputs = session.processor.prepare(prompt, pictures, session.image_seq_length, raw=raw)
+  inputs = session.processor.prepare(prompt, pictures, raw=raw, names=images)
   print(f"llava-jax: prompt of {len(inputs.input_ids)} tokens, {len(pictures)} image(s)", file=sys.stderr)
-  request = Prompt(inputs.input_ids, inputs.pixel_values if pictures else None)
+  request = Prompt.of(inputs)
   for piece in stream_text(session, request, max_new_tokens, sampling):
     out.write(piece)
     out.flush()

@@ -13,6 +13,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
 from llava_jax.models.clip import ClipVisionTower
 from llava_jax.models.interfaces import LanguageModel, VisionTower
+from llava_jax.models.layers import logical
 from llava_jax.models.llama import LlamaModel
 from llava_jax.models.projector import Projector
 
@@ -35,15 +36,21 @@ LANGUAGE_MODELS: dict[str, Callable[[LlavaConfig, jnp.dtype], LanguageModel]] = 
 }
 
 
-def check_image_token_count(input_ids, images_per_row: int, tokens_per_image: int, image_token_index: int) -> None:
-  """Raises when a row's image-token count differs from what its images produce (host-side check)."""
-  counts = np.sum(np.asarray(input_ids) == image_token_index, axis=1)
-  want = images_per_row * tokens_per_image
+def check_image_token_count(input_ids, pixel_values, image_feature_index, config: LlavaConfig) -> None:
+  """Raises when a row has more image tokens than features to give them (host-side check).
+
+  Without a feature index a row's M tower inputs give M * tokens_per_tile features in order, exactly one
+  per image token; with one, a row's image tokens may not outnumber its index entries.
+  """
+  counts = np.sum(np.asarray(input_ids) == config.image_token_index, axis=1)
+  if image_feature_index is None:
+    tiles = pixel_values.shape[1]
+    want, per = tiles * config.tokens_per_tile, f"{config.tokens_per_tile} per image"
+  else:
+    want, per = image_feature_index.shape[1], "the length of image_feature_index"
   for row, got in enumerate(counts):
-    if got != want:
-      raise LlavaJaxError(
-          f"row {row}: the prompt has {got} image tokens but {images_per_row} image(s) give {want} features "
-          f"({tokens_per_image} per image)")
+    if got != want if image_feature_index is None else got > want:
+      raise LlavaJaxError(f"row {row}: the prompt has {got} image tokens but its images give {want} features ({per})")
 
 
 def attention_layout(kv_mask: jax.Array, num_queries: int, cache_index, sliding_window: int | None = None):
@@ -69,14 +76,15 @@ def example_batch(config: LlavaConfig) -> dict:
   """A one-row batch of the model's input shapes, to initialize or trace it (contents unused)."""
   size = config.vision.image_size
   return {"input_ids": np.zeros((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32),
-          "pixel_values": np.zeros((1, 1, size, size, 3), np.float32)}
+          "pixel_values": np.zeros((1, 1, size, size, 3), np.float32),
+          "image_feature_index": np.zeros((1, 8), np.int32)}
 
 
 def abstract_params(config: LlavaConfig):
   """Llava(config)'s parameters as boxed shapes carrying their logical axis names (no memory used)."""
   ex = example_batch(config)
   return jax.eval_shape(Llava(config).init, jax.random.key(0), ex["input_ids"], ex["pixel_values"],
-                        ex["attention_mask"])["params"]
+                        ex["attention_mask"], image_feature_index=ex["image_feature_index"])["params"]
 
 
 def unstack_layers(params: dict) -> dict:
@@ -105,19 +113,27 @@ class Llava(nn.Module):
     self.vision_tower = VISION_TOWERS[c.vision.model_type](c, dtype)
     self.projector = projector_for(c, dtype)
     self.language_model = LANGUAGE_MODELS[c.text.model_type](c, dtype)
+    if c.has_image_newline:
+      scale = 1 / np.sqrt(c.text.hidden_size)  # transformers' init: randn * 1/sqrt(hidden)
+      self.image_newline = self.param("image_newline", logical(nn.initializers.normal(scale), ("embed",)),
+                                      (c.text.hidden_size,), jnp.float32)
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
-    """(N, H, W, C) -> (N, tokens_per_image, text_hidden)."""
+    """(N, H, W, C) -> (N, tokens_per_tile, text_hidden)."""
     hidden = self.vision_tower(pixel_values)
     if self.config.vision_feature_select_strategy == "default":
       hidden = tuple(h[:, 1:] for h in hidden)  # drop the class token
     return self.projector(jnp.concatenate(hidden, axis=-1))
 
-  def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
-    """Token embeddings with each row's image features written, in order, at its image tokens.
+  def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+            image_feature_index: jax.Array | None = None) -> jax.Array:
+    """Token embeddings with each row's image features written at its image tokens.
 
-    pixel_values (B, M, H, W, C): row b's M images fill row b's image tokens; slots beyond a
-    row's image tokens (padding images) are computed and ignored.
+    pixel_values (B, M, H, W, C): row b's M tower inputs (images, or AnyRes tiles), whose features,
+    flattened (M * tokens_per_tile), the row's image tokens take. image_feature_index (B, K) int32:
+    the row's k-th image token takes feature image_feature_index[b, k], or the image_newline embedding
+    where it is -1 (data/layouts.py builds it); None: the k-th takes feature k (the fixed layout's
+    order). Tower inputs no image token takes (padding tiles) are computed and ignored.
     """
     embeds = self.language_model.embed(input_ids)
     if pixel_values is None:
@@ -126,21 +142,29 @@ class Llava(nn.Module):
     features = self.encode_images(pixel_values.reshape((b * m,) + pixel_values.shape[2:]))
     features = features.reshape(b, -1, features.shape[-1]).astype(embeds.dtype)
     is_image = input_ids == self.config.image_token_index
-    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    index = jnp.cumsum(is_image, axis=1) - 1  # which image token of its row each one is
+    if image_feature_index is not None:
+      index = jnp.take_along_axis(image_feature_index, jnp.clip(index, 0, image_feature_index.shape[1] - 1), axis=1)
+    if self.config.has_image_newline:  # the newline embedding goes after the features; -1 picks it
+      newline = jnp.broadcast_to(self.image_newline.astype(embeds.dtype), (b, 1, features.shape[-1]))
+      features = jnp.concatenate([features, newline], axis=1)
+      index = jnp.where(index < 0, features.shape[1] - 1, index)
+    index = jnp.clip(index, 0, features.shape[1] - 1)
     gathered = jnp.take_along_axis(features, index[..., None], axis=1)
     return jnp.where(is_image[..., None], gathered, embeds)
 
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, cache=None, cache_index=0, last_logits_only: bool = False):
+               attention_mask: jax.Array | None = None, cache=None, cache_index=0, last_logits_only: bool = False,
+               image_feature_index: jax.Array | None = None):
     """Logits (B, S, vocab) float32 (B, 1, vocab with `last_logits_only`) and the updated cache.
 
     attention_mask: (B, S) without a cache (1 = real token; left or right padding), or (B, T)
-    over the cache slots with one (including the slots this call writes).
+    over the cache slots with one (including the slots this call writes). pixel_values and
+    image_feature_index: see `embed`.
     """
     if pixel_values is not None and not isinstance(input_ids, jax.core.Tracer):
-      c = self.config
-      check_image_token_count(input_ids, pixel_values.shape[1], c.image_seq_length, c.image_token_index)
-    embeds = self.embed(input_ids, pixel_values)
+      check_image_token_count(input_ids, pixel_values, image_feature_index, self.config)
+    embeds = self.embed(input_ids, pixel_values, image_feature_index)
     if attention_mask is None:  # required with a cache
       attention_mask = jnp.ones(input_ids.shape, bool)
     positions, mask = attention_layout(attention_mask, input_ids.shape[1], cache_index, self.config.text.sliding_window)

@@ -142,9 +142,15 @@ def _projector_rules(config: LlavaConfig) -> list[Rule]:
   return out
 
 
+def _newline_rules(config: LlavaConfig) -> list[Rule]:
+  if not config.has_image_newline:
+    return []
+  return [Rule("image_newline", "image_newline", "copy", (config.text.hidden_size,))]
+
+
 def rules(config: LlavaConfig) -> list[Rule]:
-  """Every tensor of the model: the tower's rows, the projector's, the decoder's."""
-  return (VISION_RULES[config.vision.model_type](config.vision) + _projector_rules(config)
+  """Every tensor of the model: the tower's rows, the projector's, LLaVA-NeXT's image_newline, the decoder's."""
+  return (VISION_RULES[config.vision.model_type](config.vision) + _projector_rules(config) + _newline_rules(config)
           + TEXT_RULES[config.text.model_type](config.text))
 
 
@@ -167,7 +173,8 @@ def hf_names(rule: Rule, config: LlavaConfig) -> list[str]:
 _LAYOUT_PREFIXES = {
     "saved": [],
     "memory": [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")],
+               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+               ("image_newline", "model.image_newline")],
     "hub": [("vision_tower.", "vision_tower.vision_model.")],
 }
 LAYOUTS = tuple(_LAYOUT_PREFIXES)

@@ -38,7 +38,7 @@ class ChatService:
   """A loaded model (`run.Session`: engine and processor) and its batcher, behind HTTP.
 
   The session's engine only needs `stream(prompts, max_new_tokens, params)`, `eos_token_ids` and
-  `config` (image_seq_length, text.max_position_embeddings), so tests can pass a stand-in.
+  `config` (text.max_position_embeddings), so tests can pass a stand-in.
   """
 
   def __init__(self, session: Session, model_id: str, *, limits: Limits = Limits(), max_batch: int = 8,
@@ -71,7 +71,7 @@ class ChatService:
     images = [p for t in turns for p in t.parts if not is_text(p)]
     try:
       with self._tokenizer_lock:
-        inputs = self.processor.encode_conversation(turns, images, self.session.image_seq_length)
+        inputs = self.processor.encode_conversation(turns, images)
     except LlavaJaxError as e:
       raise ApiError(400, f"messages: {e}", "invalid_messages", param="messages") from None
     prompt_tokens = len(inputs.input_ids)
@@ -79,7 +79,7 @@ class ChatService:
     sampling = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                               repetition_penalty=request.repetition_penalty,
                               seed=0 if seed is None else seed % 2**32)
-    prompt = Prompt(inputs.input_ids, inputs.pixel_values if images else None)
+    prompt = Prompt.of(inputs)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return Prepared(prompt, prompt_tokens, self._max_new_tokens(request, prompt_tokens), sampling, seed is not None,
                     request.stop_strings, request.stream, include_usage)

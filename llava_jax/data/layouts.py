@@ -1,0 +1,86 @@
+"""How an image becomes tower inputs and image tokens, per model type (one table, as towers and decoders).
+
+A layout answers, for one image of a given (height, width): its tower inputs (`pixels`, (tiles, S, S, 3)),
+how many `<image>` tokens it expands to (`num_image_tokens`), and which feature each of those tokens takes
+(`feature_index`: an index into the image's tiles' features flattened, `tokens_per_tile` per tile, or
+anyres.NEWLINE for the model's newline embedding). The model gathers by that index, so the data-dependent
+part of a layout (AnyRes unpadding) stays on the host and the compiled shapes stay static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Protocol, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from llava_jax.config import LlavaConfig
+from llava_jax.data.anyres import NEWLINE, AnyResLayout
+from llava_jax.data.images import ImageProcessor
+
+
+class ImageLayout(Protocol):
+  tokens_per_tile: int
+
+  def tiles(self, image_hw: Sequence[int], name: str = "image") -> int: ...
+
+  def num_image_tokens(self, image_hw: Sequence[int], name: str = "image") -> int: ...
+
+  def feature_index(self, image_hw: Sequence[int], name: str = "image") -> np.ndarray: ...
+
+  def pixels(self, img: Image.Image, processor: ImageProcessor, name: str = "image") -> np.ndarray: ...
+
+  def check_processor_files(self, folder: str) -> None:
+    """Raises when the folder's processor files count image tokens otherwise than the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedLayout:
+  """LLaVA-1.0/1.5: the image preprocessed to one tower input whose features are its tokens, in order."""
+  tokens_per_tile: int
+
+  def tiles(self, image_hw: Sequence[int], name: str = "image") -> int:
+    return 1
+
+  def num_image_tokens(self, image_hw: Sequence[int], name: str = "image") -> int:
+    return self.tokens_per_tile
+
+  def feature_index(self, image_hw: Sequence[int], name: str = "image") -> np.ndarray:
+    return np.arange(self.tokens_per_tile, dtype=np.int32)
+
+  def pixels(self, img: Image.Image, processor: ImageProcessor, name: str = "image") -> np.ndarray:
+    return processor([img])
+
+  def check_processor_files(self, folder: str) -> None:
+    """Nothing to check: the count is config.json's image_seq_length, which the config already checks."""
+
+
+def _anyres(config: LlavaConfig) -> AnyResLayout:
+  return AnyResLayout(config.vision.image_size, config.vision.patch_size, config.image_grid_pinpoints,
+                      config.vision_feature_select_strategy, config.vision.class_tokens)
+
+
+# LlavaConfig.model_type -> its image layout.
+IMAGE_LAYOUTS: dict[str, Callable[[LlavaConfig], Union[FixedLayout, AnyResLayout]]] = {
+    "llava": lambda config: FixedLayout(config.tokens_per_tile),
+    "llava_next": _anyres,
+}
+
+
+def layout_for(config: LlavaConfig) -> ImageLayout:
+  return IMAGE_LAYOUTS[config.model_type](config)
+
+
+def images_feature_index(layout: ImageLayout, sizes: Sequence[Sequence[int]],
+                         names: Sequence[str] | None = None) -> np.ndarray:
+  """int32 (image tokens of all images,): each image's `feature_index`, shifted past the tiles of the images
+  before it, so that it indexes the features of all the images' tiles in order (what a prompt row feeds the
+  model with its image tokens: the row's k-th image token takes feature index[k])."""
+  parts, tiles = [np.zeros(0, np.int32)], 0
+  names = names or [f"image {i + 1}" for i in range(len(sizes))]
+  for size, name in zip(sizes, names):
+    index = layout.feature_index(size, name)
+    parts.append(np.where(index == NEWLINE, NEWLINE, index + tiles * layout.tokens_per_tile).astype(np.int32))
+    tiles += layout.tiles(size, name)
+  return np.concatenate(parts)
