@@ -210,7 +210,8 @@ def test_global_batch_on_a_mesh(world):
   extra = 32
   padded = pl.make_global_batch(batch, mesh, pad_id=7, length=batch["input_ids"].shape[1] + extra)
   for key, fill in (("input_ids", 7), ("attention_mask", 0), ("loss_mask", 0)):
-    np.testing.assert_array_equal(np.asarray(padded[key]), np.pad(batch[key], ((0, 0), (0, extra)), constant_values=fill))
+    expected = np.pad(batch[key], ((0, 0), (0, extra)), constant_values=fill)
+    np.testing.assert_array_equal(np.asarray(padded[key]), expected)
   np.testing.assert_array_equal(np.asarray(padded["pixel_values"]), batch["pixel_values"])
 
 
