@@ -13,11 +13,11 @@ model train, lr 2e-5, global batch 128, template `vicuna_v1`. Both: one epoch, c
 
 import ml_collections
 
-STAGES = {
-    "pretrain": dict(lr=1e-3, batch_size=256, template="plain",
-                     trainable=[("projector/.*", True), (".*", False)]),
-    "finetune": dict(lr=2e-5, batch_size=128, template="vicuna_v1",
-                     trainable=[("vision_tower/.*", False), (".*", True)]),
+from llava_jax.train.build import STAGE_TRAINABLE
+
+STAGES = {  # the trainable parameters of each stage are llava_jax's STAGE_TRAINABLE
+    "pretrain": dict(lr=1e-3, batch_size=256, template="plain"),
+    "finetune": dict(lr=2e-5, batch_size=128, template="vicuna_v1"),
 }
 
 SIZES = {  # model name in configs/models.py, compute dtype, remat policy, mesh, accumulation
@@ -53,7 +53,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.init = ""                       # HF folder / llava-jax checkpoint / training workdir; "" = random init
   c.model = size["model"]           # architecture for random init (configs/models.py)
   c.tokenizer = ""                  # folder with tokenizer/processor files for random init
-  c.trainable = tuple(stage["trainable"])  # (regex over "/"-joined param paths, trains?); first match wins
+  c.trainable = tuple(STAGE_TRAINABLE[args["stage"]])  # (regex over "/"-joined param paths, trains?); first wins
 
   c.data = ml_collections.ConfigDict()
   c.data.json = ""

@@ -14,7 +14,6 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax.errors import LlavaJaxError
@@ -141,15 +140,6 @@ def batch_sharding(mesh: Mesh, rank: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Host-local numpy batches -> global arrays split over (data, fsdp) along the batch axis.
-
-  Each process passes its own rows; the global batch is their concatenation in process order.
-  """
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in local.items()}
 
 
 def batch_devices(mesh: Mesh) -> int:

@@ -200,12 +200,26 @@ def test_two_hosts_cover_the_data_once_per_epoch(world):
 def test_global_batch_on_a_mesh(world):
   batch = next(make(world, batch=8).iterator())
   mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  arrays, skipped = pl.make_global_batch(batch, mesh, pad_id=0)
-  assert skipped == 0 and set(arrays) == set(pl.MODEL_KEYS)
+  arrays = pl.make_global_batch(batch, mesh, pad_id=0)
+  assert set(arrays) == set(pl.MODEL_KEYS)
   for key in pl.MODEL_KEYS:
     assert arrays[key].shape == batch[key].shape
     np.testing.assert_array_equal(np.asarray(arrays[key]), batch[key])
     assert arrays[key].sharding.spec[0] == ("data", "fsdp")
+  # Hosts that picked a shorter bucket pad to the length all hosts agreed on.
+  extra = 32
+  padded = pl.make_global_batch(batch, mesh, pad_id=7, length=batch["input_ids"].shape[1] + extra)
+  for key, fill in (("input_ids", 7), ("attention_mask", 0), ("loss_mask", 0)):
+    expected = np.pad(batch[key], ((0, 0), (0, extra)), constant_values=fill)
+    np.testing.assert_array_equal(np.asarray(padded[key]), expected)
+  np.testing.assert_array_equal(np.asarray(padded["pixel_values"]), batch["pixel_values"])
+
+
+@pytest.mark.parametrize("aspect_ratio,pads", [("pad", True), ("square", False)])
+def test_image_aspect_ratio_sets_the_pipelines_processor(world, aspect_ratio, pads):
+  pipe = make(world, image_aspect_ratio=aspect_ratio)
+  assert pipe.image_processor.pad_to_square == pads
+  assert make(world).image_processor == world["processor"]  # "" keeps the model folder's
 
 
 def test_tfds_round_trip_and_same_batches(world, tmp_path):

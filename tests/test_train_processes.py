@@ -1,8 +1,11 @@
 """Training across processes: resume after SIGKILL equals an uninterrupted run bit for bit (one
-device), SIGTERM checkpoints and exits 0, and 2 processes x 2 devices equal 1 process."""
+device), SIGTERM checkpoints and exits 0, 2 processes x 2 devices equal 1 process, and on 2
+processes a SIGTERM to one of them stops both after the same step, and the loop issues no
+device collective per step."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,16 +14,30 @@ import pytest
 
 import train_fixtures as F
 
-STEPS = 4
+STEPS = 6
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
 
-# Runs `llava-jax train` with a hook that interrupts it: SIGKILL right after the step-2
-# checkpoint is committed, or a real SIGTERM delivered while step 3 runs.
+# Runs `llava-jax train` with a hook: SIGKILL right after the step-2 checkpoint is committed, a
+# real SIGTERM delivered while step 3 runs (to process 1 only when there are several), or
+# counting the calls of the device collectives JAX offers a host (multihost_utils) once the
+# steps have begun, except Orbax's own barriers while it saves a checkpoint, and printing the
+# count at exit.
 HOOKED = """
-import os, signal, sys
-from llava_jax.train import checkpoint, main, trainer
+import atexit, os, signal, sys, traceback
+from jax.experimental import multihost_utils
+from llava_jax import cli
+from llava_jax.train import checkpoint, trainer
 mode = os.environ["TEST_INTERRUPT"]
 save, step = checkpoint.Checkpointer.save, trainer.Trainer.step
+collectives, stepping = [], []
+
+def counted(name):
+  original = getattr(multihost_utils, name)
+  def call(*args, **kwargs):
+    if stepping and not any("/orbax/" in frame.filename for frame in traceback.extract_stack()):
+      collectives.append(name)
+    return original(*args, **kwargs)
+  return call
 
 def hooked_save(self, state, *args):
   done = save(self, state, *args)
@@ -30,12 +47,17 @@ def hooked_save(self, state, *args):
   return done
 
 def hooked_step(self, state, batch):
-  if mode == "term" and int(state.step) == 2:
+  stepping.append(True)
+  if mode == "term" and int(state.step) == 2 and os.environ.get("JAX_PROCESS_ID", "1") == "1":
     os.kill(os.getpid(), signal.SIGTERM)
   return step(self, state, batch)
 
 checkpoint.Checkpointer.save, trainer.Trainer.step = hooked_save, hooked_step
-main.main(sys.argv[1:])
+if mode == "count":
+  for name in ("process_allgather", "broadcast_one_to_all", "sync_global_devices"):
+    setattr(multihost_utils, name, counted(name))
+  atexit.register(lambda: print(f"device collectives called: {len(collectives)}", file=sys.stderr))
+cli.main(["train", *sys.argv[1:]])
 """
 
 
@@ -44,7 +66,26 @@ def train_command(world, workdir, **overrides):
   # as 1 host's (in another row order, which the token-mean loss does not see).
   values = {"total_steps": STEPS, "checkpoint_every": 2, "data.template": "plain", "data.shuffle": False}
   values.update(overrides)
-  return [sys.executable, "-m", "llava_jax.train.main", *F.train_args(world, workdir, stage="finetune", **values)]
+  return [sys.executable, "-m", "llava_jax", "train", *F.train_args(world, workdir, stage="finetune", **values)]
+
+
+def hooked(command):
+  """The same `llava-jax train` command, run through HOOKED."""
+  return [sys.executable, "-c", HOOKED, *command[4:]]
+
+
+def two_processes(command, logs, **env):
+  return start([os.path.join(F.REPO, "launch", "local_multiprocess.sh"), "2", "--devices", "2", *command],
+               dict(env, QUIET="1", LOG_DIR=str(logs)))
+
+
+def read_logs(folder):
+  return [open(os.path.join(folder, f)).read() for f in sorted(os.listdir(folder))]
+
+
+def checkpoint_steps(workdir):
+  folder = workdir / "checkpoints"
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit()) if folder.is_dir() else []
 
 
 def start(command, env):
@@ -65,21 +106,23 @@ def runs(tmp_path_factory):
   # The 1-device runs compile the same programs: a persistent XLA cache compiles them once.
   one_device = dict(ONE_DEVICE, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  paths = {name: root / name for name in ("reference", "resumed", "multi")}
+  paths = {name: root / name for name in ("reference", "resumed", "multi", "multi_resumed")}
+  logs = {name: root / f"{name}_logs" for name in ("multi", "multi_term", "multi_resumed")}
+  mesh = {"mesh.data": 2, "mesh.fsdp": 2}
   reference = start(train_command(world, paths["reference"]), one_device)
-  multi = start([os.path.join(F.REPO, "launch", "local_multiprocess.sh"), "2", "--devices", "2",
-                 *train_command(world, paths["multi"], **{"mesh.data": 2, "mesh.fsdp": 2})],
-                {"QUIET": "1", "LOG_DIR": str(root / "multi_logs")})
+  multi = two_processes(hooked(train_command(world, paths["multi"], **mesh)), logs["multi"], TEST_INTERRUPT="count")
   interrupted = []
   resumed = train_command(world, paths["resumed"])
-  hooked = [sys.executable, "-c", HOOKED, *resumed[3:]]
   for mode in ("kill", "term"):
-    interrupted.append(finish(start(hooked, dict(one_device, TEST_INTERRUPT=mode))))
-    folder = paths["resumed"] / "checkpoints"
-    interrupted[-1] += (sorted(os.listdir(folder)) if folder.is_dir() else [],)
+    interrupted.append(finish(start(hooked(resumed), dict(one_device, TEST_INTERRUPT=mode))))
+    interrupted[-1] += ([str(step) for step in checkpoint_steps(paths["resumed"])],)
   final = finish(start(resumed, one_device))
+  multi_resumed = train_command(world, paths["multi_resumed"], **mesh)
+  multi_term = finish(two_processes(hooked(multi_resumed), logs["multi_term"], TEST_INTERRUPT="term"))
+  multi_term += (checkpoint_steps(paths["multi_resumed"]),)
+  multi_final = finish(two_processes(multi_resumed, logs["multi_resumed"]))
   return {"paths": paths, "reference": finish(reference), "multi": finish(multi), "kill": interrupted[0],
-          "term": interrupted[1], "final": final, "logs": root / "multi_logs"}
+          "term": interrupted[1], "final": final, "logs": logs, "multi_term": multi_term, "multi_final": multi_final}
 
 
 def test_sigkill_then_rerun_equals_uninterrupted_bit_for_bit(runs):
@@ -105,11 +148,35 @@ def test_sigterm_checkpoints_and_exits_0(runs):
 
 def test_two_processes_equal_one(runs):
   code, err = runs["multi"]
-  logs = "".join(open(os.path.join(runs["logs"], f)).read()[-2000:] for f in sorted(os.listdir(runs["logs"])))
-  assert code == 0, err + logs
+  assert code == 0, err + "".join(log[-2000:] for log in read_logs(runs["logs"]["multi"]))
   expected, got = F.final_params(runs["paths"]["reference"]), F.final_params(runs["paths"]["multi"])
   for path in expected:
     error, scale = np.linalg.norm(got[path] - expected[path]), np.linalg.norm(expected[path])
     assert error <= 1e-5 * scale, (path, error / scale)
   config = json.load(open(runs["paths"]["multi"] / "config.json"))
   assert config["resolved"]["processes"] == 2 and config["resolved"]["devices"] == 4
+
+
+def test_two_processes_issue_no_device_collective_per_step(runs):
+  """Hosts agree on padded lengths, skip counts and the stopping step without any device
+  collective, so a host never waits for the running step just to prepare the next one."""
+  assert runs["multi"][0] == 0
+  for log in read_logs(runs["logs"]["multi"]):
+    assert re.findall(r"device collectives called: (\d+)", log) == ["0"], log[-2000:]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(runs):
+  code, err, checkpoints = runs["multi_term"]
+  logs = read_logs(runs["logs"]["multi_term"])
+  assert code == 0, err + "".join(log[-2000:] for log in logs)
+  stops = [re.findall(r"every process checkpoints after step (\d+)", log) for log in logs]
+  assert stops == [["3"], ["3"]] and checkpoints == [2, 3], (stops, checkpoints)
+  assert "SIGTERM: checkpointing" in logs[1] and "SIGTERM: checkpointing" not in logs[0]
+  # Re-running the command finishes the job exactly as the uninterrupted 2-process run did.
+  code, err = runs["multi_final"]
+  assert code == 0, err + "".join(log[-2000:] for log in read_logs(runs["logs"]["multi_resumed"]))
+  expected, got = F.final_params(runs["paths"]["multi"]), F.final_params(runs["paths"]["multi_resumed"])
+  for path in expected:
+    assert np.array_equal(expected[path], got[path]), path
+  losses = lambda workdir: [(r["step"], r["loss"]) for r in F.read_metrics(workdir)]
+  assert losses(runs["paths"]["multi_resumed"]) == losses(runs["paths"]["multi"])

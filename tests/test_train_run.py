@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from llava_jax import cli
+from llava_jax.train import hosts
 from llava_jax.train import main as train_main
 
 import train_fixtures as F
@@ -69,7 +71,7 @@ def test_bad_samples_are_skipped_counted_and_named(world, tmp_path, caplog):
 def test_nothing_usable_exits_2_and_leaves_nothing(world, tmp_path, capsys):
   workdir = tmp_path / "run"
   with pytest.raises(SystemExit) as exit_info:
-    train_main.main(args(world, workdir, **{"data.json": world["all_bad"]}))
+    cli.main(["train", *args(world, workdir, **{"data.json": world["all_bad"]})])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith("llava-jax: error:") and "no usable sample" in err and "all_bad.json" in err
@@ -86,7 +88,7 @@ def test_nothing_usable_exits_2_and_leaves_nothing(world, tmp_path, capsys):
 ])
 def test_bad_config_exits_2(world, tmp_path, capsys, override, message):
   with pytest.raises(SystemExit) as exit_info:
-    train_main.main(args(world, tmp_path / "run", **override))
+    cli.main(["train", *args(world, tmp_path / "run", **override)])
   assert exit_info.value.code == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / "run").exists()
@@ -94,7 +96,7 @@ def test_bad_config_exits_2(world, tmp_path, capsys, override, message):
 
 def test_unknown_config_key_exits_2(world, tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    train_main.main(args(world, tmp_path / "run", learning_rate=1))
+    cli.main(["train", *args(world, tmp_path / "run", learning_rate=1)])
   assert exit_info.value.code == 2
   assert "--config.learning_rate: no such config key" in capsys.readouterr().err
 
@@ -119,7 +121,7 @@ def test_tiny_config_memorizes_captions(tmp_path):
     ({"TPU_WORKER_HOSTNAMES": "t0"}, False),
 ])
 def test_distributed_initialize_when_the_environment_asks(env, wanted):
-  assert train_main.wants_distributed(env) == wanted
+  assert hosts.wants_distributed(env) == wanted
 
 
 @pytest.mark.parametrize("size", ["7b", "13b", "tiny"])

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from llava_jax import sharding
+from llava_jax.data.pipeline import make_global_batch
 from llava_jax.errors import LlavaJaxError
 from llava_jax.models.llava import Llava
-from llava_jax.train import main as train_main
-from llava_jax.train import optim, trainer
+from llava_jax.train import build, optim, trainer
 
 from hf_fixtures import IMAGE_TOKEN, our_config, tiny_hf_model
 
@@ -53,7 +53,7 @@ def setup():
 
 def make_trainer(setup, stage, mesh_spec, devices, accum=1):
   model, abstract = setup[:2]
-  mask = optim.trainable_mask(nn.unbox(abstract), train_main.STAGE_TRAINABLE[stage])
+  mask = optim.trainable_mask(nn.unbox(abstract), build.STAGE_TRAINABLE[stage])
   tx, lr = optim.make_optimizer(opt_config(), mask, total_steps=10)
   mesh = sharding.make_mesh(mesh_spec, devices)
   return trainer.Trainer(model, tx, mask, lr, mesh, abstract, accum)
@@ -64,7 +64,7 @@ def run_steps(t, setup, steps=3):
   state = t.init_state(t.place_params(before))
   losses = []
   for _ in range(steps):
-    state, metrics = t.step(state, t.batch_to_global(batch))
+    state, metrics = t.step(state, make_global_batch(batch, t.mesh))
     losses.append(float(metrics["loss"]))
   return before, state, losses
 
@@ -120,7 +120,7 @@ def test_loss_is_masked_cross_entropy_over_the_global_batch(setup, pretrain_trai
   token_nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
   weights = batch["loss_mask"][:, 1:]
   expected = (token_nll * weights).sum() / weights.sum()  # mean over answer tokens, not over rows
-  _, metrics = t.step(t.init_state(t.place_params(params)), t.batch_to_global(batch))
+  _, metrics = t.step(t.init_state(t.place_params(params)), make_global_batch(batch, t.mesh))
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
   assert float(metrics["target_tokens"]) == weights.sum()
 

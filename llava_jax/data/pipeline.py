@@ -254,6 +254,7 @@ class Pipeline:
   records: int             # records in this host's share (one epoch, before skips)
   pad_id: int
   buckets: Tuple[int, ...]
+  image_processor: images_lib.ImageProcessor  # with data.image_aspect_ratio applied
 
   @property
   def steps_per_epoch(self) -> int:
@@ -320,31 +321,24 @@ def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.Ima
   buckets = resolve_buckets(config.buckets, config.max_len)
   batcher = _Batcher(ds, local_batch, buckets, pad_id, config.max_images, image_processor.output_size,
                      image_seq_length, preprocess.image_token_id, len(records), name)
-  return Pipeline(batcher, local_batch, len(records), pad_id, buckets)
+  return Pipeline(batcher, local_batch, len(records), pad_id, buckets, image_processor)
 
 
 def make_global_batch(batch: Dict[str, np.ndarray], mesh, pad_id: int = 0,
-                      batch_axes: Sequence[str] = ("data", "fsdp")) -> Tuple[Dict[str, Any], int]:
-  """Host-local batch -> (global jax.Arrays sharded over `batch_axes` on dim 0, total skipped).
+                      length: Optional[int] = None) -> Dict[str, Any]:
+  """Host-local batch -> global jax.Arrays split over the mesh's batch axes (process order).
 
-  Hosts may have picked different length buckets: all pad to the longest (one tiny allgather,
-  which also sums the skip counters), so every host builds arrays of the same global shape.
+  Hosts may have picked different length buckets; every host must pass the same `length` (the
+  longest of them; default: this batch's own), so all build arrays of the same global shape.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
-  length, skipped = batch["input_ids"].shape[1], int(batch.get("skipped", 0))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    gathered = np.asarray(multihost_utils.process_allgather(np.asarray([length, skipped], np.int64)))
-    length, skipped = int(gathered.reshape(-1, 2)[:, 0].max()), int(gathered.reshape(-1, 2)[:, 1].sum())
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
+  from llava_jax import sharding  # pylint: disable=import-outside-toplevel
+  length = batch["input_ids"].shape[1] if length is None else length
   out = {}
   for key in MODEL_KEYS:
-    value = batch[key]
+    value = np.asarray(batch[key])
     if key != "pixel_values" and value.shape[1] < length:
       fill = pad_id if key == "input_ids" else 0
       value = np.pad(value, ((0, 0), (0, length - value.shape[1])), constant_values=fill)
-    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-  return out, skipped
+    out[key] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, value.ndim), value)
+  return out

@@ -21,8 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
 from llava_jax.errors import LlavaJaxError
-
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
+from llava_jax.train import hosts
 
 
 @flax.struct.dataclass
@@ -159,9 +158,6 @@ class Trainer:
       raise LlavaJaxError("init: the checkpoint's parameter tree does not match the model built from its config")
     return sharding.place(jax.tree.map(lambda x: np.asarray(x, np.float32), params), self.param_shardings)
 
-  def batch_to_global(self, local: dict) -> dict:
-    return sharding.global_batch({k: local[k] for k in BATCH_KEYS}, self.mesh)
-
   def step(self, state: TrainState, global_batch: dict) -> tuple[TrainState, dict]:
     """One optimizer step. Each new batch shape (length bucket) is compiled ahead of time, and
     processes meet at a barrier before running it: hosts finish compiling at different times,
@@ -171,13 +167,6 @@ class Trainer:
     if compiled is None:
       with self.context():
         compiled = self._compiled[key] = self._step.lower(state, global_batch).compile()
-      _barrier(f"llava_jax_compiled_{len(self._compiled)}")
+      hosts.barrier(f"llava_jax_compiled_{len(self._compiled)}")
     return compiled(state, global_batch)
 
-
-def _barrier(name: str, timeout_minutes: int = 60) -> None:
-  """A coordination-service barrier (no device collective, so no collective timeout)."""
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel  (no public barrier API)
-  client = distributed.global_state.client
-  if client is not None and jax.process_count() > 1:
-    client.wait_at_barrier(name, timeout_in_ms=timeout_minutes * 60 * 1000)

@@ -1,0 +1,96 @@
+"""What a training config builds: the checked config, the model source, the input pipeline and
+the trainer. Every import of JAX waits for a call, so configs can import `STAGE_TRAINABLE` cheaply."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any
+
+from llava_jax.errors import LlavaJaxError
+
+# `stage` -> the `trainable` rules it means: (regex over "/"-joined parameter paths, trains?), first match wins.
+STAGE_TRAINABLE = {
+    "pretrain": [("projector/.*", True), (".*", False)],
+    "finetune": [("vision_tower/.*", False), (".*", True)],
+}
+DTYPES = ("float32", "bfloat16")
+
+
+def check_config(cfg) -> None:
+  if cfg.stage not in STAGE_TRAINABLE:
+    raise LlavaJaxError(f"config: stage must be one of {sorted(STAGE_TRAINABLE)}, got {cfg.stage!r}")
+  if cfg.dtype not in DTYPES:
+    raise LlavaJaxError(f"config: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
+  positive = {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps, "log_every": cfg.log_every,
+              "keep_checkpoints": cfg.keep_checkpoints}
+  for key, value in positive.items():
+    if int(value) < 1:
+      raise LlavaJaxError(f"config: {key} must be >= 1, got {value}")
+  for key in ("total_steps", "checkpoint_every", "lr", "weight_decay", "max_grad_norm"):
+    if cfg[key] < 0:
+      raise LlavaJaxError(f"config: {key} must be >= 0, got {cfg[key]}")
+  if not 0 <= cfg.warmup_ratio <= 1:
+    raise LlavaJaxError(f"config: warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+  if not cfg.init and not cfg.tokenizer:
+    raise LlavaJaxError("config: random init (init='') needs `tokenizer`, a folder with tokenizer files")
+
+
+def trainable_rules(cfg) -> list:
+  return list(cfg.trainable) if cfg.trainable else STAGE_TRAINABLE[cfg.stage]
+
+
+def _named_model(name: str):
+  """configs/models.py (beside the package in a source checkout) by name."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "configs", "models.py")
+  spec = importlib.util.spec_from_file_location("llava_jax_configs_models", os.path.normpath(path))
+  if spec is None or not os.path.exists(spec.origin):
+    raise LlavaJaxError(f"config: model {name!r}: configs/models.py not found next to the package")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get(name)
+
+
+@dataclasses.dataclass
+class Source:
+  config: Any            # LlavaConfig (architecture)
+  params: Any | None     # host arrays, or None for random init
+  assets_dir: str        # tokenizer / processor files
+
+
+def load_source(cfg) -> Source:
+  if cfg.init:
+    from llava_jax.weights.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+    loaded = load_model(cfg.init)
+    return Source(loaded.config, loaded.params, loaded.assets_dir)
+  if not os.path.isdir(cfg.tokenizer):
+    raise LlavaJaxError(f"config: tokenizer: {cfg.tokenizer}: no such folder")
+  return Source(_named_model(cfg.model), None, cfg.tokenizer)
+
+
+def build_pipeline(cfg, model_config, assets_dir: str):
+  """This host's input pipeline; `pipe.image_processor` is the preprocessing it applies."""
+  from llava_jax.data import images, pipeline, processor  # pylint: disable=import-outside-toplevel
+  tokenizer = processor.load_tokenizer(assets_dir)
+  image_processor = images.ImageProcessor.from_folder(assets_dir, image_size=model_config.vision.image_size)
+  return pipeline.make_pipeline(pipeline.DataConfig.from_config(cfg.data), tokenizer, image_processor,
+                                image_seq_length=model_config.image_seq_length, global_batch_size=cfg.batch_size,
+                                seed=cfg.seed, image_token_id=model_config.image_token_index)
+
+
+def build_trainer(cfg, model_config, total_steps: int):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from llava_jax import sharding  # pylint: disable=import-outside-toplevel
+  from llava_jax.models.llava import Llava, abstract_params  # pylint: disable=import-outside-toplevel
+  from llava_jax.train import optim, trainer  # pylint: disable=import-outside-toplevel
+  model = Llava(model_config)
+  abstract = abstract_params(model_config)
+  mask = optim.trainable_mask(nn.unbox(abstract), trainable_rules(cfg))
+  tx, lr = optim.make_optimizer(cfg, mask, total_steps)
+  mesh = sharding.make_mesh(cfg.mesh)
+  per_step = sharding.batch_devices(mesh) * cfg.grad_accum_steps
+  if cfg.batch_size % per_step:
+    raise LlavaJaxError(f"config: batch_size {cfg.batch_size} must divide by mesh.data x mesh.fsdp x "
+                        f"grad_accum_steps = {per_step}")
+  return trainer.Trainer(model, tx, mask, lr, mesh, abstract, cfg.grad_accum_steps)
