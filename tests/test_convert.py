@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from hf_fixtures import tiny_hf_config, tiny_hf_model
-from llava_jax.weights import checkpoint, convert, hf, mapping
+from llava_jax.weights import convert, hf, mapping, model_folder
 
 SHARD = 60_000  # bytes: the tiny model (~340 kB in float32) splits into several shards
 
@@ -135,8 +135,8 @@ def test_round_trip_decoder_families(tmp_path, family):
   _assert_same_tensors(_read_folder(tmp_path / "hf"), _read_folder(tmp_path / "out"))
   assert (tmp_path / "out" / "config.json").read_bytes() == (tmp_path / "hf" / "config.json").read_bytes()
 
-  loaded = checkpoint.load_model(str(tmp_path / "jax"))
-  checkpoint.save_checkpoint_folder(str(tmp_path / "export"), loaded.config, loaded.params)
+  loaded = model_folder.load_model(str(tmp_path / "jax"))
+  model_folder.save_checkpoint_folder(str(tmp_path / "export"), loaded.config, loaded.params)
   convert.jax_to_hf(str(tmp_path / "export"), str(tmp_path / "export_hf"))
   _assert_same_tensors(_read_folder(tmp_path / "hf"), _read_folder(tmp_path / "export_hf"))
   written = json.loads((tmp_path / "export_hf" / "config.json").read_text())
@@ -150,7 +150,7 @@ def test_round_trip_half_precision(tmp_path, dtype):
   model = tiny_hf_model(seed=1, text="mistral").to(dtype)
   model.save_pretrained(tmp_path / "hf", max_shard_size=SHARD // 2)
   convert.hf_to_jax(str(tmp_path / "hf"), str(tmp_path / "jax"))
-  loaded = checkpoint.load_model(str(tmp_path / "jax"))
+  loaded = model_folder.load_model(str(tmp_path / "jax"))
   want = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
   leaves = [np.asarray(x) for x in _leaves(loaded.params)]
   assert {str(x.dtype) for x in leaves} == {want}  # stored dtype kept, no float32 doubling
@@ -196,7 +196,7 @@ def _read_folder_from_model(model):
 def test_workdir_and_saved_folder_load(tmp_path, saved_dirs, f32_model):
   """A training workdir (Orbax CheckpointManager, item "params") and save_checkpoint_folder both
   load and export; the latest step wins."""
-  loaded = checkpoint.load_model(str(saved_dirs / "single"))
+  loaded = model_folder.load_model(str(saved_dirs / "single"))
   assert loaded.source_format == "hf" and loaded.assets_dir == str(saved_dirs / "single")
   params = loaded.params
   doubled = {k: v for k, v in params.items()}
@@ -210,7 +210,7 @@ def test_workdir_and_saved_folder_load(tmp_path, saved_dirs, f32_model):
   manager.wait_until_finished()
   manager.close()
 
-  from_workdir = checkpoint.load_model(str(workdir))
+  from_workdir = model_folder.load_model(str(workdir))
   assert from_workdir.source_format == "workdir" and from_workdir.assets_dir == str(workdir / "model")
   np.testing.assert_array_equal(np.asarray(from_workdir.params["projector"]["linear_1"]["kernel"]),
                                 np.asarray(doubled["projector"]["linear_1"]["kernel"]))
@@ -222,7 +222,7 @@ def test_workdir_and_saved_folder_load(tmp_path, saved_dirs, f32_model):
   _load_hf(tmp_path / "out")
 
   # The trainer/demo export: config written from LlavaConfig, assets copied.
-  checkpoint.save_checkpoint_folder(str(tmp_path / "export"), loaded.config, params, assets_dir=loaded.assets_dir)
+  model_folder.save_checkpoint_folder(str(tmp_path / "export"), loaded.config, params, assets_dir=loaded.assets_dir)
   assert (tmp_path / "export" / "chat_template.jinja").exists()
   convert.jax_to_hf(str(tmp_path / "export"), str(tmp_path / "export_hf"))
   _assert_same_tensors(src, _read_folder(tmp_path / "export_hf"))

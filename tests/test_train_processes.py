@@ -26,9 +26,9 @@ HOOKED = """
 import atexit, os, signal, sys, traceback
 from jax.experimental import multihost_utils
 from llava_jax import cli
-from llava_jax.train import checkpoint, trainer
+from llava_jax.train import run_checkpoints, trainer
 mode = os.environ["TEST_INTERRUPT"]
-save, step = checkpoint.Checkpointer.save, trainer.Trainer.step
+save, step = run_checkpoints.Checkpointer.save, trainer.Trainer.step
 collectives, stepping = [], []
 
 def counted(name):
@@ -52,7 +52,7 @@ def hooked_step(self, state, batch):
     os.kill(os.getpid(), signal.SIGTERM)
   return step(self, state, batch)
 
-checkpoint.Checkpointer.save, trainer.Trainer.step = hooked_save, hooked_step
+run_checkpoints.Checkpointer.save, trainer.Trainer.step = hooked_save, hooked_step
 if mode == "count":
   for name in ("process_allgather", "broadcast_one_to_all", "sync_global_devices"):
     setattr(multihost_utils, name, counted(name))

@@ -10,7 +10,7 @@ from llava_jax.data import images
 from llava_jax.models.llava import Llava
 from llava_jax.train import main as train_main
 from llava_jax.weights import convert
-from llava_jax.weights.checkpoint import load_model
+from llava_jax.weights.model_folder import load_model
 
 from hf_fixtures import IMAGE_TOKEN, tiny_hf_model
 from tokenizer_fixture import build_tiny_tokenizer

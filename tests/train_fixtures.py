@@ -83,7 +83,7 @@ def read_metrics(workdir):
 
 def final_params(workdir):
   """The latest checkpoint's params as a flat {path: numpy array} dict."""
-  from llava_jax.weights.checkpoint import load_model
+  from llava_jax.weights.model_folder import load_model
   params = load_model(str(workdir)).params
   flat = {}
   def walk(tree, prefix):

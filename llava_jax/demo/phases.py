@@ -109,7 +109,7 @@ def stage0(workdir: str, data: dict, s) -> dict:
   from llava_jax.demo import stage0 as pretrain  # pylint: disable=import-outside-toplevel
   from llava_jax.demo.tokenizer import train_tokenizer  # pylint: disable=import-outside-toplevel
   from llava_jax.models.llava import projector_for  # pylint: disable=import-outside-toplevel
-  from llava_jax.weights.checkpoint import save_checkpoint_folder  # pylint: disable=import-outside-toplevel
+  from llava_jax.weights.model_folder import save_checkpoint_folder  # pylint: disable=import-outside-toplevel
 
   root = os.path.join(workdir, "stage0")
   assets = os.path.join(root, "assets")
@@ -217,7 +217,7 @@ def evaluate(export_dir: str, data: dict, s) -> dict:
 
 
 def param_counts(export_dir: str) -> dict:
-  from llava_jax.weights.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+  from llava_jax.weights.model_folder import load_model  # pylint: disable=import-outside-toplevel
   params = load_model(export_dir).params
   count = lambda tree: int(sum(np.size(x) for x in _leaves(tree)))
   return {name: count(params[name]) for name in ("vision_tower", "projector", "language_model")}

@@ -40,7 +40,7 @@ def load_session(path: str, mesh: Mesh | None = None) -> Session:
 
   With a mesh, the engine splits the weights over it (see generate.Engine).
   """
-  from llava_jax.weights.checkpoint import load_model
+  from llava_jax.weights.model_folder import load_model
   loaded = load_model(path)
   config = loaded.config
   template = _config_template(loaded.config_path) or DEFAULT_TEMPLATE

@@ -22,10 +22,10 @@ def logical(init: Callable, names: Sequence[str | None]) -> Callable:
   return nn.with_logical_partitioning(init, tuple(names))
 
 
-class DenseGeneral(nn.Module):
+class LogicalDense(nn.Module):
   """y = x · kernel (+ bias), contracting x's trailing `contract` axes with the kernel's input axes.
 
-  Unlike flax's DenseGeneral, the kernel is created at its real shape, so its logical axis names
+  Like flax's DenseGeneral, but the kernel is created at its real shape, so its logical axis names
   (`axes`: contracted input dimensions, then output ones) hold when sharding rules are active.
   With `out_first`, the kernel is stored output axes first (the transpose of the checkpoint
   layout) and applied by `weight_dot` — the fast layout for decoding (see there).
@@ -87,12 +87,12 @@ def weight_dot(weight: jax.Array, x: jax.Array, contract: tuple[int, ...]) -> ja
 
 
 def dense(features, axes: Sequence[str | None], *, name: str, dtype, use_bias: bool,
-          contract=-1, out_first: bool = False) -> DenseGeneral:
-  """A DenseGeneral whose kernel (and bias) carry logical axis names.
+          contract=-1, out_first: bool = False) -> LogicalDense:
+  """A LogicalDense: its kernel (and bias) carry logical axis names.
 
   `axes` names every kernel dimension: the contracted input ones, then the output ones.
   """
-  return DenseGeneral(features, tuple(axes), use_bias, dtype, contract, out_first, name=name)
+  return LogicalDense(features, tuple(axes), use_bias, dtype, contract, out_first, name=name)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:

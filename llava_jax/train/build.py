@@ -61,7 +61,7 @@ class Source:
 
 def load_source(cfg) -> Source:
   if cfg.init:
-    from llava_jax.weights.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+    from llava_jax.weights.model_folder import load_model  # pylint: disable=import-outside-toplevel
     loaded = load_model(cfg.init)
     return Source(loaded.config, loaded.params, loaded.assets_dir)
   if not os.path.isdir(cfg.tokenizer):

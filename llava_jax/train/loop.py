@@ -87,7 +87,7 @@ class GlobalBatches:
 
 def _train(cfg, workdir: str) -> None:
   from llava_jax.models.llava import example_batch  # pylint: disable=import-outside-toplevel
-  from llava_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  from llava_jax.train import run_checkpoints  # pylint: disable=import-outside-toplevel
 
   source = build.load_source(cfg)
   model_config = source.config.replace(dtype=cfg.dtype, remat_policy=cfg.remat_policy)
@@ -98,7 +98,7 @@ def _train(cfg, workdir: str) -> None:
   resolved = dict(config_dict, resolved={"total_steps": total_steps, "mesh": dict(trainer.mesh.shape),
                                          "processes": jax.process_count(), "devices": jax.device_count()})
 
-  ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
+  ckpt = run_checkpoints.Checkpointer(workdir, cfg.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state, data_state, meta = ckpt.restore(trainer.abstract_state())
     if meta.get("config") != config_dict:
@@ -110,7 +110,7 @@ def _train(cfg, workdir: str) -> None:
     else:
       params = trainer.place_params(source.params)
     state, data_state = trainer.init_state(params), None
-    checkpoint.write_model_folder(workdir, model_config, source.assets_dir, pipe.image_processor)
+    run_checkpoints.write_model_folder(workdir, model_config, source.assets_dir, pipe.image_processor)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2, sort_keys=True)

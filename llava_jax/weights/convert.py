@@ -7,7 +7,7 @@ import os
 
 from llava_jax.errors import LlavaJaxError
 from llava_jax.fileio import atomic_output_dir
-from llava_jax.weights import checkpoint, hf
+from llava_jax.weights import hf, model_folder
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -26,7 +26,7 @@ def hf_to_jax(src: str, out: str) -> str:
   _check_output(src, out)
   config, params, source = hf.read_hf_llava(src)
   with atomic_output_dir(out) as tmp:
-    checkpoint.write_checkpoint(tmp, config, params, assets_dir=src, source=source,
+    model_folder.write_checkpoint(tmp, config, params, assets_dir=src, source=source,
                                 config_json=os.path.join(src, "config.json"))
   return out
 
@@ -39,7 +39,7 @@ def jax_to_hf(src: str, out: str, dtype: str | None = None, max_shard_bytes: int
   if max_shard_bytes <= 0:
     raise LlavaJaxError(f"--max-shard-size: must be positive, got {max_shard_bytes} bytes")
   _check_output(src, out)
-  model = checkpoint.load_model(src)
+  model = model_folder.load_model(src)
   with atomic_output_dir(out) as tmp:
     hf.write_hf_llava(tmp, model.config, model.params, model.hf_source, config_json=model.config_path,
                       assets_dir=model.assets_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
