@@ -70,17 +70,6 @@ class Probe:
             "cap_ms": 1e3 * waited("cap") / (len(steady) - 1), "ahead": sum(self.behind[1:]) / len(self.behind[1:])}
 
 
-def old_gather(self, round_id, values):
-  """The exchange as the loop made it before: (length, skipped) and the SIGTERM flag, each in a
-  blocking device collective."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  del self, round_id
-  lengths_skips = np.asarray(multihost_utils.process_allgather(np.asarray(values[:2], np.int64))).reshape(-1, 2)
-  stops = np.asarray(multihost_utils.process_allgather(np.int32(values[2]))).reshape(-1, 1)
-  return np.concatenate([lengths_skips, stops], axis=1)
-
-
 def train_once(loop_kind: str, world: dict, workdir: str, args) -> dict:
   from unittest import mock  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
@@ -91,7 +80,7 @@ def train_once(loop_kind: str, world: dict, workdir: str, args) -> dict:
                                    log_every=args.steps, checkpoint_every=0,
                                    **{"data.template": "plain", "mesh.data": -1})
   config, _ = main.parse_flags(argv)
-  gather = old_gather if loop_kind == "old" else hosts.HostGather.gather
+  gather = train_fixtures.blocking_exchange if loop_kind == "old" else hosts.HostGather.gather
   patches = [mock.patch.object(trainer.Trainer, "step", probe.step(trainer.Trainer.step)),
              mock.patch.object(hosts.HostGather, "gather", probe.timed("exchange", gather))]
   if loop_kind == "new":  # the wait that keeps at most STEPS_IN_FLIGHT steps queued

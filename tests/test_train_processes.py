@@ -1,7 +1,8 @@
 """Training across processes: resume after SIGKILL equals an uninterrupted run bit for bit (one
 device), SIGTERM checkpoints and exits 0, 2 processes x 2 devices equal 1 process, and on 2
 processes a SIGTERM to one of them stops both after the same step, and the loop issues no
-device collective per step."""
+device collective per step yet trains bit for bit as the loop that agreed through blocking device
+collectives did."""
 
 import json
 import os
@@ -21,12 +22,12 @@ ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLAT
 # real SIGTERM delivered while step 3 runs (to process 1 only when there are several), or
 # counting the calls of the device collectives JAX offers a host (multihost_utils) once the
 # steps have begun, except Orbax's own barriers while it saves a checkpoint, and printing the
-# count at exit.
+# count at exit; or agreeing between hosts as the loop did before (`blocking`).
 HOOKED = """
 import atexit, os, signal, sys, traceback
 from jax.experimental import multihost_utils
 from llava_jax import cli
-from llava_jax.train import run_checkpoints, trainer
+from llava_jax.train import hosts, run_checkpoints, trainer
 mode = os.environ["TEST_INTERRUPT"]
 save, step = run_checkpoints.Checkpointer.save, trainer.Trainer.step
 collectives, stepping = [], []
@@ -53,10 +54,14 @@ def hooked_step(self, state, batch):
   return step(self, state, batch)
 
 run_checkpoints.Checkpointer.save, trainer.Trainer.step = hooked_save, hooked_step
-if mode == "count":
+if mode in ("count", "blocking"):
   for name in ("process_allgather", "broadcast_one_to_all", "sync_global_devices"):
     setattr(multihost_utils, name, counted(name))
   atexit.register(lambda: print(f"device collectives called: {len(collectives)}", file=sys.stderr))
+if mode == "blocking":
+  sys.path.insert(0, os.environ["TESTS_DIR"])
+  import train_fixtures
+  hosts.HostGather.gather = train_fixtures.blocking_exchange
 cli.main(["train", *sys.argv[1:]])
 """
 
@@ -106,8 +111,8 @@ def runs(tmp_path_factory):
   # The 1-device runs compile the same programs: a persistent XLA cache compiles them once.
   one_device = dict(ONE_DEVICE, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  paths = {name: root / name for name in ("reference", "resumed", "multi", "multi_resumed")}
-  logs = {name: root / f"{name}_logs" for name in ("multi", "multi_term", "multi_resumed")}
+  paths = {name: root / name for name in ("reference", "resumed", "multi", "multi_resumed", "multi_blocking")}
+  logs = {name: root / f"{name}_logs" for name in ("multi", "multi_term", "multi_resumed", "multi_blocking")}
   mesh = {"mesh.data": 2, "mesh.fsdp": 2}
   reference = start(train_command(world, paths["reference"]), one_device)
   multi = two_processes(hooked(train_command(world, paths["multi"], **mesh)), logs["multi"], TEST_INTERRUPT="count")
@@ -121,8 +126,11 @@ def runs(tmp_path_factory):
   multi_term = finish(two_processes(hooked(multi_resumed), logs["multi_term"], TEST_INTERRUPT="term"))
   multi_term += (checkpoint_steps(paths["multi_resumed"]),)
   multi_final = finish(two_processes(multi_resumed, logs["multi_resumed"]))
+  multi_blocking = finish(two_processes(hooked(train_command(world, paths["multi_blocking"], **mesh)),
+                                        logs["multi_blocking"], TEST_INTERRUPT="blocking", TESTS_DIR=F.TESTS))
   return {"paths": paths, "reference": finish(reference), "multi": finish(multi), "kill": interrupted[0],
-          "term": interrupted[1], "final": final, "logs": logs, "multi_term": multi_term, "multi_final": multi_final}
+          "term": interrupted[1], "final": final, "logs": logs, "multi_term": multi_term, "multi_final": multi_final,
+          "multi_blocking": multi_blocking}
 
 
 def test_sigkill_then_rerun_equals_uninterrupted_bit_for_bit(runs):
@@ -163,6 +171,21 @@ def test_two_processes_issue_no_device_collective_per_step(runs):
   assert runs["multi"][0] == 0
   for log in read_logs(runs["logs"]["multi"]):
     assert re.findall(r"device collectives called: (\d+)", log) == ["0"], log[-2000:]
+
+
+def test_two_processes_train_as_the_blocking_exchange_did_bit_for_bit(runs):
+  """Running ahead (host-to-host agreement, the next batch built during the step) changes when
+  the host works, never what the devices compute."""
+  code, err = runs["multi_blocking"]
+  logs = read_logs(runs["logs"]["multi_blocking"])
+  assert code == 0, err + "".join(log[-2000:] for log in logs)
+  for log in logs:  # two collectives per step: the hook did replace the exchange
+    assert int(re.findall(r"device collectives called: (\d+)", log)[0]) >= 2 * (STEPS - 1), log[-2000:]
+  expected, got = F.final_params(runs["paths"]["multi_blocking"]), F.final_params(runs["paths"]["multi"])
+  for path in expected:
+    assert np.array_equal(expected[path], got[path]), path
+  losses = lambda workdir: [(r["step"], r["loss"], r["skipped"]) for r in F.read_metrics(workdir)]
+  assert losses(runs["paths"]["multi"]) == losses(runs["paths"]["multi_blocking"])
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(runs):

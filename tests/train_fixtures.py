@@ -12,6 +12,7 @@ from PIL import Image
 from tokenizer_fixture import build_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
 CONFIG = os.path.join(REPO, "configs", "llava_v1_5.py")
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -94,3 +95,13 @@ def final_params(workdir):
         flat[f"{prefix}{k}"] = np.asarray(v)
   walk(params, "")
   return flat
+
+
+def blocking_exchange(self, round_id, values):
+  """`hosts.HostGather.gather` as the training loop did it before the host-to-host exchange:
+  (length, skipped) and the SIGTERM flag, each in a blocking device collective."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  del self, round_id
+  lengths_skips = np.asarray(multihost_utils.process_allgather(np.asarray(values[:2], np.int64))).reshape(-1, 2)
+  stops = np.asarray(multihost_utils.process_allgather(np.int32(values[2]))).reshape(-1, 1)
+  return np.concatenate([lengths_skips, stops], axis=1)
