@@ -20,24 +20,53 @@ _CLIP_L14_336 = {
 }
 
 
-def _vicuna(hidden: int, intermediate: int, layers: int, heads: int, name: str) -> dict:
-  return {
-      "_name_or_path": name, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32064,
-      "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-      "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": 4096,
-      "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-      "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+def _text(name: str, model_type: str, vocab: int, hidden: int, intermediate: int, layers: int, heads: int,
+          kv_heads: int, max_positions: int, rms_norm_eps: float, rope_theta: float, bos: int, eos: int,
+          pad: int | None, **family) -> dict:
+  """A decoder's text_config; `family` holds the keys only its model_type has (Mistral's sliding_window...)."""
+  architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+  text = {
+      "_name_or_path": name, "architectures": [architecture[model_type]], "model_type": model_type,
+      "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+      "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": max_positions,
+      "rms_norm_eps": rms_norm_eps, "rope_theta": rope_theta, "hidden_act": "silu", "tie_word_embeddings": False,
+      "bos_token_id": bos, "eos_token_id": eos, **family,
   }
+  if pad is not None:
+    text["pad_token_id"] = pad
+  return text
 
 
-def _llava(text: dict, vision: dict, image_token_index: int, pad_token_id: int) -> dict:
-  return {
-      "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "ignore_index": -100,
-      "image_token_index": image_token_index, "pad_token_id": pad_token_id, "projector_hidden_act": "gelu",
+def _vicuna(hidden: int, intermediate: int, layers: int, heads: int, name: str) -> dict:
+  return _text(name, "llama", 32064, hidden, intermediate, layers, heads, heads, 4096, 1e-5, 10000.0, 1, 2, 0)
+
+
+def _llava(text: dict, vision: dict, image_token_index: int, pad_token_id: int | None,
+           grid_pinpoints: list | None = None) -> dict:
+  """A LLaVA-1.5 config.json, or with `grid_pinpoints` a LLaVA-NeXT (llava_next, AnyRes) one."""
+  next_ = grid_pinpoints is not None
+  d = {
+      "architectures": ["LlavaNextForConditionalGeneration" if next_ else "LlavaForConditionalGeneration"],
+      "model_type": "llava_next" if next_ else "llava", "ignore_index": -100,
+      "image_token_index": image_token_index, "projector_hidden_act": "gelu",
       "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
       "image_seq_length": (vision["image_size"] // vision["patch_size"]) ** 2,
       "tie_word_embeddings": False, "text_config": text, "vision_config": vision,
   }
+  if pad_token_id is not None:
+    d["pad_token_id"] = pad_token_id
+  if next_:
+    d["image_grid_pinpoints"] = grid_pinpoints
+  return d
+
+
+# LLaVA-NeXT's AnyRes resolutions (height, width): 2x1, 1x2, 2x2, 3x1 and 1x3 tiles of 336 px.
+_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _next(text: dict, image_token_index: int) -> dict:
+  """A released LLaVA-NeXT model: CLIP ViT-L/14-336, v1.6's pinpoints; no top-level pad_token_id on the hub."""
+  return _llava(text, _CLIP_L14_336, image_token_index, None, _V16_PINPOINTS)
 
 
 MODELS = {
@@ -53,6 +82,30 @@ MODELS = {
          "num_attention_heads": 4, "num_channels": 3, "image_size": 28, "patch_size": 7, "projection_dim": 16,
          "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
         image_token_index=127, pad_token_id=0),
+    # LLaVA-NeXT (llava-hf/<name>-hf). Values the hub's text_config leaves to transformers' defaults (the 7b's
+    # sizes, the 8b's heads) are written out as those defaults; the base LLM's config.json agrees with them.
+    "llava-v1.6-vicuna-7b": _next(_vicuna(4096, 11008, 32, 32, "lmsys/vicuna-7b-v1.5"), 32000),
+    "llava-v1.6-mistral-7b": _next(
+        _text("mistralai/Mistral-7B-Instruct-v0.2", "mistral", 32064, 4096, 14336, 32, 32, 8, 32768, 1e-5, 1e6, 1, 2,
+              None, sliding_window=None), 32000),
+    # Yi-34B: the LLaMA architecture with GQA (56 heads, 8 kv heads) and rope theta 5e6; <|im_end|> (7) ends turns.
+    "llava-v1.6-34b": _next(
+        _text("NousResearch/Nous-Hermes-2-Yi-34B", "llama", 64064, 7168, 20480, 60, 56, 8, 4096, 1e-5, 5e6, 1, 7, 0),
+        64000),
+    # Llama-3 8B: 128256 tokens + <image> and <pad>, padded to 128320 rows; <|eot_id|> (128009) ends turns.
+    "llava-next-llama3-8b": _next(
+        _text("meta-llama/Meta-Llama-3-8B-Instruct", "llama", 128320, 4096, 14336, 32, 32, 8, 8192, 1e-5, 5e5,
+              128000, 128009, None), 128256),
+    # Qwen1.5-110B (qwen2 architecture: q/k/v biases). vocab_size is the base Qwen1.5-110B-Chat's (the hub
+    # text_config we found was cut off before it); <image> (151646) fits in its padded embedding.
+    "llava-next-110b": _next(
+        _text("Qwen/Qwen1.5-110B-Chat", "qwen2", 152064, 8192, 49152, 80, 64, 8, 32768, 1e-6, 1e6, 151643, 151645,
+              None, max_window_layers=70, sliding_window=32768, use_sliding_window=False), 151646),
+    # Qwen1.5-72B (multi-head attention): text_config from the base Qwen1.5-72B-Chat config.json, eos as in
+    # llava-hf/llava-next-72b-hf's generation_config.json.
+    "llava-next-72b": _next(
+        _text("Qwen/Qwen1.5-72B-Chat", "qwen2", 152064, 8192, 24576, 80, 64, 64, 32768, 1e-6, 1e6, 151643, 151645,
+              None, max_window_layers=70, sliding_window=32768, use_sliding_window=False), 151646),
 }
 ALIASES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}
 

@@ -1,4 +1,4 @@
-"""Import of the original haotian-liu LLaVA release format into a Hugging Face LLaVA folder.
+"""Import of the original haotian-liu LLaVA release format into a Hugging Face LLaVA or LLaVA-NeXT folder.
 
 The original folder is a LLaMA checkpoint (`model.layers.*`, `model.embed_tokens`, `model.norm`,
 `lm_head`) plus `model.mm_projector.0/2.*` (mlp2x_gelu) or `model.mm_projector.*` (linear) and a
@@ -6,6 +6,11 @@ config.json with `mm_vision_tower`, `mm_hidden_size`, `mm_vision_select_layer`,
 `mm_vision_select_feature` (patch | cls_patch), `mm_projector_type` and `image_aspect_ratio`. The
 vision tower comes from a separate CLIP folder (`CLIPVisionModel` or `CLIPModel`, keys
 `vision_model.*`), unless the release embeds it (`model.vision_tower.vision_tower.vision_model.*`).
+
+LLaVA-NeXT (llava-v1.6) releases say `mm_patch_merge_type: spatial_unpad` and `image_aspect_ratio: anyres`
+and carry `image_grid_pinpoints` and the tensor `model.image_newline`; they become `llava_next` folders,
+as transformers' `convert_llava_next_weights_to_hf.py` writes them. What differs is the data of a
+`_Release` (RELEASES, keyed by mm_patch_merge_type); the rest of the import is shared.
 
 Choices, following transformers' `convert_llava_weights_to_hf.py`:
 - The original vocabulary has no `<image>` token: `<image>` (id V) and a `<pad>` pad token (V+1)
@@ -17,10 +22,16 @@ Choices, following transformers' `convert_llava_weights_to_hf.py`:
   `linear_2` = identity with zero bias, with `projector_hidden_act: "linear"`, so transformers
   (and our model) compute exactly W x + b.
 - Tensors keep their stored dtypes (typically float16 for the LLM, float32 for CLIP).
+- LLaVA-NeXT: `image_grid_pinpoints` are copied as they stand (transformers reads each pair as
+  (height, width), the original code as (width, height); the released lists hold both orientations),
+  `use_image_newline_parameter: true` is recorded, `<pad>` is added only to a tokenizer without a pad
+  token (transformers adds it for Mistral alone), and the image processor is `LlavaNextImageProcessor`
+  with the pinpoints and `do_pad`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -38,6 +49,38 @@ _TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
               "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "hidden_act",
               "tie_word_embeddings", "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias", "head_dim",
               "sliding_window")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Release:
+  """One original release format and the HF folder it becomes."""
+  model_type: str  # the HF config's
+  anyres: bool  # the original config says image_aspect_ratio "anyres" (and only then)
+  tensors: dict[str, str]  # original tensors beyond the LLM, projector and tower -> HF names
+  replace_pad: bool  # set `<pad>` as the pad token even where the tokenizer has one
+  processor: str
+  image_processor: str | None  # replaces the CLIP folder's image_processor_type
+  config_extra: dict = dataclasses.field(default_factory=dict)  # top-level keys transformers' converter writes
+
+
+RELEASES = {
+    "flat": _Release("llava", False, {}, True, "LlavaProcessor", None),
+    "spatial_unpad": _Release("llava_next", True, {"model.image_newline": "image_newline"}, False,
+                              "LlavaNextProcessor", "LlavaNextImageProcessor", {"use_image_newline_parameter": True}),
+}
+
+
+def release_of(orig: dict, cfg_path: str) -> _Release:
+  merge = orig.get("mm_patch_merge_type", "flat")  # LLaVA-1.0/1.5 predate the key
+  if merge not in RELEASES:
+    raise LlavaJaxError(f"{cfg_path}: mm_patch_merge_type {merge!r} is not supported ({', '.join(RELEASES)})")
+  release = RELEASES[merge]
+  aspect = orig.get("image_aspect_ratio")
+  if release.anyres != (aspect == "anyres") or str(aspect).startswith("anyres_"):
+    want = "'anyres'" if release.anyres else "not AnyRes"
+    raise LlavaJaxError(f"{cfg_path}: image_aspect_ratio {aspect!r} does not go with mm_patch_merge_type {merge!r} "
+                        f"(expected {want})")
+  return release
 
 
 def _vision_config(clip_dir: str) -> dict:
@@ -59,7 +102,8 @@ def _projector(orig: dict, cfg_path: str) -> str:
   return kind
 
 
-def build_config(orig: dict, vision: dict, cfg_path: str, image_token: int, pad_token: int, vocab: int) -> LlavaConfig:
+def build_config(orig: dict, vision: dict, cfg_path: str, image_token: int, pad_token: int, vocab: int,
+                 release: _Release = RELEASES["flat"]) -> LlavaConfig:
   """The HF LLaVA config for an original release, validated by our own config reader."""
   text = {k: orig[k] for k in _TEXT_KEYS if k in orig}
   text.update(model_type="mistral" if "mistral" in str(orig.get("model_type", "")) else "llama",
@@ -69,13 +113,15 @@ def build_config(orig: dict, vision: dict, cfg_path: str, image_token: int, pad_
     raise LlavaJaxError(f"{cfg_path}: mm_vision_select_feature {feature!r} is not supported (patch, cls_patch)")
   kind = _projector(orig, cfg_path)
   d = {
-      "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "text_config": text,
+      **release.config_extra, "model_type": release.model_type, "text_config": text,
       "vision_config": vision, "image_token_index": image_token, "pad_token_id": pad_token,
       "projector_hidden_act": "gelu" if kind == "mlp2x_gelu" else "linear",
       "vision_feature_layer": orig.get("mm_vision_select_layer", -1),
       "vision_feature_select_strategy": "default" if feature == "patch" else "full",
       "tie_word_embeddings": bool(orig.get("tie_word_embeddings", False)),
   }
+  if release.model_type == "llava_next":
+    d["image_grid_pinpoints"] = orig.get("image_grid_pinpoints")
   config = LlavaConfig.from_hf_dict(d, source=cfg_path)
   mm_hidden = orig.get("mm_hidden_size")
   if mm_hidden is not None and mm_hidden != config.vision_feature_size:
@@ -105,11 +151,13 @@ class _Sources:
     self.llava, self.clip = llava, clip
     self.table: dict[str, tuple[hf.TensorFolder, str]] = {}
 
-  def map_all(self, kind: str, tied: bool) -> None:
+  def map_all(self, kind: str, tied: bool, release: _Release) -> None:
     for name in self.llava.names:
       if hf.IGNORABLE.search(name):
         continue
-      if name.startswith(_EMBEDDED_CLIP):
+      if name in release.tensors:
+        self.table[release.tensors[name]] = (self.llava, name)
+      elif name.startswith(_EMBEDDED_CLIP):
         self.table["vision_tower." + name[len(_EMBEDDED_CLIP) + len("vision_model."):]] = (self.llava, name)
       elif name.startswith("model.mm_projector."):
         rest = name[len("model.mm_projector."):]
@@ -143,8 +191,9 @@ def _expected_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _add_tokens(src: str, out: str, vocab: int) -> tuple[int, int, bool]:
-  """Adds `<image>` and `<pad>` to the release's tokenizer (when it has one) and saves it to `out`."""
+def _add_tokens(src: str, out: str, vocab: int, replace_pad: bool) -> tuple[int, int, bool]:
+  """Adds `<image>` and `<pad>` (unless `replace_pad` is false and it has a pad token) to the release's
+  tokenizer (when it has one) and saves it to `out`."""
   if not any(os.path.isfile(os.path.join(src, f)) for f in ("tokenizer.json", "tokenizer.model")):
     return vocab, vocab + 1, False
   import transformers
@@ -153,14 +202,17 @@ def _add_tokens(src: str, out: str, vocab: int) -> tuple[int, int, bool]:
   except Exception as e:  # tokenizer loaders raise many types; any of them means a bad folder
     raise LlavaJaxError(f"{src}: cannot load the tokenizer: {' '.join(str(e).split())[:200]}") from None
   tokenizer.add_tokens(transformers.AddedToken(IMAGE_TOKEN, special=True, normalized=False), special_tokens=True)
-  tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+  if replace_pad or tokenizer.pad_token is None:
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
   tokenizer.save_pretrained(out)
   return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id, True
 
 
-def _write_processor(out: str, clip_dir: str | None, src: str, orig: dict, config: LlavaConfig, tokenizer: bool) -> None:
+def _write_processor(out: str, clip_dir: str | None, src: str, orig: dict, config: LlavaConfig, tokenizer: bool,
+                     release: _Release) -> None:
   """preprocessor_config.json from the release or its CLIP folder; LLaVA-1.5's pad-to-square is
-  recorded as `image_aspect_ratio: "pad"` (read by llava_jax.data.images)."""
+  recorded as `image_aspect_ratio: "pad"` (read by llava_jax.data.images), LLaVA-NeXT's AnyRes as
+  transformers' LlavaNextImageProcessor with the pinpoints."""
   for folder in (src, clip_dir):
     path = os.path.join(folder, "preprocessor_config.json") if folder else ""
     if path and os.path.isfile(path):
@@ -174,10 +226,14 @@ def _write_processor(out: str, clip_dir: str | None, src: str, orig: dict, confi
            "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
   if orig.get("image_aspect_ratio") == "pad":
     pre["image_aspect_ratio"] = "pad"
+  if release.image_processor:
+    pre.pop("feature_extractor_type", None)
+    pre.update(image_processor_type=release.image_processor, do_pad=True,
+               image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints])
   with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
     f.write(json.dumps(pre, indent=2, sort_keys=True) + "\n")
   if tokenizer:
-    proc = {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": config.vision.patch_size,
+    proc = {"processor_class": release.processor, "image_token": IMAGE_TOKEN, "patch_size": config.vision.patch_size,
             "num_additional_image_tokens": 1, "vision_feature_select_strategy": config.vision_feature_select_strategy}
     with open(os.path.join(out, "processor_config.json"), "w") as f:
       f.write(json.dumps(proc, indent=2, sort_keys=True) + "\n")
@@ -202,6 +258,7 @@ def convert(src: str, out: str, vision_tower: str | None = None, max_shard_bytes
   if not any(k in orig for k in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")):
     raise LlavaJaxError(f"{cfg_path}: not an original LLaVA config (no mm_vision_tower, mm_projector_type or mm_hidden_size)")
   kind = _projector(orig, cfg_path)
+  release = release_of(orig, cfg_path)
   clip_dir = _clip_dir(orig, vision_tower, cfg_path)
   vision = _vision_config(clip_dir)
   llava = hf.TensorFolder(src)
@@ -215,19 +272,20 @@ def convert(src: str, out: str, vision_tower: str | None = None, max_shard_bytes
     raise LlavaJaxError(f"{llava.file_of('model.embed_tokens.weight')}: tensor model.embed_tokens.weight has "
                         f"{vocab} rows but {cfg_path} says vocab_size {orig['vocab_size']}")
   rows = _padded(vocab)
-  image_token, pad_token, has_tokenizer = _add_tokens(src, out, vocab)
+  build_config(orig, vision, cfg_path, vocab, vocab + 1, rows, release)  # a bad config fails before the tokenizer loads
+  image_token, pad_token, has_tokenizer = _add_tokens(src, out, vocab, release.replace_pad)
   if max(image_token, pad_token) >= rows:
     raise LlavaJaxError(f"{src}: the tokenizer puts <image>/<pad> at ids {image_token}/{pad_token}, beyond the "
                         f"{rows}-row embedding")
-  config = build_config(orig, vision, cfg_path, image_token, pad_token, rows)
+  config = build_config(orig, vision, cfg_path, image_token, pad_token, rows, release)
 
   sources = _Sources(llava, clip)
-  sources.map_all(kind, config.text.tie_word_embeddings)
+  sources.map_all(kind, config.text.tie_word_embeddings, release)
   specs = _specs(sources, config, rows)
   hf.write_tensors(out, specs, max_shard_bytes)
   save_config(config, out)
   hf.copy_assets(src, out, [hf.GENERATION_CONFIG])
-  _write_processor(out, clip_dir, src, orig, config, has_tokenizer)
+  _write_processor(out, clip_dir, src, orig, config, has_tokenizer, release)
   return config
 
 
