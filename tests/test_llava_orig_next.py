@@ -23,7 +23,7 @@ from hf_fixtures import NEXT_IMAGE_SIZE, NEXT_PINPOINTS, hf_state, tiny_hf_next_
 from llava_jax.data.layouts import layout_for
 from llava_jax.data.processor import Processor
 from llava_jax.infer.generate import Engine, Prompt
-from llava_jax.weights import checkpoint, convert
+from llava_jax.weights import convert, model_folder
 from test_convert import _read_folder
 
 ORIG_VOCAB = 120  # + <image> (+ <pad>), padded to 64: the 128 rows of the tiny models
@@ -138,7 +138,7 @@ def test_v16_release_converts_to_the_llava_next_folder_transformers_loads(tmp_pa
   assert processor.image_processor.image_grid_pinpoints == NEXT_PINPOINTS
   text, images = "w5 <image> w7 <image> w9", [_image((30, 80), 0), _image((90, 25), 1)]
   inputs = processor(text=text, images=images, return_tensors="pt")
-  loaded = checkpoint.load_model(str(out))
+  loaded = model_folder.load_model(str(out))
   ours = Processor.from_folder(out, layout_for(loaded.config))
   prompt = Prompt.of(ours.prepare(text, images, raw=True))
   np.testing.assert_array_equal(prompt.input_ids, inputs["input_ids"][0].numpy())
