@@ -46,6 +46,7 @@ class VisionConfig:
   layer_norm_eps: float = 1e-5
   hidden_act: str = "quick_gelu"
   projection_dim: int = 768  # unused by LLaVA; kept so config.json round-trips
+  vision_use_head: bool = False  # SigLIP's attention-pooling head (unused by LLaVA; parsed and converted)
   hf_extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def __post_init__(self):
@@ -156,14 +157,20 @@ TEXT_FAMILIES = {
                                   num_key_value_heads=32, max_position_embeddings=32768, bos_token_id=None,
                                   eos_token_id=None)),
 }
-VISION_CLASS_TOKENS = {"clip_vision_model": 1}
+VISION_CLASS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+_VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                "image_size", "patch_size", "layer_norm_eps", "hidden_act")
+_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        num_channels=3, image_size=224)
 VISION_FAMILIES = {
     "clip_vision_model": Family(
-        ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-         "image_size", "patch_size", "layer_norm_eps", "hidden_act", "projection_dim"),
-        defaults=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                      num_channels=3, image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu",
+        _VISION_KEYS + ("projection_dim",),
+        defaults=dict(_VISION_DEFAULTS, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu",
                       projection_dim=512)),
+    "siglip_vision_model": Family(
+        _VISION_KEYS + ("vision_use_head",),
+        defaults=dict(_VISION_DEFAULTS, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                      vision_use_head=True)),
 }
 
 
@@ -218,8 +225,11 @@ class LlavaConfig:
 
   @property
   def tokens_per_tile(self) -> int:
-    """Features the projector gives one tower input (a whole LLaVA-1.5 image, one AnyRes tile)."""
-    return self.vision.num_patches + (self.vision.class_tokens if self.vision_feature_select_strategy == "full" else 0)
+    """Features the projector gives one tower input (a whole LLaVA-1.5 image, one AnyRes tile): the tower's
+    tokens, less the first one under the "default" strategy. As in transformers, that is CLIP's class token, and
+    a patch of a tower without one (SigLIP; its released LLaVA models use "full")."""
+    dropped = 1 if self.vision_feature_select_strategy == "default" else 0
+    return self.vision.num_patches + self.vision.class_tokens - dropped
 
   @property
   def has_image_newline(self) -> bool:
@@ -374,11 +384,16 @@ def _grid_pinpoints(value, image_size: int, source: str) -> tuple[tuple[int, int
 
 
 def _check_anyres_strategy(strategy: str, vision: VisionConfig, source: str) -> None:
-  """AnyRes lays each tile's features out as a patch grid; "full" keeps the class token, which has no place in it
-  (transformers' LlavaNext fails on such a model too)."""
+  """AnyRes lays each tile's features out as its patch grid, so the strategy must leave exactly the patches:
+  "full" keeps a class token, "default" drops a patch of a tower without one (transformers' LlavaNext fails on
+  either)."""
   if strategy == "full" and vision.class_tokens:
     raise LlavaJaxError(f"{source}: vision_feature_select_strategy 'full' keeps the {vision.model_type} class token, "
                         "which the AnyRes feature grid of llava_next has no place for (use 'default')")
+  if strategy == "default" and not vision.class_tokens:
+    raise LlavaJaxError(f"{source}: vision_feature_select_strategy 'default' drops the first token, and "
+                        f"{vision.model_type} has no class token: a patch the AnyRes feature grid of llava_next "
+                        "needs (use 'full')")
 
 
 def _tuple_or_int(value):

@@ -1,4 +1,8 @@
-"""CLIP ViT vision tower (the encoder half of CLIPVisionModel), returning selected hidden states."""
+"""CLIP ViT vision tower (the encoder half of CLIPVisionModel), returning selected hidden states.
+
+Its embeddings, encoder blocks and layer loop are the ViT that SigLIP's tower (models/siglip.py) shares; the
+two differ by flags (class token, patch-embedding bias) and by their norms around the encoder.
+"""
 
 from __future__ import annotations
 
@@ -10,34 +14,38 @@ from llava_jax.config import VisionConfig
 from llava_jax.models.layers import INIT_STD, activation, attention, dense, heads_major, logical, scan_layers
 
 
-def _layer_norm(config: VisionConfig, name: str) -> nn.LayerNorm:
+def layer_norm(config: VisionConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
       epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32,
       scale_init=logical(nn.initializers.ones, ("embed",)),
       bias_init=logical(nn.initializers.zeros, ("embed",)), name=name)
 
 
-class ClipEmbeddings(nn.Module):
+class PatchEmbeddings(nn.Module):
+  """pixel_values (N, H, W, C) -> (N, class_tokens + patches, D): the class token where the config's family has
+  one (CLIP; SigLIP has none), the patches (a stride-patch "valid" convolution, with a bias in SigLIP), plus a
+  learned position for every token."""
   config: VisionConfig
   dtype: jnp.dtype
+  patch_bias: bool = False
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
-    """pixel_values (N, H, W, C) -> (N, 1 + patches, D): class token, patches, plus positions."""
     c = self.config
     patches = nn.Conv(
         c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size), padding="VALID",
-        use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        use_bias=self.patch_bias, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=logical(nn.initializers.normal(INIT_STD), (None, None, None, "embed")),
-        name="patch_embedding")(pixel_values.astype(self.dtype))
+        bias_init=logical(nn.initializers.zeros, ("embed",)), name="patch_embedding")(pixel_values.astype(self.dtype))
     n = patches.shape[0]
-    patches = patches.reshape(n, -1, c.hidden_size)
-    cls = self.param("class_embedding", logical(nn.initializers.normal(INIT_STD), ("embed",)), (c.hidden_size,))
-    cls = jnp.broadcast_to(cls.astype(self.dtype), (n, 1, c.hidden_size))
+    tokens = patches.reshape(n, -1, c.hidden_size)
+    if c.class_tokens:
+      cls = self.param("class_embedding", logical(nn.initializers.normal(INIT_STD), ("embed",)), (c.hidden_size,))
+      tokens = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (n, 1, c.hidden_size)), tokens], axis=1)
     positions = nn.Embed(
-        c.num_patches + 1, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+        c.num_patches + c.class_tokens, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
         embedding_init=logical(nn.initializers.normal(INIT_STD), (None, "embed")), name="position_embedding")
-    return jnp.concatenate([cls, patches], axis=1) + positions.embedding.astype(self.dtype)[None]
+    return tokens + positions.embedding.astype(self.dtype)[None]
 
 
 class ClipAttention(nn.Module):
@@ -80,9 +88,9 @@ class ClipEncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, carry, layer_index):
     h, selected = carry
-    x = _layer_norm(self.config, "layer_norm1")(h).astype(self.dtype)
+    x = layer_norm(self.config, "layer_norm1")(h).astype(self.dtype)
     h = h + ClipAttention(self.config, self.dtype, name="self_attn")(x)
-    x = _layer_norm(self.config, "layer_norm2")(h).astype(self.dtype)
+    x = layer_norm(self.config, "layer_norm2")(h).astype(self.dtype)
     h = h + ClipMlp(self.config, self.dtype, name="mlp")(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     hidden_index = layer_index + 1  # hidden state 0 is the embeddings output
@@ -90,19 +98,17 @@ class ClipEncoderLayer(nn.Module):
     return (h, selected), None
 
 
-class ClipVisionTower(nn.Module):
-  """pixel_values (N, H, W, C) -> hidden states at `feature_layers`, each (N, 1 + patches, D)."""
+class VisionTransformer(nn.Module):
+  """The fields and encoder loop the ViT towers share; a tower's __call__ adds its embeddings and norms."""
   config: VisionConfig
   feature_layers: tuple[int, ...]
   dtype: jnp.dtype = jnp.float32
   remat_policy: str = "none"
   scan: bool = True  # False: unrolled `layers_{i}` (inference; see llama.py on why)
 
-  @nn.compact
-  def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, ...]:
+  def encode(self, h: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Embeddings output (N, T, D) -> the last layer's output and the hidden states at `feature_layers`."""
     c = self.config
-    h = ClipEmbeddings(c, self.dtype, name="embeddings")(pixel_values)
-    h = _layer_norm(c, "pre_layrnorm")(h).astype(self.dtype)
     selected = tuple(h if want == 0 else jnp.zeros_like(h) for want in self.feature_layers)
     if self.scan:
       encoder = scan_layers(
@@ -113,7 +119,19 @@ class ClipVisionTower(nn.Module):
       for i in range(c.num_hidden_layers):
         layer = ClipEncoderLayer(c, self.dtype, self.feature_layers, name=f"layers_{i}")
         (h, selected), _ = layer((h, selected), i)
+    return h, selected
+
+
+class ClipVisionTower(VisionTransformer):
+  """pixel_values (N, H, W, C) -> hidden states at `feature_layers`, each (N, 1 + patches, D)."""
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, ...]:
+    c = self.config
+    h = PatchEmbeddings(c, self.dtype, name="embeddings")(pixel_values)
+    h = layer_norm(c, "pre_layrnorm")(h).astype(self.dtype)
+    h, selected = self.encode(h)
     if self.is_initializing():
       # CLIP's pooled output is unused by LLaVA; its norm is created so checkpoints round-trip.
-      _layer_norm(c, "post_layernorm")(h[:, 0])
+      layer_norm(c, "post_layernorm")(h[:, 0])
     return selected

@@ -11,16 +11,22 @@ import numpy as np
 
 from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
-from llava_jax.models.clip import ClipVisionTower
+from llava_jax.models.clip import ClipVisionTower, VisionTransformer
 from llava_jax.models.interfaces import LanguageModel, VisionTower
 from llava_jax.models.layers import logical
 from llava_jax.models.llama import LlamaModel
 from llava_jax.models.projector import Projector
+from llava_jax.models.siglip import SiglipVisionTower
+
+
+def _vit(tower: type[VisionTransformer]) -> Callable[[LlavaConfig, jnp.dtype], VisionTower]:
+  return lambda c, dtype: tower(c.vision, c.feature_layers, dtype, c.remat_policy, c.scan_layers)
+
 
 # vision_config.model_type -> its tower, built from the LLaVA config and the compute dtype.
 VISION_TOWERS: dict[str, Callable[[LlavaConfig, jnp.dtype], VisionTower]] = {
-    "clip_vision_model": lambda c, dtype: ClipVisionTower(c.vision, c.feature_layers, dtype, c.remat_policy,
-                                                          c.scan_layers),
+    "clip_vision_model": _vit(ClipVisionTower),
+    "siglip_vision_model": _vit(SiglipVisionTower),
 }
 
 
@@ -122,7 +128,7 @@ class Llava(nn.Module):
     """(N, H, W, C) -> (N, tokens_per_tile, text_hidden)."""
     hidden = self.vision_tower(pixel_values)
     if self.config.vision_feature_select_strategy == "default":
-      hidden = tuple(h[:, 1:] for h in hidden)  # drop the class token
+      hidden = tuple(h[:, 1:] for h in hidden)  # drop the first token (see LlavaConfig.tokens_per_tile)
     return self.projector(jnp.concatenate(hidden, axis=-1))
 
   def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,

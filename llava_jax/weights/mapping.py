@@ -60,31 +60,64 @@ def _add(out: list[Rule]) -> Callable:
   return lambda hf, path, transform, shape: out.append(Rule(hf, path, transform, tuple(shape)))
 
 
-def _clip_rules(v: VisionConfig) -> list[Rule]:
+def _layer_norm_rules(add: Callable, hf: str, path: str, size: int) -> None:
+  add(hf + ".weight", path + "/scale", "copy", (size,))
+  add(hf + ".bias", path + "/bias", "copy", (size,))
+
+
+def _mlp_rules(add: Callable, hf: str, path: str, v: VisionConfig) -> None:
+  for fc, fan_in, fan_out in (("fc1", v.hidden_size, v.intermediate_size), ("fc2", v.intermediate_size, v.hidden_size)):
+    add(f"{hf}.{fc}.weight", f"{path}/{fc}/kernel", "linear", (fan_in, fan_out))
+    add(f"{hf}.{fc}.bias", f"{path}/{fc}/bias", "copy", (fan_out,))
+
+
+def _vit_rules(v: VisionConfig, patch_bias: bool) -> list[Rule]:
+  """The ViT models/clip.py builds for both towers: embeddings (class token where the family has one) and layers."""
   out: list[Rule] = []
   add, vh = _add(out), (v.num_attention_heads, v.head_dim)
   vt, vl = "vision_tower.", "vision_tower.encoder.layers.{i}."
   add(vt + "embeddings.patch_embedding.weight", "vision_tower/embeddings/patch_embedding/kernel", "conv",
       (v.patch_size, v.patch_size, v.num_channels, v.hidden_size))
-  add(vt + "embeddings.class_embedding", "vision_tower/embeddings/class_embedding", "copy", (v.hidden_size,))
+  if patch_bias:
+    add(vt + "embeddings.patch_embedding.bias", "vision_tower/embeddings/patch_embedding/bias", "copy",
+        (v.hidden_size,))
+  if v.class_tokens:
+    add(vt + "embeddings.class_embedding", "vision_tower/embeddings/class_embedding", "copy", (v.hidden_size,))
   add(vt + "embeddings.position_embedding.weight", "vision_tower/embeddings/position_embedding/embedding", "copy",
-      (v.num_patches + 1, v.hidden_size))
-  for norm in ("pre_layrnorm", "post_layernorm"):
-    add(vt + f"{norm}.weight", f"vision_tower/{norm}/scale", "copy", (v.hidden_size,))
-    add(vt + f"{norm}.bias", f"vision_tower/{norm}/bias", "copy", (v.hidden_size,))
+      (v.num_patches + v.class_tokens, v.hidden_size))
   for norm in ("layer_norm1", "layer_norm2"):
-    add(vl + f"{norm}.weight", f"vision_tower/layers/{norm}/scale", "copy", (v.hidden_size,))
-    add(vl + f"{norm}.bias", f"vision_tower/layers/{norm}/bias", "copy", (v.hidden_size,))
+    _layer_norm_rules(add, vl + norm, f"vision_tower/layers/{norm}", v.hidden_size)
   for proj in ("q_proj", "k_proj", "v_proj"):
     add(vl + f"self_attn.{proj}.weight", f"vision_tower/layers/self_attn/{proj}/kernel", "linear", (v.hidden_size,) + vh)
     add(vl + f"self_attn.{proj}.bias", f"vision_tower/layers/self_attn/{proj}/bias", "bias_heads", vh)
   add(vl + "self_attn.out_proj.weight", "vision_tower/layers/self_attn/out_proj/kernel", "linear_out",
       vh + (v.hidden_size,))
   add(vl + "self_attn.out_proj.bias", "vision_tower/layers/self_attn/out_proj/bias", "copy", (v.hidden_size,))
-  add(vl + "mlp.fc1.weight", "vision_tower/layers/mlp/fc1/kernel", "linear", (v.hidden_size, v.intermediate_size))
-  add(vl + "mlp.fc1.bias", "vision_tower/layers/mlp/fc1/bias", "copy", (v.intermediate_size,))
-  add(vl + "mlp.fc2.weight", "vision_tower/layers/mlp/fc2/kernel", "linear", (v.intermediate_size, v.hidden_size))
-  add(vl + "mlp.fc2.bias", "vision_tower/layers/mlp/fc2/bias", "copy", (v.hidden_size,))
+  _mlp_rules(add, vl + "mlp", "vision_tower/layers/mlp", v)
+  return out
+
+
+def _clip_rules(v: VisionConfig) -> list[Rule]:
+  out = _vit_rules(v, patch_bias=False)
+  for norm in ("pre_layrnorm", "post_layernorm"):
+    _layer_norm_rules(_add(out), "vision_tower." + norm, "vision_tower/" + norm, v.hidden_size)
+  return out
+
+
+def _siglip_rules(v: VisionConfig) -> list[Rule]:
+  """SigLIP's ViT, its post_layernorm and, with vision_use_head, the attention-pooling head (nn.MultiheadAttention's
+  packed in_proj: q, k and v stacked on the output axis)."""
+  out = _vit_rules(v, patch_bias=True)
+  add, vh, head = _add(out), (v.num_attention_heads, v.head_dim), "vision_tower.head."
+  _layer_norm_rules(add, "vision_tower.post_layernorm", "vision_tower/post_layernorm", v.hidden_size)
+  if v.vision_use_head:
+    add(head + "probe", "vision_tower/head/probe", "copy", (1, 1, v.hidden_size))
+    add(head + "attention.in_proj_weight", "vision_tower/head/in_proj/kernel", "linear", (v.hidden_size, 3) + vh)
+    add(head + "attention.in_proj_bias", "vision_tower/head/in_proj/bias", "bias_heads", (3,) + vh)
+    add(head + "attention.out_proj.weight", "vision_tower/head/out_proj/kernel", "linear_out", vh + (v.hidden_size,))
+    add(head + "attention.out_proj.bias", "vision_tower/head/out_proj/bias", "copy", (v.hidden_size,))
+    _layer_norm_rules(add, head + "layernorm", "vision_tower/head/layernorm", v.hidden_size)
+    _mlp_rules(add, head + "mlp", "vision_tower/head/mlp", v)
   return out
 
 
@@ -122,6 +155,7 @@ def _llama_rules(t: TextConfig) -> list[Rule]:
 # vision_config.model_type / text_config.model_type -> that family's rows (as models/llava.py builds its modules).
 VISION_RULES: dict[str, Callable[[VisionConfig], list[Rule]]] = {
     "clip_vision_model": _clip_rules,
+    "siglip_vision_model": _siglip_rules,
 }
 TEXT_RULES: dict[str, Callable[[TextConfig], list[Rule]]] = {
     "llama": _llama_rules,
