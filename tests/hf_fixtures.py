@@ -42,26 +42,37 @@ def _text_config(text: str, common: dict, rope_scaling, sliding_window):
   raise ValueError(text)
 
 
-def tiny_hf_config(*, text="llama", projector_act="gelu", feature_layer=-2, strategy="default",
-                   image_size=28, patch_size=7, tie=False, rope_scaling=None,
+def _vision_config(vision: str, image_size: int, patch_size: int, head: bool):
+  """The tiny 3-layer vision config of one tower family ("clip" or "siglip", with or without its pooling head)."""
+  common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                image_size=image_size, patch_size=patch_size)
+  if vision == "clip":
+    return transformers.CLIPVisionConfig(projection_dim=16, initializer_range=0.1, initializer_factor=3.0, **common)
+  if vision == "siglip":
+    return transformers.SiglipVisionConfig(vision_use_head=head, **common)
+  raise ValueError(vision)
+
+
+def tiny_hf_config(*, text="llama", vision="clip", head=True, projector_act="gelu", feature_layer=-2,
+                   strategy="default", image_size=28, patch_size=7, tie=False, rope_scaling=None,
                    sliding_window=None) -> transformers.LlavaConfig:
   """A LLaVA config small enough to run in milliseconds but with every structural feature on.
 
   text="llama": Vicuna-style multi-head attention; text="mistral": grouped-query with rope_theta 1e6
   and, with `sliding_window`, attention to the last sliding_window tokens only; "qwen2": grouped-query
   with q/k/v biases; "llama3": grouped-query, 128K vocabulary, llama3 rope scaling; "yi": grouped-query,
-  rope_theta 5e6.
+  rope_theta 5e6. vision="clip": CLIP's tower (a class token); "siglip": SigLIP's (none), with its
+  attention-pooling head where `head`.
   """
-  vision = transformers.CLIPVisionConfig(
-      hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=image_size,
-      patch_size=patch_size, projection_dim=16, initializer_range=0.1, initializer_factor=3.0)
+  vision_config = _vision_config(vision, image_size, patch_size, head)
   common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=tie, bos_token_id=1,
                 eos_token_id=2, pad_token_id=0)
   text_config = _text_config(text, common, rope_scaling, sliding_window)
-  tokens = (image_size // patch_size) ** 2 + (1 if strategy == "full" else 0)
+  # As transformers' processor counts: the patches, CLIP's class token, less the first token under "default".
+  tokens = (image_size // patch_size) ** 2 + (1 if vision == "clip" else 0) - (1 if strategy == "default" else 0)
   return transformers.LlavaConfig(
-      vision_config=vision, text_config=text_config, image_token_index=IMAGE_TOKEN, image_seq_length=tokens,
+      vision_config=vision_config, text_config=text_config, image_token_index=IMAGE_TOKEN, image_seq_length=tokens,
       projector_hidden_act=projector_act, vision_feature_layer=feature_layer,
       vision_feature_select_strategy=strategy, tie_word_embeddings=tie)
 
@@ -102,10 +113,11 @@ NEXT_PREPROCESSOR = {"size": {"shortest_edge": NEXT_IMAGE_SIZE},
                      "image_grid_pinpoints": NEXT_PINPOINTS}
 
 
-def tiny_hf_next_config(*, text="llama", feature_layer=-2, strategy="default") -> transformers.LlavaNextConfig:
-  """A tiny LLaVA-NeXT config (2-layer CLIP tower of 28-px tiles, patch 7) over one of the tiny decoders."""
-  base = tiny_hf_config(text=text, feature_layer=feature_layer, strategy=strategy, image_size=NEXT_IMAGE_SIZE,
-                        patch_size=7)
+def tiny_hf_next_config(*, text="llama", vision="clip", feature_layer=-2,
+                        strategy="default") -> transformers.LlavaNextConfig:
+  """A tiny LLaVA-NeXT config (2-layer vision tower of 28-px tiles, patch 7) over one of the tiny decoders."""
+  base = tiny_hf_config(text=text, vision=vision, feature_layer=feature_layer, strategy=strategy,
+                        image_size=NEXT_IMAGE_SIZE, patch_size=7)
   base.vision_config.num_hidden_layers = 2
   return transformers.LlavaNextConfig(
       vision_config=base.vision_config, text_config=base.text_config, image_token_index=IMAGE_TOKEN,

@@ -20,12 +20,14 @@ ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 
 def test_every_family_has_a_module_and_mapping_rows():
   assert set(TEXT_FAMILIES) == set(LANGUAGE_MODELS) == set(TEXT_RULES) == set(TEXT_CONFIGS)
-  assert set(VISION_FAMILIES) == set(VISION_TOWERS) == set(VISION_RULES) == {"clip_vision_model"}
+  assert set(VISION_FAMILIES) == set(VISION_TOWERS) == set(VISION_RULES) == {"clip_vision_model",
+                                                                               "siglip_vision_model"}
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(text="mistral", sliding_window=24), dict(text="qwen2"),
                                      dict(text="qwen2", tie=True), dict(text="llama3"), dict(text="yi"),
-                                     dict(rope_scaling=2.0)], ids=str)
+                                     dict(rope_scaling=2.0), dict(vision="siglip", strategy="full"),
+                                     dict(vision="siglip", head=False, text="qwen2")], ids=str)
 def test_config_json_round_trips_exactly(variant):
   d = tiny_hf_config(**variant).to_dict()
   assert LlavaConfig.from_hf_dict(d).to_hf_dict() == d

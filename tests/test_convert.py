@@ -121,11 +121,12 @@ def test_round_trip_bit_for_bit(tmp_path, saved_dirs, f32_model, layout, sharded
 
 
 FAMILIES = {"qwen2": dict(text="qwen2"), "qwen2_tied": dict(text="qwen2", tie=True),
-            "llama3_128k_vocab": dict(text="llama3")}
+            "llama3_128k_vocab": dict(text="llama3"), "siglip_pooling_head": dict(vision="siglip", strategy="full"),
+            "siglip_no_head": dict(vision="siglip", head=False, feature_layer=-1, strategy="full")}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_round_trip_decoder_families(tmp_path, family):
+def test_round_trip_model_families(tmp_path, family):
   """hf-to-jax -> jax-to-hf bit for bit (sharded), and a folder whose config.json we write from the parsed
   config loads in transformers with no missing or unexpected keys and computes the same logits."""
   model = tiny_hf_model(seed=2, **FAMILIES[family])

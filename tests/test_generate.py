@@ -28,6 +28,8 @@ VARIANTS = {
     "qwen2_gqa_qkv_biases": {"text": "qwen2"},
     "qwen2_tied": {"text": "qwen2", "tie": True},
     "llama3_rope_scaling_128k_vocab": {"text": "llama3"},
+    "siglip_last_layer_full_qwen2": {"vision": "siglip", "head": False, "feature_layer": -1, "strategy": "full",
+                                     "text": "qwen2"},
 }
 LONG_WINDOW = 24
 

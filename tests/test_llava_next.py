@@ -71,12 +71,16 @@ def test_bad_configs_name_file_and_value(tmp_path):
     load_config(str(tmp_path))
 
 
-def test_full_strategy_with_a_class_token_is_refused_as_transformers_fails_on_it():
-  hf_model = tiny_hf_next_model(strategy="full")
+@pytest.mark.parametrize("vision, strategy, message", [
+    ("clip", "full", "'full' keeps the clip_vision_model class token"),
+    ("siglip", "default", "'default' drops the first token, and siglip_vision_model has no class token")])
+def test_a_strategy_that_leaves_more_or_less_than_the_patches_is_refused_as_transformers_fails_on_it(
+    vision, strategy, message):
+  hf_model = tiny_hf_next_model(vision=vision, strategy=strategy)
   pixels = torch.from_numpy(next_image_processor()([_image(SQUARE)], return_tensors="np")["pixel_values"])
   with pytest.raises(RuntimeError):
     hf_model.model.get_image_features(pixels, torch.tensor([SQUARE]))
-  with pytest.raises(LlavaJaxError, match="'full' keeps the clip_vision_model class token"):
+  with pytest.raises(LlavaJaxError, match=message):
     _config(hf_model)
 
 
@@ -111,18 +115,23 @@ def test_feature_index_is_pack_image_features(default_model, size):
 # ---- processor, model and engine against transformers ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def _folder(path, **processor_settings):
   """A complete LLaVA-NeXT folder as transformers writes it: weights, tokenizer, processor files, template."""
-  path = tmp_path_factory.mktemp("next")
   tokenizer = build_tiny_tokenizer(path)
-  reference_processor(tokenizer).save_pretrained(path)
+  reference_processor(tokenizer, **processor_settings).save_pretrained(path)
   return path
 
 
-def reference_processor(tokenizer):
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return _folder(tmp_path_factory.mktemp("next"))
+
+
+def reference_processor(tokenizer, vision_feature_select_strategy="default", num_additional_image_tokens=1):
+  """The processor of a CLIP tower ("default": its class token dropped); SigLIP's: "full", no additional token."""
   return transformers.LlavaNextProcessor(image_processor=next_image_processor(), tokenizer=tokenizer, patch_size=7,
-                                         vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                         vision_feature_select_strategy=vision_feature_select_strategy,
+                                         num_additional_image_tokens=num_additional_image_tokens,
                                          chat_template=TEMPLATE)
 
 
@@ -170,9 +179,20 @@ def _engine(hf_model):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_and_generations_equal_transformers(processors, variant):
+  _assert_logits_and_generations_equal(*processors, tiny_hf_next_model(seed=1, **VARIANTS[variant]))
+
+
+def test_siglip_tower_with_every_patch_equals_transformers(tmp_path):
+  """The "full" strategy (every tower output a feature) that AnyRes allows only with a tower without a class
+  token, as OneVision's SigLIP; each side's processor for it."""
+  hf_model = tiny_hf_next_model(seed=1, vision="siglip", strategy="full")
+  path = _folder(tmp_path, vision_feature_select_strategy="full", num_additional_image_tokens=0)
+  reference = reference_processor(transformers.AutoTokenizer.from_pretrained(str(path)), "full", 0)
+  _assert_logits_and_generations_equal(reference, Processor.from_folder(path, layout_for(_config(hf_model))), hf_model)
+
+
+def _assert_logits_and_generations_equal(reference, ours, hf_model):
   """One left-padded batch: a square, a wide and a tall image, and a row with two images of different sizes."""
-  reference, ours = processors
-  hf_model = tiny_hf_next_model(seed=1, **VARIANTS[variant])
   hf_model.generation_config.eos_token_id = None  # random weights: all 20 tokens are produced
   engine = _engine(hf_model)
   inputs = _reference_batch(reference, ROWS)

@@ -61,6 +61,10 @@ VARIANTS = {
     "qwen2_tied_embeddings": dict(text="qwen2", tie=True),
     "llama3_gqa_rope_scaling_128k_vocab": dict(text="llama3"),
     "yi_gqa_theta5e6": dict(text="yi"),
+    # OneVision's tower choice: SigLIP's last hidden state, every patch (it has no class token), no pooling head.
+    "siglip_last_layer_full": dict(vision="siglip", head=False, feature_layer=-1, strategy="full", text="qwen2"),
+    # "default" drops SigLIP's first patch, as transformers does; the pooling head is present and unused.
+    "siglip_default_pooling_head": dict(vision="siglip", feature_layer=[-2, 0]),
 }
 
 
