@@ -71,11 +71,11 @@ def load_source(cfg) -> Source:
 
 def build_pipeline(cfg, model_config, assets_dir: str):
   """This host's input pipeline; `pipe.image_processor` is the preprocessing it applies."""
-  from llava_jax.data import images, pipeline, processor  # pylint: disable=import-outside-toplevel
+  from llava_jax.data import images, layouts, pipeline, processor  # pylint: disable=import-outside-toplevel
   tokenizer = processor.load_tokenizer(assets_dir)
   image_processor = images.ImageProcessor.from_folder(assets_dir, image_size=model_config.vision.image_size)
   return pipeline.make_pipeline(pipeline.DataConfig.from_config(cfg.data), tokenizer, image_processor,
-                                image_seq_length=model_config.image_seq_length, global_batch_size=cfg.batch_size,
+                                layout=layouts.layout_for(model_config), global_batch_size=cfg.batch_size,
                                 seed=cfg.seed, image_token_id=model_config.image_token_index)
 
 
