@@ -54,9 +54,10 @@ MODELS = {
          "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
         image_token_index=127, pad_token_id=0),
 }
-# LLaVA-NeXT at toy size: tiny's towers, AnyRes over its 28-px tiles (1x2, 2x1 and 2x2 tiles).
+# LLaVA-NeXT at toy size: tiny's towers, AnyRes over its 28-px tiles (1x2, 2x1, 2x2, 1x3 and 3x1 tiles).
 MODELS["tiny-next"] = dict(copy.deepcopy(MODELS["tiny"]), architectures=["LlavaNextForConditionalGeneration"],
-                           model_type="llava_next", image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+                           model_type="llava_next",
+                           image_grid_pinpoints=[[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]])
 ALIASES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}
 
 

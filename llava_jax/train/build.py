@@ -80,8 +80,10 @@ def build_pipeline(cfg, model_config, assets_dir: str):
   from llava_jax.data import images, layouts, pipeline, processor  # pylint: disable=import-outside-toplevel
   tokenizer = processor.load_tokenizer(assets_dir)
   image_processor = images.ImageProcessor.from_folder(assets_dir, image_size=model_config.vision.image_size)
+  layout = layouts.layout_for(model_config)
+  layout.check_processor_files(assets_dir)
   return pipeline.make_pipeline(pipeline.DataConfig.from_config(cfg.data), tokenizer, image_processor,
-                                layout=layouts.layout_for(model_config), global_batch_size=cfg.batch_size,
+                                layout=layout, global_batch_size=cfg.batch_size,
                                 seed=cfg.seed, image_token_id=model_config.image_token_index)
 
 
