@@ -213,3 +213,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(world, tmp_path):
   assert all(np.array_equal(want[p], got[p]) for p in want)
   same = lambda workdir: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in F.read_metrics(workdir)]
   assert same(tmp_path / "resumed")[-2:] == same(tmp_path / "reference")[-2:]
+
+
+def test_pad_preprocessing_is_refused_for_anyres(world, hf_model):
+  data = pl.DataConfig.from_config(dict(json=world["json"], image_aspect_ratio="pad"))
+  with pytest.raises(LlavaJaxError, match="data.image_aspect_ratio: 'pad' is LLaVA-1.5's"):
+    pl.make_pipeline(data, None, None, layout=layout_for(our_config(hf_model)), global_batch_size=4, seed=0,
+                     process_index=0, process_count=1)

@@ -342,6 +342,9 @@ def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.Ima
   if global_batch_size % process_count:
     raise LlavaJaxError(f"batch_size: {global_batch_size} is not divisible by the {process_count} processes")
   local_batch = global_batch_size // process_count
+  if config.image_aspect_ratio == "pad" and layouts.orders_features_by_size(layout):
+    raise LlavaJaxError("data.image_aspect_ratio: 'pad' is LLaVA-1.5's preprocessing; AnyRes (llava_next) "
+                        "tiles images itself, use '' (the model folder's processor)")
   if config.image_aspect_ratio:
     image_processor = dataclasses.replace(image_processor, pad_to_square=config.image_aspect_ratio == "pad")
   preprocess = Preprocess(config.template, tokenizer, image_processor, layout, config.max_len, config.max_images,

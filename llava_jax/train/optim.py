@@ -94,7 +94,7 @@ def make_optimizer(cfg, multipliers: Any, total_steps: int) -> tuple[optax.Gradi
   labels = jax.tree.map(lambda m: TRAIN if m else FROZEN, trained(multipliers))
   tx = optax.multi_transform({TRAIN: train, FROZEN: optax.set_to_zero()}, labels)
   if all(float(m) in (0.0, 1.0) for m in jax.tree.leaves(multipliers)):
-    return tx, lr
+    return tx, lr  # no scaling step: the optimizer state (and checkpoints) of runs before lr_multipliers
   scales = jax.tree.map(float, multipliers)
   scale = optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, m: u * m, updates, scales))
   return optax.chain(tx, scale), lr
