@@ -30,43 +30,47 @@ SIZES = {  # model name in configs/models.py, compute dtype, remat policy, mesh,
 }
 
 
-def _parse(arg: str) -> dict:
+def parse_args(arg: str, stages: dict, sizes: dict) -> dict:
+  """`stage=...,size=...` -> {"stage", "size"} (defaults: pretrain, 7b), each checked against its table."""
   out = {"stage": "pretrain", "size": "7b"}
+  usage = f"stage={'|'.join(stages)},size={'|'.join(sizes)}"
   for part in filter(None, (arg or "").split(",")):
     key, sep, value = part.partition("=")
     if not sep or key not in out:
-      raise ValueError(f"config argument {part!r}: expected stage=pretrain|finetune,size=7b|13b|tiny")
+      raise ValueError(f"config argument {part!r}: expected {usage}")
     out[key] = value
-  if out["stage"] not in STAGES:
-    raise ValueError(f"config argument stage={out['stage']!r}: expected one of {sorted(STAGES)}")
-  if out["size"] not in SIZES:
-    raise ValueError(f"config argument size={out['size']!r}: expected one of {sorted(SIZES)}")
+  for key, table in (("stage", stages), ("size", sizes)):
+    if out[key] not in table:
+      raise ValueError(f"config argument {key}={out[key]!r}: expected one of {sorted(table)}")
   return out
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = _parse(arg)
-  stage, size = STAGES[args["stage"]], SIZES[args["size"]]
+def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_collections.ConfigDict:
+  """The training config of one stage and size; `stage` may set trainable, lr_multipliers, max_len and
+  image_aspect_ratio beyond LLaVA-1.5's lr, batch_size and template."""
   c = ml_collections.ConfigDict()
-  c.stage = args["stage"]
-  c.size = args["size"]
+  c.stage = stage_name
+  c.size = size_name
   c.init = ""                       # HF folder / llava-jax checkpoint / training workdir; "" = random init
   c.model = size["model"]           # architecture for random init (configs/models.py)
   c.tokenizer = ""                  # folder with tokenizer/processor files for random init
-  c.trainable = tuple(STAGE_TRAINABLE[args["stage"]])  # (regex over "/"-joined param paths, trains?); first wins
+  # (regex over "/"-joined param paths, trains?) and (regex, learning-rate multiplier); first match wins.
+  c.trainable = tuple(stage.get("trainable", STAGE_TRAINABLE[stage_name]))
+  c.lr_multipliers = tuple(stage.get("lr_multipliers", ((".*", 1.0),)))
 
   c.data = ml_collections.ConfigDict()
   c.data.json = ""
   c.data.image_folder = ""
   c.data.template = stage["template"]
-  c.data.max_len = 2048
+  c.data.max_len = stage.get("max_len", 2048)
   c.data.max_images = 1
+  c.data.max_tiles = 0              # tower inputs per sample; 0 = max_images x the image layout's most per image
   c.data.buckets = ()               # padded lengths; () = a quarter, half and all of max_len
   c.data.source = "json"            # json | tfds
   c.data.tfds_dir = ""
   c.data.num_workers = 0            # grain worker processes
   c.data.shuffle = True             # seeded; a new order every epoch
-  c.data.image_aspect_ratio = "pad"  # LLaVA-1.5 pads images to square with the mean color
+  c.data.image_aspect_ratio = stage.get("image_aspect_ratio", "pad")  # LLaVA-1.5 pads images to square
 
   c.batch_size = stage["batch_size"]  # global, over all devices and hosts
   c.grad_accum_steps = size["grad_accum_steps"]
@@ -94,3 +98,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.dtype = size["dtype"]
   c.remat_policy = size["remat_policy"]  # none | full | dots | dots_no_batch
   return c
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = parse_args(arg, STAGES, SIZES)
+  return recipe(args["stage"], args["size"], STAGES[args["stage"]], SIZES[args["size"]])

@@ -107,6 +107,10 @@ MODELS = {
         _text("Qwen/Qwen1.5-72B-Chat", "qwen2", 152064, 8192, 24576, 80, 64, 64, 32768, 1e-6, 1e6, 151643, 151645,
               None, max_window_layers=70, sliding_window=32768, use_sliding_window=False), 151646),
 }
+# LLaVA-NeXT at toy size: tiny's towers, AnyRes over its 28-px tiles (1x2, 2x1, 2x2, 1x3 and 3x1 tiles).
+MODELS["tiny-next"] = dict(copy.deepcopy(MODELS["tiny"]), architectures=["LlavaNextForConditionalGeneration"],
+                           model_type="llava_next",
+                           image_grid_pinpoints=[[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]])
 ALIASES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}
 
 

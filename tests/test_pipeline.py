@@ -10,6 +10,7 @@ from PIL import Image
 
 from llava_jax.data import images as images_lib
 from llava_jax.data import pipeline as pl
+from llava_jax.data.layouts import FixedLayout
 from llava_jax.data.llava_json import Skipped
 from llava_jax.errors import LlavaJaxError
 
@@ -71,7 +72,7 @@ def make(world, json_name="good.json", batch=4, seed=0, **overrides):
               max_len=MAX_LEN, buckets=(96, 128), read_threads=2)
   data.update(overrides)
   return pl.make_pipeline(pl.DataConfig.from_config(data), world["tokenizer"], world["processor"],
-                          image_seq_length=SEQ, global_batch_size=batch, seed=seed,
+                          layout=FixedLayout(SEQ), global_batch_size=batch, seed=seed,
                           process_index=process_index, process_count=process_count)
 
 
@@ -94,7 +95,7 @@ def row_keys(batch):
 
 def sample_keys(world, records):
   """What each usable record's row looks like -> its id (via the same preprocessing)."""
-  pre = pl.Preprocess("vicuna_v1", world["tokenizer"], world["processor"], SEQ, MAX_LEN, 1, str(world["root"]))
+  pre = pl.Preprocess("vicuna_v1", world["tokenizer"], world["processor"], FixedLayout(SEQ), MAX_LEN, 1, str(world["root"]))
   out = {}
   for i, record in enumerate(records):
     example = pre.map({"record": record, "index": i})

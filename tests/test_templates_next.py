@@ -149,8 +149,8 @@ def test_mask_is_answers_and_end_of_turn(name, bos, targets):
 @pytest.mark.parametrize("kind", ["word", "bpe"])
 def test_training_and_generation_agree_up_to_the_answer(tmp_path, name, kind):
   tokenizer = word_tokenizer("<|begin_of_text|>") if kind == "word" else bpe_tokenizer(tmp_path)
-  preprocess = Preprocess(name, tokenizer, image_processor=None, image_seq_length=SEQ, max_len=512, max_images=1)
-  train_ids, mask = preprocess.encode(TRAINING)
+  preprocess = Preprocess(name, tokenizer, image_processor=None, layout=FixedLayout(SEQ), max_len=512, max_images=1)
+  train_ids, mask = preprocess.encode(TRAINING, [SEQ])
   prompt_ids = generation_ids(tokenizer, name, image_seq_length=SEQ)
   n = len(prompt_ids)
   assert train_ids[:n].tolist() == prompt_ids

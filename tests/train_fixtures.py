@@ -56,14 +56,14 @@ def make_world(root, records=None):
   return {"root": root, "tokenizer": tok_dir, "json": data, "images": root}
 
 
-def train_args(world, workdir, stage="pretrain", **overrides):
+def train_args(world, workdir, stage="pretrain", config=CONFIG, **overrides):
   """argv for `llava-jax train` on the tiny config with small, fast settings."""
   values = {"tokenizer": world["tokenizer"], "data.json": world["json"], "data.image_folder": world["images"],
             "data.max_len": 48, "data.buckets": "(48,)", "batch_size": 4, "total_steps": 3,
             "lr": 1e-3, "warmup_ratio": 0.0, "progress_bar": False, "mesh.data": 1, "mesh.fsdp": 1,
             "mesh.tensor": 1}
   values.update(overrides)
-  argv = [f"--config={CONFIG}:stage={stage},size=tiny", f"--workdir={workdir}"]
+  argv = [f"--config={config}:stage={stage},size=tiny", f"--workdir={workdir}"]
   return argv + [f"--config.{k}={v}" for k, v in values.items()]
 
 

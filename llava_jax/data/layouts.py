@@ -18,6 +18,7 @@ from PIL import Image
 from llava_jax.config import LlavaConfig
 from llava_jax.data.anyres import NEWLINE, AnyResLayout
 from llava_jax.data.images import ImageProcessor
+from llava_jax.errors import LlavaJaxError
 
 
 class ImageLayout(Protocol):
@@ -84,3 +85,31 @@ def images_feature_index(layout: ImageLayout, sizes: Sequence[Sequence[int]],
     parts.append(np.where(index == NEWLINE, NEWLINE, index + tiles * layout.tokens_per_tile).astype(np.int32))
     tiles += layout.tiles(size, name)
   return np.concatenate(parts)
+
+
+def images_pixels(layout: ImageLayout, images: Sequence[Image.Image], processor: ImageProcessor,
+                  names: Sequence[str]) -> np.ndarray:
+  """float32 (tiles of all images, S, S, 3): each image's tower inputs, in order."""
+  tiles = [layout.pixels(img, processor, name) for img, name in zip(images, names)]
+  return np.concatenate(tiles) if tiles else processor([])
+
+
+def orders_features_by_size(layout: ImageLayout) -> bool:
+  """Whether an image's tiles, token count and feature order depend on its size (AnyRes), so that a batch
+  carries each row's feature index; the fixed layout's k-th image token takes feature k, no index needed."""
+  return not isinstance(layout, FixedLayout)
+
+
+def max_tiles_per_image(layout: ImageLayout) -> int:
+  """The most tower inputs one image can take: 1, or AnyRes's largest pinpoint in tiles plus the whole image."""
+  if not orders_features_by_size(layout):
+    return 1
+  return 1 + max(h * w for h, w in layout.grid_pinpoints) // layout.image_size ** 2
+
+
+def expand_image_tags(text: str, tag: str, image_token: str, counts: Sequence[int]) -> str:
+  """`text` with its i-th `tag` replaced by counts[i] image tokens (the i-th image's, in order)."""
+  pieces = text.split(tag)
+  if len(pieces) - 1 != len(counts):
+    raise LlavaJaxError(f"text has {len(pieces) - 1} {tag} tag(s) but {len(counts)} image(s); they must match")
+  return pieces[0] + "".join(image_token * n + piece for n, piece in zip(counts, pieces[1:]))

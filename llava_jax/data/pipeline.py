@@ -2,10 +2,14 @@
 length-bucketed batches -> global `jax.Array`s for the mesh.
 
     records (this host's share) -> shuffle(seed, new order each epoch) -> repeat forever
-      -> Preprocess (parse, template + tokenize + mask, decode + CLIP preprocess)  [worker processes]
-      -> Batcher (skip + count unusable samples, pad to a length bucket)           [main process]
+      -> Preprocess (parse, template + tokenize + mask, decode + image layout)       [worker processes]
+      -> BucketedBatches (skip + count unusable samples, pad kept ones to buckets)  [main process]
 
-Determinism: every stage before the Batcher is a random-access `MapDataset`, so element i is
+Each `<image>` becomes the image tokens its image gives under the model's image layout (data/layouts.py):
+a fixed count for LLaVA-1.5, one by image size for AnyRes (LLaVA-NeXT), whose rows then carry the
+feature index that tells the model which feature each image token takes.
+
+Determinism: every stage before the batcher is a random-access `MapDataset`, so element i is
 the same whatever the worker count, and grain interleaves workers round-robin in index order:
 N workers give exactly the batches of 0 workers. Unusable samples travel as `Skipped` markers
 (not filtered out) so every worker yields every index and that order holds. The iterator state
@@ -20,7 +24,10 @@ Batch (host-local numpy, B = global batch / process count):
     input_ids      int32   (B, S)  right-padded with the pad id; S is one of the length buckets
     attention_mask int32   (B, S)  1 on real tokens
     loss_mask      float32 (B, S)  1.0 where input_ids[:, t] is a target (predicted from t - 1)
-    pixel_values   float32 (B, M, H, W, 3)  M = data.max_images; unused slots are zeros
+    pixel_values   float32 (B, M, H, W, 3)  the row's tiles (LLaVA-1.5: one per image), then zeros; M is
+                   data.max_tiles for the fixed layout, else one of the tile buckets
+    image_feature_index int32 (B, S)  AnyRes layouts only: the row's k-th image token takes feature [b, k]
+                   of its tiles' features (-1: image_newline); zeros past the row's image tokens
     skipped        int64   ()      unusable samples met so far on this host (running count)
 """
 
@@ -36,13 +43,15 @@ import grain.python as grain
 import numpy as np
 
 from llava_jax.data import images as images_lib
-from llava_jax.data import llava_json, templates
+from llava_jax.data import layouts, llava_json, templates
 from llava_jax.data.llava_json import Skipped, SkipReason
 from llava_jax.errors import LlavaJaxError
+from llava_jax.image_tokens import check_image_tokens
 
 logger = logging.getLogger("llava_jax.data")
 
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
+FEATURE_INDEX = "image_feature_index"  # a model key of batches whose layout orders features by image size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +61,8 @@ class DataConfig:
   image_folder: str = ""         # folder the `image` paths are relative to
   template: str = "vicuna_v1"    # plain | vicuna_v1 | llama_2 | mistral_instruct | chatml
   max_len: int = 2048            # tokens per sample, image tokens included; longer samples skipped
-  max_images: int = 1            # image slots per sample (M); samples with more are skipped
+  max_images: int = 1            # images per sample; samples with more are skipped
+  max_tiles: int = 0             # tower inputs per sample (M); 0 = max_images x the layout's most per image
   buckets: Tuple[int, ...] = ()  # padded sequence lengths; () = default_buckets(max_len)
   source: str = "json"           # json | tfds
   tfds_dir: str = ""             # TFDS data_dir (source=tfds); built from `json` when empty
@@ -87,8 +97,8 @@ class DataConfig:
       raise LlavaJaxError("data.json: no training data file given")
     if self.source == "tfds" and not (self.tfds_dir or self.json):
       raise LlavaJaxError("data.tfds_dir: source=tfds needs data.tfds_dir (or data.json to build it from)")
-    for key in ("max_len", "max_images", "worker_buffer", "read_threads"):
-      if int(getattr(self, key)) < (0 if key == "max_images" else 1):
+    for key in ("max_len", "max_images", "max_tiles", "worker_buffer", "read_threads"):
+      if int(getattr(self, key)) < (0 if key in ("max_images", "max_tiles") else 1):
         raise LlavaJaxError(f"data.{key}: must be positive, got {getattr(self, key)}")
     if self.num_workers < 0:
       raise LlavaJaxError(f"data.num_workers: must be >= 0, got {self.num_workers}")
@@ -96,9 +106,19 @@ class DataConfig:
       raise LlavaJaxError(f"data.image_aspect_ratio: expected '', 'pad' or 'square', got {self.image_aspect_ratio!r}")
 
 
+def _quarter_half_all(limit: int, multiple: int) -> Tuple[int, ...]:
+  return tuple(sorted({min(limit, multiple * math.ceil(limit * f / multiple)) for f in (0.25, 0.5, 1.0)}))
+
+
 def default_buckets(max_len: int) -> Tuple[int, ...]:
   """A quarter, a half and all of max_len, rounded up to multiples of 64: a few compiled shapes."""
-  return tuple(sorted({min(max_len, 64 * math.ceil(max_len * f / 64)) for f in (0.25, 0.5, 1.0)}))
+  return _quarter_half_all(max_len, 64)
+
+
+def tile_buckets(max_tiles: int, by_size: bool) -> Tuple[int, ...]:
+  """Padded tile counts: always max_tiles for the fixed layout (every batch keeps one shape), else a quarter,
+  a half and all of it, as the length buckets (a row's tiles vary with its images' sizes)."""
+  return _quarter_half_all(max_tiles, 1) if by_size else (max_tiles,)
 
 
 def resolve_buckets(buckets: Sequence[int], max_len: int) -> Tuple[int, ...]:
@@ -109,12 +129,14 @@ def resolve_buckets(buckets: Sequence[int], max_len: int) -> Tuple[int, ...]:
 class Preprocess(grain.MapTransform):
   """Raw record -> padded-free training example (dict of numpy arrays), or a `Skipped` marker.
 
-  Cheap checks come first (structure, image count, length) so bad samples cost no decoding.
+  Cheap checks come first (structure, image count, length) so bad samples cost no decoding, except
+  where the image layout needs the images' sizes to count their tokens (AnyRes).
   """
 
   def __init__(self, template: str, tokenizer, image_processor: images_lib.ImageProcessor,
-               image_seq_length: int, max_len: int, max_images: int, image_folder: str = "",
-               max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, image_token: str = templates.IMAGE_TAG):
+               layout: layouts.ImageLayout, max_len: int, max_images: int, image_folder: str = "",
+               max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, image_token: str = templates.IMAGE_TAG,
+               max_tiles: int = 0):
     self.template = templates.check_template(template)
     self.backend = templates.backend_tokenizer(tokenizer)  # pickles small, thread-safe encode
     self.bos = getattr(tokenizer, "bos_token", None) or ""
@@ -123,9 +145,10 @@ class Preprocess(grain.MapTransform):
     self.image_token_id = self.backend.token_to_id(image_token)
     if self.image_token_id is None or len(self.backend.encode(image_token, add_special_tokens=False).ids) != 1:
       raise LlavaJaxError(f"tokenizer: image token {image_token!r} is not a single token (add it as a special token)")
-    self.image_processor = image_processor
-    self.image_seq_length = image_seq_length
+    self.image_processor, self.layout = image_processor, layout
+    self.by_size = layouts.orders_features_by_size(layout)
     self.max_len, self.max_images = max_len, max_images
+    self.max_tiles = max_tiles or max_images * layouts.max_tiles_per_image(layout)
     self.image_folder, self.max_pixels = image_folder, max_pixels
 
   def map(self, element: dict):
@@ -136,55 +159,77 @@ class Preprocess(grain.MapTransform):
     n_images = len(sample.images)
     if n_images > self.max_images:
       return Skipped(sample.id, SkipReason.TOO_MANY_IMAGES, f"{n_images} images > data.max_images {self.max_images}")
-    input_ids, loss_mask = self.encode(sample.turns)
-    if len(input_ids) > self.max_len:
-      return Skipped(sample.id, SkipReason.TOO_LONG,
-                     f"{len(input_ids)} tokens (with {n_images} x {self.image_seq_length} image tokens) "
-                     f"> data.max_len {self.max_len}")
-    found = int(np.sum(input_ids == self.image_token_id))
-    if found != n_images * self.image_seq_length:
-      return Skipped(sample.id, SkipReason.IMAGE_COUNT,
-                     f"{found} image tokens after tokenizing, expected {n_images} x {self.image_seq_length}")
-    pil_images = llava_json.read_images(sample, self.max_pixels)
+    pil_images = llava_json.read_images(sample, self.max_pixels) if self.by_size else None
     if isinstance(pil_images, Skipped):
       return pil_images
+    # The fixed layout ignores sizes: its samples are decoded only once they passed the checks below.
+    sizes = [(p.height, p.width) for p in pil_images] if self.by_size else [None] * n_images
+    names = [s if isinstance(s, str) else f"image {i + 1}" for i, s in enumerate(sample.images)]
     try:
-      pixel_values = self.image_processor(pil_images)
+      counts = [self.layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
+      tiles = sum(self.layout.tiles(size, name) for size, name in zip(sizes, names))
+    except LlavaJaxError as e:  # e.g. an image smaller than one patch
+      return Skipped(sample.id, SkipReason.CORRUPT_IMAGE, str(e))
+    if tiles > self.max_tiles:
+      return Skipped(sample.id, SkipReason.TOO_MANY_IMAGES,
+                     f"{n_images} image(s) give {tiles} tiles > data.max_tiles {self.max_tiles}")
+    input_ids, loss_mask = self.encode(sample.turns, counts)
+    if len(input_ids) > self.max_len:
+      return Skipped(sample.id, SkipReason.TOO_LONG,
+                     f"{len(input_ids)} tokens (with {sum(counts)} image tokens) > data.max_len {self.max_len}")
+    try:
+      check_image_tokens(input_ids, self.image_token_id, sum(counts), f"sample {sample.id}")
+    except LlavaJaxError as e:  # the tokenizer merged or split image tokens
+      return Skipped(sample.id, SkipReason.IMAGE_COUNT, str(e))
+    if pil_images is None:
+      pil_images = llava_json.read_images(sample, self.max_pixels)
+      if isinstance(pil_images, Skipped):
+        return pil_images
+    try:
+      pixel_values = layouts.images_pixels(self.layout, pil_images, self.image_processor, names)
     except (LlavaJaxError, OSError, ValueError) as e:  # decoded, yet unusable (e.g. a 1x0 image)
       return Skipped(sample.id, SkipReason.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
-    return {"id": sample.id, "input_ids": input_ids, "loss_mask": loss_mask, "pixel_values": pixel_values}
+    example = {"id": sample.id, "input_ids": input_ids, "loss_mask": loss_mask, "pixel_values": pixel_values}
+    if self.by_size:
+      example[FEATURE_INDEX] = layouts.images_feature_index(self.layout, sizes, names)
+    return example
 
-  def encode(self, turns: Sequence[Tuple[str, str]]) -> Tuple[np.ndarray, np.ndarray]:
-    expanded = [(role, text.replace(templates.IMAGE_TAG, self.image_token * self.image_seq_length))
-                for role, text in turns]
+  def encode(self, turns: Sequence[Tuple[str, str]], counts: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Tokens and loss mask of the conversation, the i-th `<image>` expanded to counts[i] image tokens."""
+    expanded, done = [], 0
+    for role, text in turns:
+      tags = text.count(templates.IMAGE_TAG)
+      expanded.append((role, layouts.expand_image_tags(text, templates.IMAGE_TAG, self.image_token,
+                                                       counts[done:done + tags])))
+      done += tags
     rendered = templates.render(self.template, expanded, self.bos, self.eos)
     input_ids, loss_mask = templates.tokenize(rendered, self.backend, self.image_token_id)
     loss_mask[:1] = 0.0  # nothing predicts the first token (matters for tokenizers without BOS)
     return input_ids, loss_mask
 
 
-class _Batcher(grain.IterDataset):
-  """Skips and counts `Skipped` markers, then pads kept samples into fixed-shape batches."""
+class BucketedBatches(grain.IterDataset):
+  """Skips and counts `Skipped` markers, and pads the kept samples into batches of a length bucket (and a
+  tile bucket): a few fixed shapes, so the train step compiles a few times."""
 
-  def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: Sequence[int], pad_id: int,
-               max_images: int, image_hw: Tuple[int, int], image_seq_length: int, image_token_id: int,
-               records_per_epoch: int, name: str):
+  def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: Sequence[int], tile_buckets: Sequence[int],
+               pad_id: int, tile_hw: Tuple[int, int], with_feature_index: bool, records_per_epoch: int, name: str):
     super().__init__(parent)
-    self.batch_size, self.buckets, self.pad_id = batch_size, tuple(buckets), pad_id
-    self.max_images, self.image_hw = max_images, tuple(image_hw)
-    self.image_seq_length, self.image_token_id = image_seq_length, image_token_id
+    self.batch_size, self.pad_id = batch_size, pad_id
+    self.buckets, self.tile_buckets = tuple(buckets), tuple(tile_buckets)
+    self.tile_hw, self.with_feature_index = tuple(tile_hw), with_feature_index
     self.records_per_epoch, self.name = records_per_epoch, name
 
   def __iter__(self):
-    return _BatchIterator(self._parent.__iter__(), self)
+    return BucketedBatchIterator(self._parent.__iter__(), self)
 
   def __str__(self):
-    return f"_Batcher(batch_size={self.batch_size}, buckets={self.buckets})"
+    return f"BucketedBatches(batch_size={self.batch_size}, buckets={self.buckets}, tile_buckets={self.tile_buckets})"
 
 
-class _BatchIterator(grain.DatasetIterator):
+class BucketedBatchIterator(grain.DatasetIterator):
 
-  def __init__(self, parent, spec: _Batcher):
+  def __init__(self, parent, spec: BucketedBatches):
     super().__init__(parent)
     self.spec = spec
     self.skip_counts: Dict[str, int] = collections.Counter()
@@ -214,25 +259,25 @@ class _BatchIterator(grain.DatasetIterator):
 
   def _collate(self, rows) -> Dict[str, np.ndarray]:
     spec = self.spec
-    longest = max(len(r["input_ids"]) for r in rows)
-    length = next(b for b in spec.buckets if b >= longest)
+    length = next(b for b in spec.buckets if b >= max(len(r["input_ids"]) for r in rows))
+    tiles = next(b for b in spec.tile_buckets if b >= max(len(r["pixel_values"]) for r in rows))
     n = spec.batch_size
     batch = {
         "input_ids": np.full((n, length), spec.pad_id, np.int32),
         "attention_mask": np.zeros((n, length), np.int32),
         "loss_mask": np.zeros((n, length), np.float32),
-        "pixel_values": np.zeros((n, spec.max_images) + spec.image_hw + (3,), np.float32),
+        "pixel_values": np.zeros((n, tiles) + spec.tile_hw + (3,), np.float32),
     }
+    if spec.with_feature_index:
+      batch[FEATURE_INDEX] = np.zeros((n, length), np.int32)
     for i, row in enumerate(rows):
-      ids, count = row["input_ids"], len(row["input_ids"])
-      n_images = len(row["pixel_values"])
-      # The model writes image i's features over its tokens: the counts must agree exactly.
-      if int(np.sum(ids == spec.image_token_id)) != n_images * spec.image_seq_length:
-        raise AssertionError(f"sample {row['id']}: image tokens do not match its {n_images} image(s)")
-      batch["input_ids"][i, :count] = ids
+      count = len(row["input_ids"])
+      batch["input_ids"][i, :count] = row["input_ids"]
       batch["attention_mask"][i, :count] = 1
       batch["loss_mask"][i, :count] = row["loss_mask"]
-      batch["pixel_values"][i, :n_images] = row["pixel_values"]
+      batch["pixel_values"][i, :len(row["pixel_values"])] = row["pixel_values"]
+      if spec.with_feature_index:
+        batch[FEATURE_INDEX][i, :len(row[FEATURE_INDEX])] = row[FEATURE_INDEX]
     batch["skipped"] = np.asarray(sum(self.skip_counts.values()), np.int64)
     return batch
 
@@ -287,7 +332,7 @@ def _records(config: DataConfig, process_index: int, process_count: int):
 
 
 def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.ImageProcessor, *,
-                  image_seq_length: int, global_batch_size: int, seed: int,
+                  layout: layouts.ImageLayout, global_batch_size: int, seed: int,
                   image_token: str = templates.IMAGE_TAG, image_token_id: Optional[int] = None,
                   process_index: Optional[int] = None, process_count: Optional[int] = None) -> Pipeline:
   """Builds the pipeline for this host (`process_index` of `process_count`, default from jax)."""
@@ -298,10 +343,13 @@ def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.Ima
   if global_batch_size % process_count:
     raise LlavaJaxError(f"batch_size: {global_batch_size} is not divisible by the {process_count} processes")
   local_batch = global_batch_size // process_count
+  if config.image_aspect_ratio == "pad" and layouts.orders_features_by_size(layout):
+    raise LlavaJaxError("data.image_aspect_ratio: 'pad' is LLaVA-1.5's preprocessing; AnyRes (llava_next) "
+                        "tiles images itself, use '' (the model folder's processor)")
   if config.image_aspect_ratio:
     image_processor = dataclasses.replace(image_processor, pad_to_square=config.image_aspect_ratio == "pad")
-  preprocess = Preprocess(config.template, tokenizer, image_processor, image_seq_length, config.max_len,
-                          config.max_images, config.image_folder, config.max_pixels, image_token)
+  preprocess = Preprocess(config.template, tokenizer, image_processor, layout, config.max_len, config.max_images,
+                          config.image_folder, config.max_pixels, image_token, config.max_tiles)
   if image_token_id is not None and image_token_id != preprocess.image_token_id:
     raise LlavaJaxError(f"tokenizer: {image_token!r} has id {preprocess.image_token_id}, but the model's "
                         f"image_token_index is {image_token_id}")
@@ -319,26 +367,29 @@ def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.Ima
   pad = getattr(tokenizer, "pad_token_id", None)
   pad_id = int(pad) if pad is not None else 0
   buckets = resolve_buckets(config.buckets, config.max_len)
-  batcher = _Batcher(ds, local_batch, buckets, pad_id, config.max_images, image_processor.output_size,
-                     image_seq_length, preprocess.image_token_id, len(records), name)
-  return Pipeline(batcher, local_batch, len(records), pad_id, buckets, image_processor)
+  batches = BucketedBatches(ds, local_batch, buckets, tile_buckets(preprocess.max_tiles, preprocess.by_size), pad_id,
+                            image_processor.output_size, preprocess.by_size, len(records), name)
+  return Pipeline(batches, local_batch, len(records), pad_id, buckets, image_processor)
 
 
-def make_global_batch(batch: Dict[str, np.ndarray], mesh, pad_id: int = 0,
-                      length: Optional[int] = None) -> Dict[str, Any]:
+def make_global_batch(batch: Dict[str, np.ndarray], mesh, pad_id: int = 0, length: Optional[int] = None,
+                      tiles: Optional[int] = None) -> Dict[str, Any]:
   """Host-local batch -> global jax.Arrays split over the mesh's batch axes (process order).
 
-  Hosts may have picked different length buckets; every host must pass the same `length` (the
-  longest of them; default: this batch's own), so all build arrays of the same global shape.
+  Hosts may have picked different length (and tile) buckets; every host must pass the same `length`
+  and `tiles` (the largest of them; default: this batch's own), so all build arrays of the same global shape.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from llava_jax import sharding  # pylint: disable=import-outside-toplevel
   length = batch["input_ids"].shape[1] if length is None else length
+  tiles = batch["pixel_values"].shape[1] if tiles is None else tiles
   out = {}
-  for key in MODEL_KEYS:
+  for key in MODEL_KEYS + ((FEATURE_INDEX,) if FEATURE_INDEX in batch else ()):
     value = np.asarray(batch[key])
-    if key != "pixel_values" and value.shape[1] < length:
+    target = tiles if key == "pixel_values" else length
+    if value.shape[1] < target:
       fill = pad_id if key == "input_ids" else 0
-      value = np.pad(value, ((0, 0), (0, length - value.shape[1])), constant_values=fill)
+      widths = ((0, 0), (0, target - value.shape[1])) + ((0, 0),) * (value.ndim - 2)
+      value = np.pad(value, widths, constant_values=fill)
     out[key] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, value.ndim), value)
   return out

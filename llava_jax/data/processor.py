@@ -17,8 +17,9 @@ from PIL import Image
 from llava_jax.data import conversation
 from llava_jax.data import images as images_lib
 from llava_jax.data import templates
-from llava_jax.data.layouts import ImageLayout, images_feature_index
+from llava_jax.data.layouts import ImageLayout, expand_image_tags, images_feature_index, images_pixels
 from llava_jax.errors import LlavaJaxError
+from llava_jax.image_tokens import check_image_tokens
 from llava_jax.fileio import read_json
 
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
@@ -185,15 +186,11 @@ class Processor:
     names = list(names) if names is not None else [_image_name(img, i) for i, img in enumerate(images)]
     sizes = [(p.height, p.width) for p in pictures]
     counts = [self.layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
-    tiles = [self.layout.pixels(p, self.image_processor, name) for p, name in zip(pictures, names)]
-    pixel_values = np.concatenate(tiles) if tiles else self.image_processor([])
-    pieces = prompt_text.split(image_token)
-    expanded = pieces[0] + "".join(image_token * n + piece for n, piece in zip(counts, pieces[1:]))
+    pixel_values = images_pixels(self.layout, pictures, self.image_processor, names)
+    expanded = expand_image_tags(prompt_text, image_token, image_token, counts)
     ids = self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
-    if images and ids.count(self.image_token_id) != sum(counts):
-      raise LlavaJaxError(
-          f"tokenized prompt has {ids.count(self.image_token_id)} image tokens, expected "
-          f"{sum(counts)} for its {num_tags} image(s); the tokenizer splits or merges {image_token!r}")
+    if images:  # (a text-only prompt needs no image token in the tokenizer)
+      check_image_tokens(ids, self.image_token_id, sum(counts), "tokenized prompt")
     return LlavaInputs(np.asarray(ids, np.int32), pixel_values, images_feature_index(self.layout, sizes, names))
 
   def encode_batch(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
 from llava_jax.config import LlavaConfig
+from llava_jax.image_tokens import check_image_tokens
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer import sampling
 from llava_jax.infer.sampling import SamplingFlags, SamplingParams, SamplingValues
@@ -246,7 +247,6 @@ class Engine:
     c = self.config
     if len(p.input_ids) == 0:
       raise LlavaJaxError(f"prompt {i} is empty")
-    got = int(np.sum(np.asarray(p.input_ids) == c.image_token_index))
     features = p.num_tiles * c.tokens_per_tile
     if p.image_feature_index is None:
       if c.has_image_newline and p.num_tiles:
@@ -254,8 +254,7 @@ class Engine:
       index = np.arange(features, dtype=np.int32)
     else:
       index = np.asarray(p.image_feature_index, np.int32)
-    if got != len(index):
-      raise LlavaJaxError(f"prompt {i} has {got} image tokens but its {p.num_tiles} image tile(s) give {len(index)}")
+    check_image_tokens(p.input_ids, c.image_token_index, len(index), f"prompt {i}", f"{p.num_tiles} image tile(s)")
     if len(index) and (index.max() >= features or index.min() < (-1 if c.has_image_newline else 0)):
       raise LlavaJaxError(f"prompt {i}: image_feature_index outside the {features} features of its image tiles")
     return index

@@ -11,6 +11,7 @@ import numpy as np
 
 from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
+from llava_jax.image_tokens import check_image_tokens
 from llava_jax.models.clip import ClipVisionTower, VisionTransformer
 from llava_jax.models.interfaces import LanguageModel, VisionTower
 from llava_jax.models.layers import logical
@@ -43,20 +44,14 @@ LANGUAGE_MODELS: dict[str, Callable[[LlavaConfig, jnp.dtype], LanguageModel]] = 
 
 
 def check_image_token_count(input_ids, pixel_values, image_feature_index, config: LlavaConfig) -> None:
-  """Raises when a row has more image tokens than features to give them (host-side check).
-
-  Without a feature index a row's M tower inputs give M * tokens_per_tile features in order, exactly one
-  per image token; with one, a row's image tokens may not outnumber its index entries.
-  """
-  counts = np.sum(np.asarray(input_ids) == config.image_token_index, axis=1)
-  if image_feature_index is None:
-    tiles = pixel_values.shape[1]
-    want, per = tiles * config.tokens_per_tile, f"{config.tokens_per_tile} per image"
-  else:
-    want, per = image_feature_index.shape[1], "the length of image_feature_index"
-  for row, got in enumerate(counts):
-    if got != want if image_feature_index is None else got > want:
-      raise LlavaJaxError(f"row {row}: the prompt has {got} image tokens but its images give {want} features ({per})")
+  """Raises when a row's image tokens are not the features its tower inputs give in the fixed layout's order
+  (host-side check of a call without a feature index; whoever builds an index checks its rows, data/layouts.py)."""
+  if image_feature_index is not None:
+    return
+  tiles = pixel_values.shape[1]
+  for row, ids in enumerate(np.asarray(input_ids)):
+    check_image_tokens(ids, config.image_token_index, tiles * config.tokens_per_tile, f"row {row}",
+                       f"{tiles} image tile(s)")
 
 
 def attention_layout(kv_mask: jax.Array, num_queries: int, cache_index, sliding_window: int | None = None):

@@ -11,8 +11,9 @@ from typing import Any
 from llava_jax.errors import LlavaJaxError
 
 # `stage` -> the `trainable` rules it means: (regex over "/"-joined parameter paths, trains?), first match wins.
+# LLaVA-NeXT's image_newline (a top-level parameter) trains with the projector.
 STAGE_TRAINABLE = {
-    "pretrain": [("projector/.*", True), (".*", False)],
+    "pretrain": [("projector/.*", True), ("image_newline", True), (".*", False)],
     "finetune": [("vision_tower/.*", False), (".*", True)],
 }
 DTYPES = ("float32", "bfloat16")
@@ -39,6 +40,11 @@ def check_config(cfg) -> None:
 
 def trainable_rules(cfg) -> list:
   return list(cfg.trainable) if cfg.trainable else STAGE_TRAINABLE[cfg.stage]
+
+
+def lr_multiplier_rules(cfg) -> list:
+  """`lr_multipliers` (absent or empty: every parameter at the config's lr)."""
+  return list(cfg.get("lr_multipliers") or ()) or [(".*", 1.0)]
 
 
 def _named_model(name: str):
@@ -71,11 +77,13 @@ def load_source(cfg) -> Source:
 
 def build_pipeline(cfg, model_config, assets_dir: str):
   """This host's input pipeline; `pipe.image_processor` is the preprocessing it applies."""
-  from llava_jax.data import images, pipeline, processor  # pylint: disable=import-outside-toplevel
+  from llava_jax.data import images, layouts, pipeline, processor  # pylint: disable=import-outside-toplevel
   tokenizer = processor.load_tokenizer(assets_dir)
   image_processor = images.ImageProcessor.from_folder(assets_dir, image_size=model_config.vision.image_size)
+  layout = layouts.layout_for(model_config)
+  layout.check_processor_files(assets_dir)
   return pipeline.make_pipeline(pipeline.DataConfig.from_config(cfg.data), tokenizer, image_processor,
-                                image_seq_length=model_config.image_seq_length, global_batch_size=cfg.batch_size,
+                                layout=layout, global_batch_size=cfg.batch_size,
                                 seed=cfg.seed, image_token_id=model_config.image_token_index)
 
 
@@ -86,11 +94,11 @@ def build_trainer(cfg, model_config, total_steps: int):
   from llava_jax.train import optim, trainer  # pylint: disable=import-outside-toplevel
   model = Llava(model_config)
   abstract = abstract_params(model_config)
-  mask = optim.trainable_mask(nn.unbox(abstract), trainable_rules(cfg))
-  tx, lr = optim.make_optimizer(cfg, mask, total_steps)
+  multipliers = optim.lr_multipliers(nn.unbox(abstract), trainable_rules(cfg), lr_multiplier_rules(cfg))
+  tx, lr = optim.make_optimizer(cfg, multipliers, total_steps)
   mesh = sharding.make_mesh(cfg.mesh)
   per_step = sharding.batch_devices(mesh) * cfg.grad_accum_steps
   if cfg.batch_size % per_step:
     raise LlavaJaxError(f"config: batch_size {cfg.batch_size} must divide by mesh.data x mesh.fsdp x "
                         f"grad_accum_steps = {per_step}")
-  return trainer.Trainer(model, tx, mask, lr, mesh, abstract, cfg.grad_accum_steps)
+  return trainer.Trainer(model, tx, optim.trained(multipliers), lr, mesh, abstract, cfg.grad_accum_steps)

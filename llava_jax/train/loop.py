@@ -61,9 +61,9 @@ class StepInput:
 class GlobalBatches:
   """Host-local batches -> the global batches of successive steps.
 
-  Hosts may pick different length buckets: with each batch they exchange its length, their skip
-  counts and whether they received SIGTERM through the coordination service, so building a batch
-  never waits for the devices, and all hosts stop after the same step.
+  Hosts may pick different length and tile buckets: with each batch they exchange its length and tile
+  count, their skip counts and whether they received SIGTERM through the coordination service, so
+  building a batch never waits for the devices, and all hosts stop after the same step.
   """
 
   def __init__(self, iterator, mesh, pad_id: int):
@@ -74,11 +74,13 @@ class GlobalBatches:
     """The input of `step`, or None on every host when any host asked to stop."""
     from llava_jax.data.pipeline import make_global_batch  # pylint: disable=import-outside-toplevel
     local = next(self.iterator)
-    agreed = self.hosts.gather(step, [local["input_ids"].shape[1], local["skipped"], stop_requested])
-    if agreed[:, 2].any():
+    agreed = self.hosts.gather(step, [local["input_ids"].shape[1], local["pixel_values"].shape[1], local["skipped"],
+                                      stop_requested])
+    if agreed[:, 3].any():
       return None
-    batch = make_global_batch(local, self.mesh, self.pad_id, length=int(agreed[:, 0].max()))
-    return StepInput(batch, self.iterator.get_state(), int(agreed[:, 1].sum()))
+    batch = make_global_batch(local, self.mesh, self.pad_id, length=int(agreed[:, 0].max()),
+                              tiles=int(agreed[:, 1].max()))
+    return StepInput(batch, self.iterator.get_state(), int(agreed[:, 2].sum()))
 
   def close(self) -> None:
     hosts.barrier(f"{self.hosts.prefix}/done")  # every host has read every key

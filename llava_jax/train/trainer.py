@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
+from llava_jax.data.pipeline import FEATURE_INDEX
 from llava_jax.errors import LlavaJaxError
 from llava_jax.train import hosts
 
@@ -64,7 +65,8 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, mask: Any, 
 
   def loss_sum(trainable, frozen, mb):
     params = merge_trainable(mask, trainable, frozen)
-    logits, _ = model.apply({"params": params}, mb["input_ids"], mb["pixel_values"], mb["attention_mask"])
+    logits, _ = model.apply({"params": params}, mb["input_ids"], mb["pixel_values"], mb["attention_mask"],
+                            image_feature_index=mb.get(FEATURE_INDEX))
     total, count = masked_ce_sum(logits, mb["input_ids"], mb["loss_mask"])
     return total, count
 
