@@ -158,9 +158,9 @@ def stage0(workdir: str, data: dict, s) -> dict:
   data["caption_json_fit"] = os.path.join(data["folder"], "stage1.json")
   data["instruct_json_fit"] = os.path.join(data["folder"], "stage2.json")
   fit = {"stage1": fit_to_budget(data["caption_json"], data["caption_json_fit"], tokenizer, "plain",
-                                 stage1_max_len(s), config.image_seq_length),
+                                 stage1_max_len(s), config.tokens_per_tile),
          "stage2": fit_to_budget(data["instruct_json"], data["instruct_json_fit"], tokenizer, "vicuna_v1",
-                                 s.max_len, config.image_seq_length)}
+                                 s.max_len, config.tokens_per_tile)}
   return {"model": path, "clip_losses": clip_losses, "lm_losses": lm_losses, "fit": fit}
 
 
