@@ -85,6 +85,7 @@ MODELS = {
     # LLaVA-NeXT (llava-hf/<name>-hf). Values the hub's text_config leaves to transformers' defaults (the 7b's
     # sizes, the 8b's heads) are written out as those defaults; the base LLM's config.json agrees with them.
     "llava-v1.6-vicuna-7b": _next(_vicuna(4096, 11008, 32, 32, "lmsys/vicuna-7b-v1.5"), 32000),
+    "llava-v1.6-vicuna-13b": _next(_vicuna(5120, 13824, 40, 40, "lmsys/vicuna-13b-v1.5"), 32000),
     "llava-v1.6-mistral-7b": _next(
         _text("mistralai/Mistral-7B-Instruct-v0.2", "mistral", 32064, 4096, 14336, 32, 32, 8, 32768, 1e-5, 1e6, 1, 2,
               None, sliding_window=None), 32000),
