@@ -109,6 +109,11 @@ def test_chat_keeps_history(folder):
     (["--image", "{folder}/img.png", "--prompt", "no tag", "--raw"], "has 0 <image> tag(s) but 1 image"),
 ])
 def test_generate_bad_input_exits_2(folder, args, message):
+  assert_generate_exits_2(folder, args, message)
+
+
+def assert_generate_exits_2(folder, args, message):
+  """`generate --model folder ARGS` ({folder} filled in) exits 2 with one stderr line holding `message`."""
   result = _run(folder, "generate", "--model", str(folder), *[a.format(folder=folder) for a in args])
   assert result.returncode == 2 and result.stdout == ""
   lines = result.stderr.strip().splitlines()

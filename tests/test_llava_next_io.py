@@ -18,7 +18,7 @@ from llava_jax.infer.sampling import SamplingParams
 from llava_jax.infer.serve.command import load_service
 from llava_jax.weights import convert, mapping
 from test_convert import SHARD, _assert_same_tensors, _read_folder, round_trip
-from test_generate_cli import _run
+from test_generate_cli import assert_generate_exits_2
 from test_llava_next import TEMPLATE, reference_processor
 from test_server import MODEL_ID, _data_url, client  # noqa: F401  (client: the HTTP fixture over `service`)
 from tokenizer_fixture import build_tiny_tokenizer
@@ -85,10 +85,7 @@ def folder(tmp_path_factory, next_model):
     (["--image", "{folder}/img0.png", "--prompt", "<image> <image>", "--raw"], "has 2 <image> tag(s) but 1 image"),
 ])
 def test_generate_bad_input_exits_2(folder, args, message):
-  result = _run(folder, "generate", "--model", str(folder), *[a.format(folder=folder) for a in args])
-  assert result.returncode == 2 and result.stdout == ""
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and message in lines[0], result.stderr
+  assert_generate_exits_2(folder, args, message)
 
 
 @pytest.fixture(scope="module")

@@ -98,10 +98,11 @@ def final_params(workdir):
 
 
 def blocking_exchange(self, round_id, values):
-  """`hosts.HostGather.gather` as the training loop did it before the host-to-host exchange:
-  (length, skipped) and the SIGTERM flag, each in a blocking device collective."""
+  """`hosts.HostGather.gather` as the training loop did it before the host-to-host exchange: the
+  batch's sizes and skip count, then the SIGTERM flag (the last value), each in a blocking device
+  collective."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   del self, round_id
-  lengths_skips = np.asarray(multihost_utils.process_allgather(np.asarray(values[:2], np.int64))).reshape(-1, 2)
-  stops = np.asarray(multihost_utils.process_allgather(np.int32(values[2]))).reshape(-1, 1)
-  return np.concatenate([lengths_skips, stops], axis=1)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray(values[:-1], np.int64)))
+  stops = np.asarray(multihost_utils.process_allgather(np.int32(values[-1]))).reshape(-1, 1)
+  return np.concatenate([sizes.reshape(len(stops), -1), stops], axis=1)
