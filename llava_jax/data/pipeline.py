@@ -59,7 +59,7 @@ class DataConfig:
   """The `data.*` config keys (see `from_config` for how they are read)."""
   json: str = ""                 # LLaVA JSON/JSONL file (source=json; also what source=tfds packs)
   image_folder: str = ""         # folder the `image` paths are relative to
-  template: str = "vicuna_v1"    # plain | vicuna_v1 | llama_2 | mistral_instruct | chatml
+  template: str = "vicuna_v1"    # one of templates.TEMPLATE_NAMES
   max_len: int = 2048            # tokens per sample, image tokens included; longer samples skipped
   max_images: int = 1            # images per sample; samples with more are skipped
   max_tiles: int = 0             # tower inputs per sample (M); 0 = max_images x the layout's most per image
