@@ -4,6 +4,7 @@ rates, both stages on the tiny NeXT model, and SIGKILL + rerun against an uninte
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,8 @@ from llava_jax.models.llava import Llava, abstract_params
 from llava_jax.train import main as train_main
 from llava_jax.train import optim, trainer
 from llava_jax.weights.mapping import hf_to_params
-from test_train_processes import ONE_DEVICE, checkpoint_steps, hooked
+from test_train_processes import ONE_DEVICE, assert_params_close, checkpoint_steps, finish, hooked, read_logs, start
+from test_train_processes import two_processes
 
 NEXT_CONFIG = os.path.join(F.REPO, "configs", "llava_next.py")
 # (height, width): square, wide, tall, and sizes whose unpadding crops rows or columns of the tile grid.
@@ -213,6 +215,54 @@ def test_sigkill_then_rerun_equals_uninterrupted(world, tmp_path):
   assert all(np.array_equal(want[p], got[p]) for p in want)
   same = lambda workdir: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in F.read_metrics(workdir)]
   assert same(tmp_path / "resumed")[-2:] == same(tmp_path / "reference")[-2:]
+
+
+# Runs `llava-jax train`, printing each step's local and global tile counts as the host builds its global batch.
+TILES_LOGGED = """
+import sys
+from llava_jax import cli
+from llava_jax.data import pipeline
+make_global_batch = pipeline.make_global_batch
+
+def logged(batch, *args, **kwargs):
+  out = make_global_batch(batch, *args, **kwargs)
+  print(f"tiles local {batch['pixel_values'].shape[1]} global {out['pixel_values'].shape[1]}", file=sys.stderr)
+  return out
+
+pipeline.make_global_batch = logged
+cli.main(["train", *sys.argv[1:]])
+"""
+
+
+def test_two_processes_with_different_tile_buckets_equal_one(world, tmp_path):
+  """2 processes x 2 devices whose local batches pad their tiles to different buckets in every step agree on the
+  global tile count and train as 1 process does on the same global batches (without shuffling each host takes
+  every other record)."""
+  # SIZES indices: 0 gives 3 tiles (bucket 4), 3 gives 5 (bucket 8); the last step mixes 4 and 5 tiles on host 1.
+  images = [0, 3, 0, 3, 3, 0, 3, 0, 1, 5, 2, 4]
+  records = [_record(i, [f"s{k}.png"], f"A {color} {shape}.")
+             for i, (k, color, shape) in enumerate(zip(images, list(F.COLORS) * 3, F.SHAPES * 3))]
+  path = os.path.join(world["root"], "alternating_tiles.json")
+  with open(path, "w") as f:
+    json.dump(records, f)
+  command = lambda workdir: [sys.executable, "-m", "llava_jax", "train",
+                             *_next_args(world, workdir, "finetune", total_steps=3, batch_size=4,
+                                         **{"data.json": path, "data.shuffle": False})]
+  logs = tmp_path / "logs"
+  multi = two_processes([sys.executable, "-c", TILES_LOGGED, *command(tmp_path / "multi")[4:]], logs)
+  code, err = finish(start(command(tmp_path / "single"), ONE_DEVICE))
+  assert code == 0, err[-3000:]
+  code, err = finish(multi)
+  assert code == 0, err + "".join(log[-2000:] for log in read_logs(logs))
+  tiles = [re.findall(r"tiles local (\d+) global (\d+)", log) for log in read_logs(logs)]
+  assert tiles == [[("4", "8"), ("8", "8"), ("4", "8")], [("8", "8"), ("4", "8"), ("8", "8")]], tiles
+  assert json.load(open(tmp_path / "multi" / "config.json"))["resolved"]["devices"] == 4
+  single, multi = F.final_params(tmp_path / "single"), F.final_params(tmp_path / "multi")
+  # Softmax ignores the key bias (it adds one constant to all of a query's scores): its gradient is rounding
+  # noise, which no tolerance relative to the (zero-initialized) bias bounds.
+  noise = "vision_tower/layers/self_attn/k_proj/bias"
+  assert np.abs(single.pop(noise) - multi.pop(noise)).max() < 1e-8
+  assert_params_close(single, multi)
 
 
 def test_pad_preprocessing_is_refused_for_anyres(world, hf_model):
