@@ -10,6 +10,7 @@ part of a layout (AnyRes unpadding) stays on the host and the compiled shapes st
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Protocol, Sequence, Union
 
 import numpy as np
@@ -73,13 +74,19 @@ def layout_for(config: LlavaConfig) -> ImageLayout:
   return IMAGE_LAYOUTS[config.model_type](config)
 
 
+def image_labels(images: Sequence) -> list[str]:
+  """How errors name a prompt's or sample's images: each one's file, else its place among them."""
+  return [os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {i + 1}"
+          for i, image in enumerate(images)]
+
+
 def images_feature_index(layout: ImageLayout, sizes: Sequence[Sequence[int]],
                          names: Sequence[str] | None = None) -> np.ndarray:
   """int32 (image tokens of all images,): each image's `feature_index`, shifted past the tiles of the images
   before it, so that it indexes the features of all the images' tiles in order (what a prompt row feeds the
   model with its image tokens: the row's k-th image token takes feature index[k])."""
   parts, tiles = [np.zeros(0, np.int32)], 0
-  names = names or [f"image {i + 1}" for i in range(len(sizes))]
+  names = names or image_labels([None] * len(sizes))
   for size, name in zip(sizes, names):
     index = layout.feature_index(size, name)
     parts.append(np.where(index == NEWLINE, NEWLINE, index + tiles * layout.tokens_per_tile).astype(np.int32))

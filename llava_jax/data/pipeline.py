@@ -164,7 +164,7 @@ class Preprocess(grain.MapTransform):
       return pil_images
     # The fixed layout ignores sizes: its samples are decoded only once they passed the checks below.
     sizes = [(p.height, p.width) for p in pil_images] if self.by_size else [None] * n_images
-    names = [s if isinstance(s, str) else f"image {i + 1}" for i, s in enumerate(sample.images)]
+    names = layouts.image_labels(sample.images)
     try:
       counts = [self.layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
       tiles = sum(self.layout.tiles(size, name) for size, name in zip(sizes, names))

@@ -17,7 +17,7 @@ from PIL import Image
 from llava_jax.data import conversation
 from llava_jax.data import images as images_lib
 from llava_jax.data import templates
-from llava_jax.data.layouts import ImageLayout, expand_image_tags, images_feature_index, images_pixels
+from llava_jax.data.layouts import ImageLayout, expand_image_tags, image_labels, images_feature_index, images_pixels
 from llava_jax.errors import LlavaJaxError
 from llava_jax.image_tokens import check_image_tokens
 from llava_jax.fileio import read_json
@@ -183,7 +183,7 @@ class Processor:
       raise LlavaJaxError(f"prompt has {num_tags} {image_token} tag(s) but {len(images)} "
                           "image(s) were given; they must match")
     pictures = [_as_pil(img) for img in images]
-    names = list(names) if names is not None else [_image_name(img, i) for i, img in enumerate(images)]
+    names = list(names) if names is not None else image_labels(images)
     sizes = [(p.height, p.width) for p in pictures]
     counts = [self.layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
     pixel_values = images_pixels(self.layout, pictures, self.image_processor, names)
@@ -220,8 +220,3 @@ class Processor:
 
 def _as_pil(image: ImageLike) -> Image.Image:
   return image if isinstance(image, Image.Image) else images_lib.load_image(image)
-
-
-def _image_name(image: ImageLike, i: int) -> str:
-  """How errors name an image: its file, else its place among the prompt's images."""
-  return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {i + 1}"
