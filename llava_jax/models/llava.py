@@ -54,23 +54,31 @@ def check_image_token_count(input_ids, pixel_values, image_feature_index, config
                        f"{tiles} image tile(s)")
 
 
-def attention_layout(kv_mask: jax.Array, num_queries: int, cache_index, sliding_window: int | None = None):
+def attention_layout(segment_ids: jax.Array, num_queries: int, cache_index, sliding_window: int | None = None):
   """Positions (B, S) and the causal mask (B, S, T) for queries at slots [cache_index, cache_index + S).
 
-  kv_mask (B, T) marks the valid key slots (False for left padding and unwritten cache slots).
-  Positions count valid slots, so left-padded rows start at 0 exactly as HF's generate does.
+  segment_ids (B, T) over the key slots: 0 for padding and unwritten cache slots, and k > 0 for
+  the tokens of the row's k-th sample (a 0/1 or boolean attention mask is one sample per row; a
+  packed training row holds several, each a contiguous run of slots). A query sees the earlier
+  keys of its own sample only, and positions restart at 0 with each sample, so left-padded rows
+  start at 0 exactly as HF's generate does. Padding queries see no key.
   With a `sliding_window` W (Mistral), the query at slot i sees the keys at slots j with
   i - W < j <= i: its last W tokens, itself included, counted in slots as transformers'
   `sliding_window_overlay` counts them (slots and positions differ only by left padding).
   """
+  segment_ids = segment_ids.astype(jnp.int32)
+  slots = jnp.arange(segment_ids.shape[1])
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  first_slot = jax.lax.cummax(jnp.where(starts, slots[None], 0), axis=1)  # where each slot's run began
   query_slots = cache_index + jnp.arange(num_queries)
-  positions = jnp.maximum(jnp.cumsum(kv_mask.astype(jnp.int32), axis=1) - 1, 0)
-  positions = jnp.take(positions, query_slots, axis=1)
-  distance = query_slots[:, None] - jnp.arange(kv_mask.shape[1])[None, :]
+  query_segments = jnp.take(segment_ids, query_slots, axis=1)
+  positions = jnp.where(query_segments > 0, query_slots[None] - jnp.take(first_slot, query_slots, axis=1), 0)
+  distance = query_slots[:, None] - slots[None, :]
   visible = distance >= 0
   if sliding_window is not None:
     visible &= distance < sliding_window
-  return positions, kv_mask[:, None, :].astype(bool) & visible[None]
+  same_sample = (query_segments[:, :, None] == segment_ids[:, None, :]) & (query_segments[:, :, None] > 0)
+  return positions, same_sample & visible[None]
 
 
 def example_batch(config: LlavaConfig) -> dict:
@@ -159,8 +167,9 @@ class Llava(nn.Module):
                image_feature_index: jax.Array | None = None):
     """Logits (B, S, vocab) float32 (B, 1, vocab with `last_logits_only`) and the updated cache.
 
-    attention_mask: (B, S) without a cache (1 = real token; left or right padding), or (B, T)
-    over the cache slots with one (including the slots this call writes). pixel_values and
+    attention_mask: (B, S) without a cache (1 = real token; left or right padding; or the segment
+    ids of a packed row, see `attention_layout`), or (B, T) over the cache slots with one
+    (including the slots this call writes). pixel_values and
     image_feature_index: see `embed`.
     """
     if pixel_values is not None and not isinstance(input_ids, jax.core.Tracer):

@@ -97,7 +97,7 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, mask: Any, 
         "grad_norm": optax.tree.norm(grads),
         "lr": lr_schedule(state.step),
         "target_tokens": count,
-        "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+        "tokens": jnp.sum(batch["attention_mask"] > 0).astype(jnp.float32),
     }
     return TrainState(state.step + 1, params, opt_state), metrics
 
