@@ -14,11 +14,13 @@ Two ways to run:
   between chunks while the next chunk is already running.
 Both draw step t's sample with fold_in(seed, t), so they produce identical tokens.
 
-Both towers run layer by layer over UNSTACKED per-layer weights (and the language model over
-per-layer caches): the model's own modules, applied one layer at a time. With the scanned,
-stacked layout, XLA on CPU copies each layer's weight slice (and cache slice) before every
-matmul, which triples the memory traffic of a batch-1 decode step; unstacked buffers are read
-in place (the vision tower of benchmarks/generate.py also ran ~30% faster unrolled).
+How the programs lay out their work (row-by-row or batched prefill, unrolled or scanned layers,
+output-first kernels) is the engine's `InferenceLayout`, by default the backend's (infer/backend.py).
+With unrolled layers, both towers run layer by layer over UNSTACKED per-layer weights (and the
+language model over per-layer caches): with the scanned, stacked layout, XLA on CPU copies each
+layer's weight slice (and cache slice) before every matmul, which triples the memory traffic of a
+batch-1 decode step; unstacked buffers are read in place (the vision tower of
+benchmarks/generate.py also ran ~30% faster unrolled).
 
 On a device mesh (`Engine(..., mesh=...)`), parameters are split by the model's logical-axis
 rules (embed over `fsdp`; heads, mlp and vocab over `tensor`), batch rows over `data`, and every
@@ -40,9 +42,10 @@ from llava_jax.config import LlavaConfig
 from llava_jax.image_tokens import check_image_tokens
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer import sampling
+from llava_jax.infer.backend import InferenceLayout, resolve_layout
 from llava_jax.infer.sampling import SamplingFlags, SamplingParams, SamplingValues
-from llava_jax.models.llama import init_cache, kernels_out_first
-from llava_jax.models.llava import Llava, abstract_params, unstack_layers
+from llava_jax.models.llama import init_cache
+from llava_jax.models.llava import Llava, abstract_params
 
 MAX_EOS_IDS = 4  # EOS ids travel as a fixed-size array (padded with -1) so their number never recompiles
 
@@ -91,7 +94,7 @@ class Completion:
 
 
 class DecodeState(NamedTuple):
-  cache: tuple  # per layer {"k", "v"}: (B·kv_heads, T, head_dim)
+  cache: tuple | dict  # per layer {"k", "v"}: (B·kv_heads, T, head_dim); scanned: {"k", "v"} (layers, B·kv_heads, T, ...)
   kv_mask: jax.Array  # (B, T) bool: slots holding real tokens
   token: jax.Array  # (B,) the last sampled token (fed at the next step)
   step: jax.Array  # () tokens generated so far
@@ -119,19 +122,24 @@ class Engine:
   """Generation for one model; compiled programs are cached per (shapes, static options).
 
   `params` are in the checkpoint layout (scanned layers). With a `mesh`, they are split over it
-  (see `place_on_mesh`); without one, everything lives on the default device.
+  (see `place_on_mesh`); without one, everything lives on the default device. `layout` (a name of
+  backend.LAYOUTS or an InferenceLayout) defaults to the backend's. Abstract params (ShapeDtypeStructs)
+  make an engine that can only `lower_start` (compile-time measurements).
   """
 
   def __init__(self, config: LlavaConfig, params, *, eos_token_ids: Sequence[int] | None = None,
-               pad_token_id: int | None = None, chunk: int = 8, mesh: Mesh | None = None):
+               pad_token_id: int | None = None, chunk: int = 8, mesh: Mesh | None = None,
+               layout: str | InferenceLayout | None = None):
     self.config = config
-    # The decode layout: unrolled layers, kernels output axes first (see models/llama.py).
-    self.model = Llava(decode_config(config))
+    self.layout = resolve_layout(layout)
+    self.model = Llava(self.layout.model_config(config))
     self.mesh = mesh
-    if mesh is None:
-      self.params = jax.device_put(kernels_out_first(unstack_layers(params)))
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+      self.params = jax.eval_shape(self.layout.params, params)
+    elif mesh is None:
+      self.params = jax.device_put(self.layout.params(params))
     else:
-      self.params = place_on_mesh(config, params, mesh)
+      self.params = place_on_mesh(config, params, mesh, self.layout)
     eos = config.eos_token_id if eos_token_ids is None else eos_token_ids
     self.eos_token_ids = self._eos((eos,) if isinstance(eos, int) else (eos or ()))
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
@@ -200,6 +208,15 @@ class Engine:
     batch, _ = self._prepare(prompts, 1)
     logits = self._forward(self.params, *batch.arrays[:4])
     return np.asarray(logits)[:batch.rows], np.asarray(batch.prompt_mask)[:batch.rows]
+
+  def lower_start(self, prompts: Sequence[Prompt], max_new_tokens: int,
+                  params: SamplingParams = SamplingParams()) -> jax.stages.Lowered:
+    """The first program a request of these prompts runs (prefill and first token), lowered for its shapes:
+    `.compile()` on it costs what a new prompt bucket costs."""
+    batch, slots = self._prepare(prompts, max_new_tokens)
+    return self._on_mesh(lambda *a, **k: self._start.lower(*a, **k))(
+        self.params, *batch.arrays, params.values(), jax.random.key(params.seed), self._eos_array(self.eos_token_ids),
+        slots=slots, flags=params.flags)
 
   def _prepare(self, prompts: Sequence[Prompt], max_new_tokens: int) -> tuple[DeviceBatch, int]:
     if not prompts:
@@ -275,47 +292,50 @@ class Engine:
 
   def _prefill(self, params, input_ids, prompt_mask, pixel_values, feature_index, slots: int,
                last_logits_only: bool = False):
-    """Runs the prompt through the model into a fresh cache of `slots` slots.
+    """Runs the prompt through the model into a fresh cache of `slots` slots, in the model's compute
+    dtype (a bfloat16 model keeps a bfloat16 cache).
 
-    Without a mesh, a batch is prefilled one row after another (`lax.map`): XLA:CPU's matmuls
-    run ~20% faster on one row's ~600 tokens than on 8 rows' ~5000 (text prefill of
-    benchmarks/generate.py at batch 8: 8.4 s vs 10.9 s), and the activations are one row's.
-    On a mesh the rows are split over devices, so the batch runs at once.
+    The layout's row-by-row prefill runs a batch one row after another (`lax.map`; see
+    infer/backend.py); on a mesh the rows are split over devices, so the batch runs at once.
     """
     rows, length = input_ids.shape
     kv_mask = jnp.zeros((rows, slots), bool).at[:, :length].set(prompt_mask)
     dtype = jnp.dtype(self.config.dtype)
 
     def run(ids, pixels, index, mask):
-      cache = self._constrain(init_cache(self.config.text, ids.shape[0], slots, dtype, scanned=False))
-      return self.model.apply({"params": params}, ids, pixels, mask, cache, 0, last_logits_only,
+      cache = init_cache(self.config.text, ids.shape[0], slots, dtype, scanned=not self.layout.unrolled_layers)
+      return self.model.apply({"params": params}, ids, pixels, mask, self._constrain(cache), 0, last_logits_only,
                               image_feature_index=index)
 
-    if self.mesh is not None or rows == 1:
+    if not self.layout.row_by_row_prefill or self.mesh is not None or rows == 1:
       logits, cache = run(input_ids, pixel_values, feature_index, kv_mask)
     else:
       one_row = lambda x: None if x is None else x[None]
       logits, cache = jax.lax.map(lambda row: run(*(one_row(x) for x in row)),
                                   (input_ids, pixel_values, feature_index, kv_mask))
-      # (rows, 1, ...) -> (rows, ...): logits are per row; per-layer caches (rows·kv_heads, T, d).
+      # (rows, 1, ...) -> (rows, ...): logits are per row; a cache (rows, [layers,] kv_heads, T, d)
+      # -> ([layers,] rows·kv_heads, T, d).
       logits = logits[:, 0]
+      merge_rows = lambda c: jnp.moveaxis(c, 0, -4).reshape(c.shape[1:-3] + (-1,) + c.shape[-2:])
       # The barrier keeps the map's stacked output apart from the decode loop that consumes it;
       # fused, XLA:CPU lays the cache out worse for the decode (benchmarks/README.md).
-      cache = jax.lax.optimization_barrier(jax.tree.map(lambda c: c.reshape((-1,) + c.shape[2:]), cache))
+      cache = jax.lax.optimization_barrier(jax.tree.map(merge_rows, cache))
     return logits, self._constrain(cache), kv_mask
 
-  def _constrain(self, cache: tuple) -> tuple:
-    """On a mesh, pins the per-layer caches (B·kv_heads, T, head_dim), rows split over `data` as
+  def _constrain(self, cache):
+    """On a mesh, pins the caches ([layers,] B·kv_heads, T, head_dim), rows split over `data` as
     the batch is. With one row per data shard, the merged dimension is that row's kv heads and is
     split over `tensor` too, as k_proj/v_proj split them. With more rows, a row's heads are not
     contiguous in it: splitting it over `tensor` then made XLA move weights every step to match,
     so the cache is replicated over `tensor` instead (small activations are gathered)."""
     if self.mesh is None:
       return cache
-    rows = cache[0]["k"].shape[0] // self.config.text.num_key_value_heads
+    leaf = jax.tree.leaves(cache)[0]
+    rows = leaf.shape[-3] // self.config.text.num_key_value_heads
     one_row = rows == self.mesh.shape["data"] and self.config.text.num_key_value_heads % self.mesh.shape["tensor"] == 0
     axes = ("data", "tensor") if one_row else "data"
-    return jax.lax.with_sharding_constraint(cache, NamedSharding(self.mesh, P(axes)))
+    layers = (None,) * (leaf.ndim - 3)
+    return jax.lax.with_sharding_constraint(cache, NamedSharding(self.mesh, P(*layers, axes)))
 
   def _forward_program(self, params, input_ids, prompt_mask, pixel_values, feature_index):
     return self._prefill(params, input_ids, prompt_mask, pixel_values, feature_index, input_ids.shape[1])[0]
@@ -384,22 +404,17 @@ class Engine:
     return s._replace(token=token, step=s.step + 1, done=done, seen=seen, out=out)
 
 
-def decode_config(config: LlavaConfig) -> LlavaConfig:
-  return config.replace(scan_layers=False, out_first_kernels=True)
+def place_on_mesh(config: LlavaConfig, params, mesh: Mesh, layout: InferenceLayout):
+  """Checkpoint-layout params -> `layout`'s, split over `mesh` by the logical-axis rules.
 
-
-def place_on_mesh(config: LlavaConfig, params, mesh: Mesh):
-  """Checkpoint-layout params -> the decode layout, split over `mesh` by the logical-axis rules.
-
-  Each device receives only its slice of the checkpoint layout, and the decode layout is computed
-  from the slices on the devices, so no device ever holds the whole model. The decode kernels'
-  logical names are reordered with their axes (output first), so their shardings come from the
-  decode model itself.
+  Each device receives only its slice of the checkpoint layout, and the inference layout is computed
+  from the slices on the devices, so no device ever holds the whole model. Output-first kernels'
+  logical names are reordered with their axes, so their shardings come from the inference model itself.
   """
   stored = sharding.tree_shardings(abstract_params(config.replace(scan_layers=True, out_first_kernels=False)), mesh)
-  decoded = sharding.tree_shardings(abstract_params(decode_config(config)), mesh)
+  placed = sharding.tree_shardings(abstract_params(layout.model_config(config)), mesh)
   on_mesh = sharding.place(params, stored)
-  return jax.jit(lambda p: kernels_out_first(unstack_layers(p)), out_shardings=decoded)(on_mesh)
+  return jax.jit(layout.params, out_shardings=placed)(on_mesh)
 
 
 def _cut_at_eos(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
