@@ -53,6 +53,7 @@ class InferenceLayout:
 LAYOUTS = {layout.name: layout for layout in (
     InferenceLayout("cpu", row_by_row_prefill=True, unrolled_layers=True, out_first_kernels=True),
     InferenceLayout("batched", row_by_row_prefill=False, unrolled_layers=True, out_first_kernels=True),
+    InferenceLayout("unrolled", row_by_row_prefill=False, unrolled_layers=True, out_first_kernels=False),
     InferenceLayout("scanned", row_by_row_prefill=False, unrolled_layers=False, out_first_kernels=False),
 )}
 # Backends not named here get "batched": the CPU's decode layout (its batch-1 decode reached 90% of an
