@@ -18,7 +18,7 @@ never share the device, with XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 unless set):
   compile         compiling our first program for a new 4096-token prompt bucket (also on a CPU at 7B)
 Each part appends its result to --out (rewritten atomically after every measurement), so a run
 stopped at its time limit keeps what finished. A part runs at most its own time (PART_SECONDS) and
-whatever is left of --budget; one that would start with under MIN_START_S left is skipped.
+whatever is left of --budget (caps x --cap-scale); one that would start with under MIN_START_S left is skipped.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def orchestrate(args) -> int:
       for part in group:
         record(args.out, part, status="skipped", reason=f"{left:.0f}s of --budget left")
       continue
-    limit = min(left, sum(PARTS[p].seconds for p in group) * (1 if args.size == "7b" else 10))
+    limit = min(left, sum(PARTS[p].seconds for p in group) * args.cap_scale)
     print(f"[gpu.py] {','.join(group)} (at most {limit:.0f}s)", flush=True)
     status, err = run_worker(group, args.size, args.out, limit)
     report = read(args.out)
@@ -270,6 +270,8 @@ def main(argv=None) -> int:
   ap.add_argument("--parts", default="all", help=f"comma-separated, of: {', '.join(PARTS)}")
   ap.add_argument("--out", help="the JSON file (rewritten after every measurement)")
   ap.add_argument("--budget", type=float, default=480, help="seconds for the whole run (default 480)")
+  ap.add_argument("--cap-scale", type=float, default=None,
+                  help="multiplies every part's cap (default 1 at 7b; 10 at toy; e.g. 10 for `compile` on a CPU)")
   ap.add_argument("--table", metavar="FILE.json", help="print the README tables of a finished run and exit")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -278,6 +280,8 @@ def main(argv=None) -> int:
     return 0
   if not args.out:
     ap.error("--out is required")
+  if args.cap_scale is None:
+    args.cap_scale = 1 if args.size == "7b" else 10
   if args.worker:
     worker(args.worker.split(","), args.size, args.out)
     return 0

@@ -6,6 +6,7 @@ stopped at its time limit still leaves its finished measurements.
 
 from __future__ import annotations
 
+import gc
 import platform
 import subprocess
 import time
@@ -154,6 +155,7 @@ def gen_layouts(size: Size, save) -> dict:
     engine = Engine(config, params, eos_token_ids=(), layout=layout)
     out["layouts"][layout.name] = _measure_engine(engine, size, 1)
     del engine
+    gc.collect()  # the engine's jitted methods hold it in a cycle: free its weights before the next one's
     save(out)
   return out
 
@@ -192,6 +194,7 @@ def train_ours(size: Size, save) -> dict:
                       "layers": config.text.num_hidden_layers, "batch": case.batch, "length": case.length,
                       "peak_mem_bytes": peak_memory_bytes()}
     del holder, state, params, trainer
+    gc.collect()
     save(out)
   return out
 
