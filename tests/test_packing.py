@@ -3,9 +3,6 @@
 pipeline, and SIGKILL + rerun of a packed run against an uninterrupted one."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +20,7 @@ from llava_jax.models.llava import Llava
 from llava_jax.train import trainer
 from llava_jax.weights.mapping import hf_to_params
 from test_train_next import SIZES, _image, _record
-from test_train_processes import ONE_DEVICE, checkpoint_steps, hooked, train_command
+from test_train_processes import assert_sigkill_then_rerun_equals_uninterrupted, train_command
 from test_train_run import TEXT_ONLY, bad_records
 
 
@@ -229,21 +226,8 @@ def test_packed_pipeline_keeps_order_skips_as_unpacked_and_resumes_exactly(fixed
 
 
 def test_sigkill_then_rerun_with_packing_equals_uninterrupted(fixed_world, tmp_path):
-  env = dict(ONE_DEVICE, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  packed = {"data.packing": True, "data.max_len": 64, "data.buckets": "(32,)", "data.template": "vicuna_v1",
-            "total_steps": 4, "batch_size": 2}
-  command = lambda workdir: train_command(fixed_world, workdir, **packed)
-  run = lambda argv, **extra: subprocess.run(argv, env=dict(os.environ, **env, **extra), capture_output=True,
-                                             text=True, timeout=600)
-  reference = run(command(tmp_path / "reference"))
-  assert reference.returncode == 0, reference.stderr[-3000:]
-  killed = run(hooked(command(tmp_path / "resumed")), TEST_INTERRUPT="kill")
-  assert killed.returncode == -9 and checkpoint_steps(tmp_path / "resumed") == [2], killed.stderr[-3000:]
-  resumed = run(command(tmp_path / "resumed"))
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  want, got = F.final_params(tmp_path / "reference"), F.final_params(tmp_path / "resumed")
-  assert all(np.array_equal(want[p], got[p]) for p in want)
-  same = lambda workdir: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in F.read_metrics(workdir)]
-  assert same(tmp_path / "resumed")[-2:] == same(tmp_path / "reference")[-2:]
+  """Killed after a checkpoint whose data position rewinds to a sample read ahead, then rerun: the same run."""
+  packed = {"data.packing": True, "data.max_len": 64, "data.buckets": "(32,)", "total_steps": 4, "batch_size": 2}
+  assert_sigkill_then_rerun_equals_uninterrupted(lambda workdir: train_command(fixed_world, workdir, **packed),
+                                                 tmp_path)
   assert all(0.6 < r["packing_efficiency"] <= 1 for r in F.read_metrics(tmp_path / "reference"))
