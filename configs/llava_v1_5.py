@@ -64,7 +64,9 @@ def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_colle
   c.data.template = stage["template"]
   c.data.max_len = stage.get("max_len", 2048)
   c.data.max_images = 1
-  c.data.max_tiles = 0              # tower inputs per sample; 0 = max_images x the image layout's most per image
+  c.data.max_tiles = 0              # tower inputs per row; 0 = max_images x the image layout's most per image
+  #                                   (packed: at least max_len // image tokens per tile)
+  c.data.packing = False            # several samples per row (segment ids), first fit in data order
   c.data.buckets = ()               # padded lengths; () = a quarter, half and all of max_len
   c.data.source = "json"            # json | tfds
   c.data.tfds_dir = ""

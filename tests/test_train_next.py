@@ -5,7 +5,6 @@ rates, both stages on the tiny NeXT model, and SIGKILL + rerun against an uninte
 import json
 import os
 import re
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -26,8 +25,8 @@ from llava_jax.models.llava import Llava, abstract_params
 from llava_jax.train import main as train_main
 from llava_jax.train import optim, trainer
 from llava_jax.weights.mapping import hf_to_params
-from test_train_processes import ONE_DEVICE, assert_params_close, checkpoint_steps, finish, hooked, read_logs, start
-from test_train_processes import two_processes
+from test_train_processes import ONE_DEVICE, assert_params_close, assert_sigkill_then_rerun_equals_uninterrupted
+from test_train_processes import finish, read_logs, start, two_processes
 
 NEXT_CONFIG = os.path.join(F.REPO, "configs", "llava_next.py")
 # (height, width): square, wide, tall, and sizes whose unpadding crops rows or columns of the tile grid.
@@ -199,22 +198,9 @@ def test_both_stages_train_what_they_should(world, tmp_path):
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(world, tmp_path):
-  env = dict(ONE_DEVICE, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   command = lambda workdir: [sys.executable, "-m", "llava_jax", "train",
                              *_next_args(world, workdir, "finetune", total_steps=4, checkpoint_every=2)]
-  run = lambda argv, **extra: subprocess.run(argv, env=dict(os.environ, **env, **extra), capture_output=True,
-                                             text=True, timeout=600)
-  reference = run(command(tmp_path / "reference"))
-  assert reference.returncode == 0, reference.stderr[-3000:]
-  killed = run(hooked(command(tmp_path / "resumed")), TEST_INTERRUPT="kill")
-  assert killed.returncode == -9 and checkpoint_steps(tmp_path / "resumed") == [2], killed.stderr[-3000:]
-  resumed = run(command(tmp_path / "resumed"))
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  want, got = F.final_params(tmp_path / "reference"), F.final_params(tmp_path / "resumed")
-  assert all(np.array_equal(want[p], got[p]) for p in want)
-  same = lambda workdir: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in F.read_metrics(workdir)]
-  assert same(tmp_path / "resumed")[-2:] == same(tmp_path / "reference")[-2:]
+  assert_sigkill_then_rerun_equals_uninterrupted(command, tmp_path)
 
 
 # Runs `llava-jax train`, printing each step's local and global tile counts as the host builds its global batch.

@@ -101,6 +101,25 @@ def assert_params_close(expected, got):
     assert error <= 1e-5 * scale, (path, error / scale)
 
 
+def assert_sigkill_then_rerun_equals_uninterrupted(command, tmp_path):
+  """`command(workdir)` (a 1-device `llava-jax train` that checkpoints at step 2) run through, and killed right after
+  the step-2 checkpoint then rerun: the same final parameters and the same last two metrics lines (but the rates)."""
+  env = dict(ONE_DEVICE, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  run = lambda argv, **extra: subprocess.run(argv, env=dict(os.environ, **env, **extra), capture_output=True,
+                                             text=True, timeout=600)
+  reference = run(command(tmp_path / "reference"))
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  killed = run(hooked(command(tmp_path / "resumed")), TEST_INTERRUPT="kill")
+  assert killed.returncode == -9 and checkpoint_steps(tmp_path / "resumed") == [2], killed.stderr[-3000:]
+  resumed = run(command(tmp_path / "resumed"))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  want, got = F.final_params(tmp_path / "reference"), F.final_params(tmp_path / "resumed")
+  assert all(np.array_equal(want[p], got[p]) for p in want)
+  same = lambda workdir: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in F.read_metrics(workdir)]
+  assert same(tmp_path / "resumed")[-2:] == same(tmp_path / "reference")[-2:]
+
+
 def start(command, env):
   return subprocess.Popen(command, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)

@@ -21,6 +21,8 @@ from llava_jax.data.anyres import NEWLINE, AnyResLayout
 from llava_jax.data.images import ImageProcessor
 from llava_jax.errors import LlavaJaxError
 
+FEATURE_INDEX = "image_feature_index"  # a model key of batches whose layout orders features by image size
+
 
 class ImageLayout(Protocol):
   tokens_per_tile: int
@@ -88,10 +90,15 @@ def images_feature_index(layout: ImageLayout, sizes: Sequence[Sequence[int]],
   parts, tiles = [np.zeros(0, np.int32)], 0
   names = names or image_labels([None] * len(sizes))
   for size, name in zip(sizes, names):
-    index = layout.feature_index(size, name)
-    parts.append(np.where(index == NEWLINE, NEWLINE, index + tiles * layout.tokens_per_tile).astype(np.int32))
+    parts.append(shift_feature_index(layout.feature_index(size, name), tiles, layout.tokens_per_tile))
     tiles += layout.tiles(size, name)
   return np.concatenate(parts)
+
+
+def shift_feature_index(index: np.ndarray, tiles_before: int, tokens_per_tile: int) -> np.ndarray:
+  """int32 `index` into the features of some tiles, made an index into the features of `tiles_before` other tiles
+  followed by those (NEWLINE entries stay)."""
+  return np.where(index == NEWLINE, NEWLINE, index + tiles_before * tokens_per_tile).astype(np.int32)
 
 
 def images_pixels(layout: ImageLayout, images: Sequence[Image.Image], processor: ImageProcessor,

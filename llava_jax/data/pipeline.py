@@ -4,6 +4,7 @@ length-bucketed batches -> global `jax.Array`s for the mesh.
     records (this host's share) -> shuffle(seed, new order each epoch) -> repeat forever
       -> Preprocess (parse, template + tokenize + mask, decode + image layout)       [worker processes]
       -> BucketedBatches (skip + count unusable samples, pad kept ones to buckets)  [main process]
+         (with data.packing, several samples per row: data/packing.py)
 
 Each `<image>` becomes the image tokens its image gives under the model's image layout (data/layouts.py):
 a fixed count for LLaVA-1.5, one by image size for AnyRes (LLaVA-NeXT), whose rows then carry the
@@ -14,7 +15,9 @@ the same whatever the worker count, and grain interleaves workers round-robin in
 N workers give exactly the batches of 0 workers. Unusable samples travel as `Skipped` markers
 (not filtered out) so every worker yields every index and that order holds. The iterator state
 (`get_state`/`set_state`, JSON-serializable) is grain's position plus the skip counters, so a
-resumed run continues with exactly the next batch.
+resumed run continues with exactly the next batch. A packed batch ends at the first sample that fits in none
+of its rows; that sample opens the next batch, and the saved position is the one before it, so a resumed
+run reads it again.
 
 Workers are spawned processes: scripts that use `data.num_workers > 0` need an
 `if __name__ == "__main__":` guard, and grain reads absl flags, so `make_pipeline` marks them
@@ -22,10 +25,10 @@ parsed when the program did not parse them itself (absl.app.run does).
 
 Batch (host-local numpy, B = global batch / process count):
     input_ids      int32   (B, S)  right-padded with the pad id; S is one of the length buckets
-    attention_mask int32   (B, S)  1 on real tokens
+    attention_mask int32   (B, S)  1 on real tokens; packed: the segment id k of the row's k-th sample
     loss_mask      float32 (B, S)  1.0 where input_ids[:, t] is a target (predicted from t - 1)
     pixel_values   float32 (B, M, H, W, 3)  the row's tiles (LLaVA-1.5: one per image), then zeros; M is
-                   data.max_tiles for the fixed layout, else one of the tile buckets
+                   data.max_tiles for the fixed layout unpacked, else one of the tile buckets
     image_feature_index int32 (B, S)  AnyRes layouts only: the row's k-th image token takes feature [b, k]
                    of its tiles' features (-1: image_newline); zeros past the row's image tokens
     skipped        int64   ()      unusable samples met so far on this host (running count)
@@ -34,6 +37,7 @@ Batch (host-local numpy, B = global batch / process count):
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import logging
 import math
@@ -43,7 +47,7 @@ import grain.python as grain
 import numpy as np
 
 from llava_jax.data import images as images_lib
-from llava_jax.data import layouts, llava_json, templates
+from llava_jax.data import layouts, llava_json, packing, templates
 from llava_jax.data.llava_json import Skipped, SkipReason
 from llava_jax.errors import LlavaJaxError
 from llava_jax.image_tokens import check_image_tokens
@@ -51,7 +55,7 @@ from llava_jax.image_tokens import check_image_tokens
 logger = logging.getLogger("llava_jax.data")
 
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
-FEATURE_INDEX = "image_feature_index"  # a model key of batches whose layout orders features by image size
+FEATURE_INDEX = layouts.FEATURE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +66,7 @@ class DataConfig:
   template: str = "vicuna_v1"    # one of templates.TEMPLATE_NAMES
   max_len: int = 2048            # tokens per sample, image tokens included; longer samples skipped
   max_images: int = 1            # images per sample; samples with more are skipped
-  max_tiles: int = 0             # tower inputs per sample (M); 0 = max_images x the layout's most per image
+  max_tiles: int = 0             # tower inputs per row (M); 0 = see default_max_tiles
   buckets: Tuple[int, ...] = ()  # padded sequence lengths; () = default_buckets(max_len)
   source: str = "json"           # json | tfds
   tfds_dir: str = ""             # TFDS data_dir (source=tfds); built from `json` when empty
@@ -72,6 +76,7 @@ class DataConfig:
   image_aspect_ratio: str = ""   # "" = the model folder's processor; "pad" (LLaVA-1.5) | "square"
   max_pixels: int = images_lib.DEFAULT_MAX_PIXELS  # decompression-bomb limit per image
   shuffle: bool = True
+  packing: bool = False          # several samples per row, first fit in pipeline order (data/packing.py)
 
   @classmethod
   def from_config(cls, data: Any) -> "DataConfig":
@@ -119,6 +124,13 @@ def tile_buckets(max_tiles: int, by_size: bool) -> Tuple[int, ...]:
   """Padded tile counts: always max_tiles for the fixed layout (every batch keeps one shape), else a quarter,
   a half and all of it, as the length buckets (a row's tiles vary with its images' sizes)."""
   return _quarter_half_all(max_tiles, 1) if by_size else (max_tiles,)
+
+
+def default_max_tiles(layout: layouts.ImageLayout, max_images: int, max_len: int, packing: bool) -> int:
+  """Tower inputs per row when data.max_tiles is 0: one sample's most (max_images x the layout's most per image);
+  packed, at least as many tiles as max_len image tokens take, so that a row can hold several image samples."""
+  most = max_images * layouts.max_tiles_per_image(layout)
+  return max(most, max_len // layout.tokens_per_tile) if packing else most
 
 
 def resolve_buckets(buckets: Sequence[int], max_len: int) -> Tuple[int, ...]:
@@ -210,21 +222,29 @@ class Preprocess(grain.MapTransform):
 
 class BucketedBatches(grain.IterDataset):
   """Skips and counts `Skipped` markers, and pads the kept samples into batches of a length bucket (and a
-  tile bucket): a few fixed shapes, so the train step compiles a few times."""
+  tile bucket): a few fixed shapes, so the train step compiles a few times. With `packing`, each row takes
+  samples while they fit in the largest buckets (data/packing.py), else one sample."""
 
   def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: Sequence[int], tile_buckets: Sequence[int],
-               pad_id: int, tile_hw: Tuple[int, int], with_feature_index: bool, records_per_epoch: int, name: str):
+               pad_id: int, tile_hw: Tuple[int, int], with_feature_index: bool, records_per_epoch: int, name: str,
+               packing: bool = False, tokens_per_tile: int = 0):
     super().__init__(parent)
     self.batch_size, self.pad_id = batch_size, pad_id
     self.buckets, self.tile_buckets = tuple(buckets), tuple(tile_buckets)
     self.tile_hw, self.with_feature_index = tuple(tile_hw), with_feature_index
     self.records_per_epoch, self.name = records_per_epoch, name
+    self.packing, self.tokens_per_tile = packing, tokens_per_tile
+
+  def new_rows(self) -> packing.FirstFitRows:
+    return packing.FirstFitRows(self.batch_size, self.buckets[-1], self.tile_buckets[-1],
+                                None if self.packing else 1)
 
   def __iter__(self):
     return BucketedBatchIterator(self._parent.__iter__(), self)
 
   def __str__(self):
-    return f"BucketedBatches(batch_size={self.batch_size}, buckets={self.buckets}, tile_buckets={self.tile_buckets})"
+    return (f"BucketedBatches(batch_size={self.batch_size}, buckets={self.buckets}, tile_buckets={self.tile_buckets}, "
+            f"packing={self.packing})")
 
 
 class BucketedBatchIterator(grain.DatasetIterator):
@@ -234,17 +254,26 @@ class BucketedBatchIterator(grain.DatasetIterator):
     self.spec = spec
     self.skip_counts: Dict[str, int] = collections.Counter()
     self.consecutive_skips = 0
+    # A packed batch's first sample, read by the batch before it (where it fit in no row), and the parent's
+    # position before reading it: what get_state saves, so that a resumed run reads it again.
+    self.pending: Optional[Tuple[dict, Any]] = None
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    spec, rows = self.spec, []
-    while len(rows) < spec.batch_size:
+    rows = self.spec.new_rows()
+    if self.pending is not None:
+      rows.place(self.pending[0])  # every kept sample fits an empty row (longer ones were skipped)
+      self.pending = None
+    while not rows.full():
+      position = copy.deepcopy(self._parent.get_state()) if self.spec.packing else None
       element = next(self._parent)
       if isinstance(element, Skipped):
         self._skip(element)
         continue
       self.consecutive_skips = 0
-      rows.append(element)
-    return self._collate(rows)
+      if not rows.place(element):
+        self.pending = (element, position)
+        break
+    return self._collate(rows.rows)
 
   def _skip(self, skipped: Skipped) -> None:
     reason = SkipReason(skipped.reason).value
@@ -257,8 +286,9 @@ class BucketedBatchIterator(grain.DatasetIterator):
       raise LlavaJaxError(f"{self.spec.name}: no usable sample in {self.spec.records_per_epoch} "
                           f"consecutive samples ({counts})")
 
-  def _collate(self, rows) -> Dict[str, np.ndarray]:
+  def _collate(self, samples_by_row) -> Dict[str, np.ndarray]:
     spec = self.spec
+    rows = [packing.pack_row(samples, spec.tokens_per_tile, spec.with_feature_index) for samples in samples_by_row]
     length = next(b for b in spec.buckets if b >= max(len(r["input_ids"]) for r in rows))
     tiles = next(b for b in spec.tile_buckets if b >= max(len(r["pixel_values"]) for r in rows))
     n = spec.batch_size
@@ -273,7 +303,7 @@ class BucketedBatchIterator(grain.DatasetIterator):
     for i, row in enumerate(rows):
       count = len(row["input_ids"])
       batch["input_ids"][i, :count] = row["input_ids"]
-      batch["attention_mask"][i, :count] = 1
+      batch["attention_mask"][i, :count] = row["attention_mask"]
       batch["loss_mask"][i, :count] = row["loss_mask"]
       batch["pixel_values"][i, :len(row["pixel_values"])] = row["pixel_values"]
       if spec.with_feature_index:
@@ -282,11 +312,12 @@ class BucketedBatchIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "skipped": dict(self.skip_counts),
-            "consecutive_skips": self.consecutive_skips}
+    parent = self._parent.get_state() if self.pending is None else self.pending[1]
+    return {"parent": parent, "skipped": dict(self.skip_counts), "consecutive_skips": self.consecutive_skips}
 
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["parent"])
+    self.pending = None
     self.skip_counts = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
     self.consecutive_skips = int(state["consecutive_skips"])
 
@@ -348,8 +379,9 @@ def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.Ima
                         "tiles images itself, use '' (the model folder's processor)")
   if config.image_aspect_ratio:
     image_processor = dataclasses.replace(image_processor, pad_to_square=config.image_aspect_ratio == "pad")
+  max_tiles = config.max_tiles or default_max_tiles(layout, config.max_images, config.max_len, config.packing)
   preprocess = Preprocess(config.template, tokenizer, image_processor, layout, config.max_len, config.max_images,
-                          config.image_folder, config.max_pixels, image_token, config.max_tiles)
+                          config.image_folder, config.max_pixels, image_token, max_tiles)
   if image_token_id is not None and image_token_id != preprocess.image_token_id:
     raise LlavaJaxError(f"tokenizer: {image_token!r} has id {preprocess.image_token_id}, but the model's "
                         f"image_token_index is {image_token_id}")
@@ -367,8 +399,10 @@ def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.Ima
   pad = getattr(tokenizer, "pad_token_id", None)
   pad_id = int(pad) if pad is not None else 0
   buckets = resolve_buckets(config.buckets, config.max_len)
-  batches = BucketedBatches(ds, local_batch, buckets, tile_buckets(preprocess.max_tiles, preprocess.by_size), pad_id,
-                            image_processor.output_size, preprocess.by_size, len(records), name)
+  # Packed rows hold varying numbers of tiles in either layout.
+  row_tiles = tile_buckets(max_tiles, preprocess.by_size or config.packing)
+  batches = BucketedBatches(ds, local_batch, buckets, row_tiles, pad_id, image_processor.output_size,
+                            preprocess.by_size, len(records), name, config.packing, layout.tokens_per_tile)
   return Pipeline(batches, local_batch, len(records), pad_id, buckets, image_processor)
 
 

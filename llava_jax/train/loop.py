@@ -136,7 +136,7 @@ def _run_steps(cfg, trainer, state, inputs: GlobalBatches, ckpt, workdir: str, t
   preemption = hosts.Preemption()
   data_state = inputs.iterator.get_state()
   upcoming = inputs.next(step + 1, preemption.requested) if step < total_steps else None
-  pending_tokens, in_flight = [], collections.deque()
+  pending_tokens, pending_slots, in_flight = [], 0, collections.deque()
   try:
     while upcoming is not None:
       if len(in_flight) == STEPS_IN_FLIGHT:
@@ -146,16 +146,18 @@ def _run_steps(cfg, trainer, state, inputs: GlobalBatches, ckpt, workdir: str, t
       step += 1
       in_flight.append(step_metrics["loss"])
       pending_tokens.append(step_metrics["tokens"])
+      pending_slots += current.batch["attention_mask"].size
       data_state = current.data_state
       # Built while this step runs on the devices.
       upcoming = inputs.next(step + 1, preemption.requested) if step < total_steps else None
       if step % cfg.log_every == 0 or step == total_steps:
         fetched = jax.device_get(step_metrics)
-        throughput.add(float(sum(jax.device_get(pending_tokens))))
-        pending_tokens = []
+        tokens = float(sum(jax.device_get(pending_tokens)))
+        throughput.add(tokens)
         sink.write({"step": step, "loss": float(fetched["loss"]), "lr": float(fetched["lr"]),
                     "grad_norm": float(fetched["grad_norm"]), "tokens_per_s": throughput.rate(),
-                    "skipped": current.skipped})
+                    "packing_efficiency": tokens / pending_slots, "skipped": current.skipped})
+        pending_tokens, pending_slots = [], 0
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
         ckpt.save(state, data_state, config_dict)
     if step < total_steps:

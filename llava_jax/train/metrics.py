@@ -11,7 +11,8 @@ import time
 
 import jax
 
-FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "skipped")
+# tokens_per_s counts real tokens (nonzero attention mask); packing_efficiency is real tokens / row slots.
+FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "packing_efficiency", "skipped")
 
 
 class MetricsSink:
