@@ -22,7 +22,8 @@ def _convert(args) -> None:
   if args.direction == "hf-to-jax":
     convert.hf_to_jax(args.src, args.out)
   elif args.direction == "jax-to-hf":
-    convert.jax_to_hf(args.src, args.out, dtype=args.dtype, max_shard_bytes=parse_bytes(args.max_shard_size, "--max-shard-size"))
+    convert.jax_to_hf(args.src, args.out, dtype=args.dtype,
+                      max_shard_bytes=parse_bytes(args.max_shard_size, "--max-shard-size"))
   else:
     convert.llava_to_hf(args.src, args.out, vision_tower=args.vision_tower)
   print(args.out)
