@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from llava_jax.errors import LlavaJaxError
+from llava_jax.sizes import parse_bytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,26 +22,11 @@ def _convert(args) -> None:
   if args.direction == "hf-to-jax":
     convert.hf_to_jax(args.src, args.out)
   elif args.direction == "jax-to-hf":
-    convert.jax_to_hf(args.src, args.out, dtype=args.dtype, max_shard_bytes=_bytes(args.max_shard_size))
+    convert.jax_to_hf(args.src, args.out, dtype=args.dtype,
+                      max_shard_bytes=parse_bytes(args.max_shard_size, "--max-shard-size"))
   else:
     convert.llava_to_hf(args.src, args.out, vision_tower=args.vision_tower)
   print(args.out)
-
-
-def _bytes(text: str) -> int:
-  units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-  upper = text.strip().upper()
-  for unit in sorted(units, key=len, reverse=True):
-    if upper.endswith(unit):
-      number = upper[:-len(unit)]
-      break
-  else:
-    unit, number = None, upper
-  try:
-    value = float(number)
-  except ValueError:
-    raise LlavaJaxError(f"--max-shard-size: expected a size like 5GB or 500MB, got {text!r}") from None
-  return int(value * (units[unit] if unit else 1))
 
 
 def _mesh(text: str | None):
@@ -79,7 +65,7 @@ def _demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="llava-jax", description="LLaVA in JAX: convert, generate, chat, serve, train, demo.")
+  parser = _Parser(prog="llava-jax", description="LLaVA in JAX: convert, generate, chat, serve, train, plan, demo.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and llava-jax formats")
@@ -132,9 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
   add_mesh(p)
   p.set_defaults(func=_serve)
 
-  # `train` takes absl flags (--config FILE.py:ARGS --workdir DIR --config.KEY=V); main() hands them
+  # `train` and `plan` take absl flags (--config FILE.py:ARGS --config.KEY=V ...); main() hands them
   # over unparsed, since argparse cannot pass through options it does not know.
   sub.add_parser("train", help="train with a config file: --config FILE.py:ARGS --workdir DIR [--config.KEY=V]")
+  sub.add_parser("plan", help="per-device memory and FLOPs of a config's train step on a mesh, compiled on fake CPU "
+                             "devices: --config FILE.py:ARGS --mesh fsdp=N[,...] [--device-memory 80GB] --out FILE")
 
   p = sub.add_parser("demo", help="train a miniature LLaVA from nothing on ShapesWorld and evaluate it")
   p.add_argument("--workdir", default="demo_workdir")
@@ -149,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
       from llava_jax.train import main as train_main
       train_main.run(argv[1:])
+      return
+    if argv[:1] == ["plan"] and not {"-h", "--help"} & set(argv[1:]):
+      from llava_jax import plan
+      plan.run(argv[1:])
       return
     args = build_parser().parse_args(argv)
     args.func(args)

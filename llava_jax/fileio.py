@@ -1,4 +1,4 @@
-"""Output folders that appear whole or not at all."""
+"""Output folders and files that appear whole or not at all."""
 
 from __future__ import annotations
 
@@ -48,3 +48,19 @@ def read_json(path: str | os.PathLike) -> dict:
   if not isinstance(value, dict):
     raise LlavaJaxError(f"{os.fspath(path)}: expected a JSON object, got {type(value).__name__}")
   return value
+
+
+def write_json_atomic(obj, path: str | os.PathLike) -> None:
+  """`obj` as indented JSON at `path`, written to a temporary sibling and renamed: never half a file."""
+  path = os.path.abspath(os.fspath(path))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

@@ -19,7 +19,8 @@ STAGE_TRAINABLE = {
 DTYPES = ("float32", "bfloat16")
 
 
-def check_config(cfg) -> None:
+def check_config(cfg, needs_source: bool = True) -> None:
+  """Raises on a bad key; `needs_source=False` skips what only loading weights and tokenizer needs."""
   if cfg.stage not in STAGE_TRAINABLE:
     raise LlavaJaxError(f"config: stage must be one of {sorted(STAGE_TRAINABLE)}, got {cfg.stage!r}")
   if cfg.dtype not in DTYPES:
@@ -34,7 +35,7 @@ def check_config(cfg) -> None:
       raise LlavaJaxError(f"config: {key} must be >= 0, got {cfg[key]}")
   if not 0 <= cfg.warmup_ratio <= 1:
     raise LlavaJaxError(f"config: warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
-  if not cfg.init and not cfg.tokenizer:
+  if needs_source and not cfg.init and not cfg.tokenizer:
     raise LlavaJaxError("config: random init (init='') needs `tokenizer`, a folder with tokenizer files")
 
 
@@ -47,7 +48,7 @@ def lr_multiplier_rules(cfg) -> list:
   return list(cfg.get("lr_multipliers") or ()) or [(".*", 1.0)]
 
 
-def _named_model(name: str):
+def named_model(name: str):
   """configs/models.py (beside the package in a source checkout) by name."""
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "configs", "models.py")
   spec = importlib.util.spec_from_file_location("llava_jax_configs_models", os.path.normpath(path))
@@ -72,7 +73,12 @@ def load_source(cfg) -> Source:
     return Source(loaded.config, loaded.params, loaded.assets_dir)
   if not os.path.isdir(cfg.tokenizer):
     raise LlavaJaxError(f"config: tokenizer: {cfg.tokenizer}: no such folder")
-  return Source(_named_model(cfg.model), None, cfg.tokenizer)
+  return Source(named_model(cfg.model), None, cfg.tokenizer)
+
+
+def runtime_model_config(cfg, architecture):
+  """The architecture as the trainer builds it: the config's compute dtype and remat policy."""
+  return architecture.replace(dtype=cfg.dtype, remat_policy=cfg.remat_policy)
 
 
 def build_pipeline(cfg, model_config, assets_dir: str):

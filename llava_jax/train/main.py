@@ -7,7 +7,7 @@ LlavaJaxError; `llava_jax.cli` turns them into one line and exit code 2.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from llava_jax.errors import LlavaJaxError
 
@@ -21,33 +21,43 @@ def run(argv: Sequence[str]) -> None:
 
 
 def parse_flags(argv: Sequence[str]):
-  """(config, workdir) from absl-style flags, with a private FlagValues so run() is re-entrant."""
+  """(config, workdir) from absl-style flags."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  define = lambda values: flags.DEFINE_string("workdir", None, "output folder (re-run the same command to resume)",
+                                              flag_values=values)
+  config, values = parse_config_flags("train", argv, define)
+  if not values.workdir:
+    raise LlavaJaxError("train: --workdir DIR is required")
+  return config, values.workdir
+
+
+def parse_config_flags(command: str, argv: Sequence[str], define: Callable[[Any], None]):
+  """(config, flag values) of `llava-jax COMMAND --config FILE.py[:ARGS] [--config.KEY=V ...]` and the flags
+  `define(values)` adds, parsed into a private FlagValues so the caller is re-entrant."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   values = flags.FlagValues()
-  full_argv = ["llava-jax train"] + list(argv)
+  full_argv = [f"llava-jax {command}"] + list(argv)
   # sys_argv: the --config.KEY overrides are found in this list, not in the process's sys.argv.
-  config_flags.DEFINE_config_file("config", None, "training config: FILE.py[:ARGS]", flag_values=values,
+  config_flags.DEFINE_config_file("config", None, f"{command} config: FILE.py[:ARGS]", flag_values=values,
                                   lock_config=True, sys_argv=full_argv)
-  flags.DEFINE_string("workdir", None, "output folder (re-run the same command to resume)", flag_values=values)
+  define(values)
   try:
     values(full_argv)
   except (flags.Error, ValueError, KeyError, AttributeError, TypeError, OSError) as e:
     missing = [a for a in e.args if isinstance(a, KeyError)] or ([e] if isinstance(e, KeyError) else [])
     if missing:  # config_flags: AttributeError(KeyError) for an override of a key the config lacks
       key = str(missing[0].args[0] if missing[0].args else "?").strip("'\"")
-      raise LlavaJaxError(f"train: --config.{key}: no such config key") from None
-    raise LlavaJaxError(f"train: {_last_error_line(e)}") from None
+      raise LlavaJaxError(f"{command}: --config.{key}: no such config key") from None
+    raise LlavaJaxError(f"{command}: {_last_error_line(e)}") from None
   if values["config"].value is None:
-    raise LlavaJaxError("train: --config FILE.py:ARGS is required")
-  if not values.workdir:
-    raise LlavaJaxError("train: --workdir DIR is required")
+    raise LlavaJaxError(f"{command}: --config FILE.py:ARGS is required")
   try:
     config = values.config
     config.stage  # config_flags defers load errors to the first access
   except (OSError, ValueError, KeyError, AttributeError, TypeError, SyntaxError) as e:
-    raise LlavaJaxError(f"train: --config {_argv_value(argv, '--config')}: {_last_error_line(e)}") from None
-  return config, values.workdir
+    raise LlavaJaxError(f"{command}: --config {_argv_value(argv, '--config')}: {_last_error_line(e)}") from None
+  return config, values
 
 
 def _argv_value(argv: Sequence[str], name: str) -> str:

@@ -160,6 +160,12 @@ class Trainer:
       raise LlavaJaxError("init: the checkpoint's parameter tree does not match the model built from its config")
     return sharding.place(jax.tree.map(lambda x: np.asarray(x, np.float32), params), self.param_shardings)
 
+  def compile(self, state: TrainState, global_batch: dict):
+    """The step's executable for these arguments: arrays, or ShapeDtypeStructs with shardings
+    (`abstract_state()`), which compiles it without any memory for the state."""
+    with self.context():
+      return self._step.lower(state, global_batch).compile()
+
   def step(self, state: TrainState, global_batch: dict) -> tuple[TrainState, dict]:
     """One optimizer step. Each new batch shape (length bucket) is compiled ahead of time, and
     processes meet at a barrier before running it: hosts finish compiling at different times,
@@ -167,8 +173,7 @@ class Trainer:
     key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(global_batch.items()))
     compiled = self._compiled.get(key)
     if compiled is None:
-      with self.context():
-        compiled = self._compiled[key] = self._step.lower(state, global_batch).compile()
+      compiled = self._compiled[key] = self.compile(state, global_batch)
       hosts.barrier(f"llava_jax_compiled_{len(self._compiled)}")
     return compiled(state, global_batch)
 

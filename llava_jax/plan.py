@@ -1,0 +1,219 @@
+"""`llava-jax plan`: what one training step needs on each device of a mesh, found without the devices.
+
+    llava-jax plan --config configs/llava_v1_5.py:stage=finetune,size=7b --mesh fsdp=8 \
+        [--device-memory 80GB] --out plan.json [--config.KEY=VALUE ...]
+
+The step `llava-jax train` would run (the trainer of `train/build.build_trainer`) is compiled for the
+config's largest batch (batch_size rows of data.max_len tokens, the most image tiles) on a mesh of fake CPU
+devices, from shapes alone: no weight is ever allocated. Per device it reports the parameters, optimizer
+state and gradients (from their shapes and shardings), the batch, XLA's temporaries, the total against
+--device-memory, and the step's model FLOPs. The architecture is the config's `model`; `init` is not read.
+
+Fake devices: JAX is told to use the CPU only and to make as many CPU devices as the mesh has
+(`jax_num_cpu_devices`, what XLA_FLAGS=--xla_force_host_platform_device_count sets), before anything
+starts a backend. The command is a process of its own, so nothing has.
+
+XLA:CPU against GPU/TPU: the optimizer's elementwise work on the gradients (the division by the target
+token count, the clipping scale, AdamW) is fused into the update of each parameter on a GPU or TPU, so
+the gradients exist once; XLA:CPU materializes the scaled gradients as a second full copy beside the
+raw ones. For LLaVA-1.5-7B stage 2 (batch 4 x 1024, remat full, one device) XLA's memory analysis on an
+H200 gave 29.09 GB of temporaries (the 27.05 GB of gradients and 2.0 GB of activations), exactly the
+peak measured there (111.43 GB), where XLA:CPU's gives 53.96 GB. The accelerator figures therefore count
+XLA:CPU's temporaries less one copy of the gradients; the CPU's own are kept under `xla_cpu`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any, Sequence
+
+from llava_jax.errors import LlavaJaxError
+from llava_jax.sizes import parse_bytes
+
+MAX_DEVICES = 2048  # fake CPU devices one plan may make (a large TPU slice); more only costs compile time
+DEFAULT_DEVICE_MEMORY = "80GB"
+
+
+def run(argv: Sequence[str]) -> None:
+  """`llava-jax plan ARGV`: parse, plan, write --out atomically, print the table."""
+  from llava_jax import fileio  # pylint: disable=import-outside-toplevel
+  config, mesh, device_memory, out = parse_flags(argv)
+  use_cpu_devices(math.prod(mesh.values()))
+  report = plan(config, device_memory)
+  report["command"] = "llava-jax plan " + " ".join(argv)
+  fileio.write_json_atomic(report, out)
+  print(table(report))
+
+
+def parse_flags(argv: Sequence[str]):
+  """(config with the mesh set, mesh spec, device memory in bytes, --out path); LlavaJaxError on bad input."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from llava_jax.train import main  # pylint: disable=import-outside-toplevel
+
+  def define(values):
+    flags.DEFINE_string("mesh", None, "data=N,fsdp=N,tensor=N: the devices to plan for", flag_values=values)
+    flags.DEFINE_string("device_memory", DEFAULT_DEVICE_MEMORY, "one device's memory, e.g. 16GiB, 80GB",
+                        flag_values=values)
+    flags.DEFINE_string("out", None, "the JSON report to write", flag_values=values)
+
+  config, values = main.parse_config_flags("plan", [re.sub(r"^--device-memory", "--device_memory", a) for a in argv],
+                                           define)
+  if not values.mesh:
+    raise LlavaJaxError("plan: --mesh data=N,fsdp=N,tensor=N is required")
+  if not values.out:
+    raise LlavaJaxError("plan: --out FILE is required")
+  mesh = parse_mesh(values.mesh)
+  for axis, size in mesh.items():
+    config.mesh[axis] = size
+  return config, mesh, parse_bytes(values.device_memory, "--device-memory"), values.out
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`fsdp=8` -> every axis's size, each at least 1 (a plan has no devices to fill a -1 with)."""
+  from llava_jax import sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.parse_mesh(text)
+  if any(size < 1 for size in mesh.values()):
+    raise LlavaJaxError(f"--mesh {text!r}: every axis needs a size of at least 1 (the mesh is what is planned for)")
+  if math.prod(mesh.values()) > MAX_DEVICES:
+    raise LlavaJaxError(f"--mesh {text!r}: {math.prod(mesh.values())} devices; plan makes at most {MAX_DEVICES}")
+  return mesh
+
+
+def use_cpu_devices(count: int) -> None:
+  """Makes JAX start `count` CPU devices and no accelerator; fails if a backend is already running."""
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    pass  # a backend is running already; the check below says whether it is the one wanted
+  devices = jax.devices()
+  if len(devices) != count or devices[0].platform != "cpu":
+    raise LlavaJaxError(f"plan: needs a fresh process (JAX already runs {len(devices)} {devices[0].platform} "
+                        f"device(s), the mesh needs {count} CPU devices)")
+
+
+def batch_shapes(cfg, model_config, mesh) -> dict:
+  """The global batch the pipeline's largest bucket gives, as ShapeDtypeStructs split over the batch axes."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from llava_jax import sharding  # pylint: disable=import-outside-toplevel
+  from llava_jax.data import layouts  # pylint: disable=import-outside-toplevel
+  from llava_jax.data.pipeline import FEATURE_INDEX  # pylint: disable=import-outside-toplevel
+  layout = layouts.layout_for(model_config)
+  rows, length = cfg.batch_size, cfg.data.max_len
+  tiles = cfg.data.max_tiles or cfg.data.max_images * layouts.max_tiles_per_image(layout)
+  size = model_config.vision.image_size
+  shapes = {"input_ids": ((rows, length), np.int32), "attention_mask": ((rows, length), np.int32),
+            "loss_mask": ((rows, length), np.float32), "pixel_values": ((rows, tiles, size, size, 3), np.float32)}
+  if layouts.orders_features_by_size(layout):
+    shapes[FEATURE_INDEX] = ((rows, length), np.int32)
+  return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+          for key, (shape, dtype) in shapes.items()}
+
+
+def per_device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard; all are equal here)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def model_flops(params: Any, trains: Any, model_config, batch: dict) -> float:
+  """FLOPs of one step's matmuls and attention, without recomputation (so remat does not change it).
+
+  Each weight matmul costs 2 x tokens x its kernel's size forward, the same again for the gradient of its
+  input (when some trained parameter lies before it) and of its weight (when it trains); attention costs
+  its two score/context products forward and twice that backward. Padding tokens count: they are computed.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from llava_jax.train import optim  # pylint: disable=import-outside-toplevel
+  rows, length = batch["input_ids"].shape
+  tiles = rows * batch["pixel_values"].shape[1]
+  v, t = model_config.vision, model_config.text
+  tower_tokens = v.num_patches + v.class_tokens
+  towers = {  # tower -> (tokens through its weights, attention FLOPs forward)
+      "vision_tower": (tiles * tower_tokens, v.num_hidden_layers * tiles * 4 * tower_tokens ** 2 * v.hidden_size),
+      "projector": (tiles * model_config.tokens_per_tile, 0),
+      "language_model": (rows * length, t.num_hidden_layers * rows * 4 * length * (length + 1) / 2
+                         * t.num_attention_heads * t.head_dim),
+  }
+  kernels, trained = {}, {}
+  for path, leaf, train in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(params),
+                               jax.tree.leaves(trains)):
+    tower = path.split("/")[0]
+    trained[tower] = trained.get(tower, False) or bool(train)
+    if path.endswith("/kernel"):
+      kernels[tower] = kernels.get(tower, 0) + math.prod(leaf.shape)
+  total, upstream_trains = 0.0, False
+  for tower, (tokens, attention) in towers.items():  # in the order the data flows
+    upstream_trains = upstream_trains or trained.get(tower, False)
+    weights = 2 * tokens * kernels.get(tower, 0)
+    passes = 1 + upstream_trains + trained.get(tower, False)
+    total += weights * passes + attention * (3 if upstream_trains else 1)
+  return total
+
+
+def plan(cfg, device_memory: int) -> dict:
+  """The report for `cfg` (its mesh is the devices JAX runs) against `device_memory` bytes per device."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from llava_jax.train import build  # pylint: disable=import-outside-toplevel
+  build.check_config(cfg, needs_source=False)
+  model_config = build.runtime_model_config(cfg, build.named_model(cfg.model))
+  trainer = build.build_trainer(cfg, model_config, max(int(cfg.total_steps), 1))
+  state = trainer.abstract_state()
+  batch = batch_shapes(cfg, model_config, trainer.mesh)
+  started = time.perf_counter()
+  compiled = trainer.compile(state, batch)
+  compile_s = time.perf_counter() - started
+  memory = compiled.memory_analysis()
+
+  params = nn.unbox(trainer.abstract_params)
+  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  trainable = [p for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainer.mask)) if m]
+  held = {"parameters": per_device_bytes(state.params), "optimizer_state": per_device_bytes(state.opt_state),
+          "gradients": per_device_bytes(trainable),  # float32 like their parameters, sharded like them
+          "batch": per_device_bytes(batch)}
+  xla_cpu = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+             "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
+  xla_cpu["total"] = xla_cpu["arguments"] + xla_cpu["outputs"] - xla_cpu["aliased"] + xla_cpu["temporaries"]
+  # Less XLA:CPU's second copy of the gradients (module docstring); they stay counted once.
+  temporaries = max(xla_cpu["temporaries"] - held["gradients"], held["gradients"])
+  activations = temporaries - held["gradients"]
+  total = xla_cpu["arguments"] + xla_cpu["outputs"] - xla_cpu["aliased"] + temporaries
+  devices = math.prod(trainer.mesh.shape.values())
+  flops = model_flops(params, trainer.mask, model_config, batch)
+  return {
+      "config": {"stage": cfg.stage, "model": cfg.model, "dtype": cfg.dtype, "parameters_dtype": "float32",
+                 "remat_policy": cfg.remat_policy, "batch_size": cfg.batch_size, "max_len": cfg.data.max_len,
+                 "tiles_per_row": batch["pixel_values"].shape[1], "grad_accum_steps": cfg.grad_accum_steps},
+      "mesh": dict(trainer.mesh.shape), "devices": devices,
+      "rows_per_device_per_microbatch": cfg.batch_size // (devices // trainer.mesh.shape["tensor"])
+                                        // cfg.grad_accum_steps,
+      "parameters": {"count": count(params), "trainable": sum(math.prod(x.shape) for x in trainable)},
+      "per_device_bytes": dict(held, activations_and_workspace=activations, temporaries=temporaries, total=total),
+      "xla_cpu": xla_cpu,
+      "device_memory_bytes": device_memory, "fits": total <= device_memory,
+      "model_flops_per_step": flops, "model_flops_per_device": flops / devices,
+      "compile_s": round(compile_s, 1),
+  }
+
+
+def table(report: dict) -> str:
+  gb = lambda n: f"{n / 1e9:10.2f} GB"
+  b = report["per_device_bytes"]
+  rows = [("parameters", b["parameters"]), ("optimizer state", b["optimizer_state"]),
+          ("gradients", b["gradients"]), ("batch", b["batch"]),
+          ("activations + workspace", b["activations_and_workspace"]), ("total", b["total"]),
+          ("device memory", report["device_memory_bytes"])]
+  c = report["config"]
+  lines = [f"{c['model']} {c['stage']}, batch {c['batch_size']} x {c['max_len']} tokens, remat {c['remat_policy']}, "
+           f"mesh {','.join(f'{k}={v}' for k, v in report['mesh'].items())} ({report['devices']} devices); "
+           "per device:"]
+  lines += [f"  {name:<24s}{gb(value)}" for name, value in rows]
+  lines.append(f"  fits: {'yes' if report['fits'] else 'no'}; model FLOPs per step "
+               f"{report['model_flops_per_step'] / 1e12:.1f} T ({report['model_flops_per_device'] / 1e12:.1f} T "
+               f"per device); XLA:CPU's own total {report['xla_cpu']['total'] / 1e9:.2f} GB")
+  return "\n".join(lines)

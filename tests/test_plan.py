@@ -1,0 +1,80 @@
+"""`llava-jax plan` on the tiny config over fake CPU devices (each run a process of its own, as the command is)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", "configs/llava_v1_5.py:stage=finetune,size=tiny", "--config.batch_size=8",
+        "--config.data.max_len=64"]
+
+# The tiny architecture of configs/models.py, counted by hand.
+CLIP_LAYER = 2 * 64 + 4 * (32 * 32 + 32) + (32 * 48 + 48) + (48 * 32 + 32)  # 2 layer norms, q/k/v/out, fc1, fc2
+VISION = 32 + 7 * 7 * 3 * 32 + 17 * 32 + 2 * 64 + 3 * CLIP_LAYER  # class, patches, positions, 2 norms, 3 layers
+PROJECTOR = (32 * 48 + 48) + (48 * 48 + 48)
+LLAMA_LAYER = 2 * 48 + 4 * 48 * 48 + 3 * 48 * 80  # 2 RMS norms, q/k/v/o, gate/up/down
+LANGUAGE = 2 * 128 * 48 + 48 + 2 * LLAMA_LAYER  # embeddings, lm_head, final norm, 2 layers
+
+
+def _plan(tmp_path, *args):
+  out = tmp_path / "plan.json"
+  result = subprocess.run([sys.executable, "-m", "llava_jax.cli", "plan", *TINY, *args, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  return result, out
+
+
+def _report(tmp_path, *args) -> dict:
+  result, out = _plan(tmp_path, *args)
+  assert result.returncode == 0, result.stderr
+  assert "per device" in result.stdout and "total" in result.stdout
+  return json.loads(out.read_text())
+
+
+def test_replicated_bytes_are_the_hand_count_and_fits_flips_at_the_total(tmp_path):
+  report = _report(tmp_path, "--mesh", "data=4")
+  trainable = PROJECTOR + LANGUAGE  # stage 2 freezes the vision tower
+  assert report["parameters"] == {"count": VISION + PROJECTOR + LANGUAGE, "trainable": trainable}
+  held = report["per_device_bytes"]
+  assert held["parameters"] == 4 * (VISION + PROJECTOR + LANGUAGE)  # float32, every device holds all
+  assert held["gradients"] == 4 * trainable
+  # AdamW's two float32 moments of each trained parameter, plus the optimizer's int32 step counters.
+  assert 0 <= held["optimizer_state"] - 2 * 4 * trainable <= 16
+  assert held["batch"] == 2 * 64 * (4 + 4 + 4) + 2 * 28 * 28 * 3 * 4  # 8 rows / 4 devices; ids, mask, loss, pixels
+  assert held["total"] >= held["parameters"] + held["optimizer_state"] + held["gradients"] + held["batch"]
+  assert report["devices"] == 4 and report["rows_per_device_per_microbatch"] == 2
+
+  total = held["total"]
+  assert _report(tmp_path, "--mesh", "data=4", "--device-memory", str(total))["fits"] is True
+  assert _report(tmp_path, "--mesh", "data=4", "--device-memory", str(total - 1))["fits"] is False
+
+
+def test_fsdp_splits_each_parameter_or_keeps_it_whole(tmp_path):
+  replicated = _report(tmp_path, "--mesh", "data=4")["per_device_bytes"]
+  split = _report(tmp_path, "--mesh", "data=2,fsdp=2")["per_device_bytes"]
+  for key in ("parameters", "gradients"):
+    assert replicated[key] / 2 <= split[key] < replicated[key], key
+  assert split["batch"] == replicated["batch"]  # the batch is split over data x fsdp either way
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "fsdp=two"], "--mesh"),
+    (["--mesh", "pipeline=2"], "--mesh"),
+    (["--mesh", "fsdp=-1"], "at least 1"),
+    (["--mesh", "fsdp=4096"], "at most"),
+    (["--mesh", "fsdp=2", "--device-memory", "lots"], "--device-memory"),
+    (["--mesh", "fsdp=2", "--device-memory", "-5GB"], "--device-memory"),
+    (["--mesh", "fsdp=2", "--config", "configs/nope.py"], "configs/nope.py"),
+    (["--mesh", "fsdp=2", "--config.no_such_key=1"], "no_such_key"),
+    (["--out-missing"], "plan"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+  result, out = _plan(tmp_path, *args)
+  assert result.returncode == 2, result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.startswith("llava-jax")]
+  assert len(lines) == 1 and message in lines[0], result.stderr
+  assert not out.exists()
