@@ -92,7 +92,7 @@ def _train(cfg, workdir: str) -> None:
   from llava_jax.train import run_checkpoints  # pylint: disable=import-outside-toplevel
 
   source = build.load_source(cfg)
-  model_config = source.config.replace(dtype=cfg.dtype, remat_policy=cfg.remat_policy)
+  model_config = source.config.replace(dtype=cfg.dtype, remat_policy=cfg.remat_policy, attention=cfg.attention)
   pipe = build.build_pipeline(cfg, model_config, source.assets_dir)
   total_steps = cfg.total_steps or pipe.steps_per_epoch
   trainer = build.build_trainer(cfg, model_config, total_steps)
