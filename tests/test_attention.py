@@ -6,6 +6,8 @@ mode. Rows cover grouped KV heads (8 query heads over 2), left and right padding
 samples; the masks come from models/llava.attention_layout, as in the model.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,10 +51,9 @@ def outputs_and_grads(kernel, q, k, v, mask, cotangent, window):
     return out, pullback(cotangent.astype(out.dtype))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("window", [None, 100], ids=["causal", "sliding_window"])
-@pytest.mark.parametrize("kernel", ["xla", "cudnn", "splash"])
-def test_kernels_equal_the_einsum_path(kernel, window, dtype):
+@functools.lru_cache(maxsize=None)
+def case(window, dtype):
+  """The inputs of one (window, dtype) case and the einsum path's output and gradients on them."""
   segments = segment_rows(LENGTH)
   _, dense = attention_layout(jnp.asarray(segments), LENGTH, 0, window)
   mask = AttentionMask(dense, jnp.asarray(segments))
@@ -62,8 +63,16 @@ def test_kernels_equal_the_einsum_path(kernel, window, dtype):
   k, v = (jax.random.normal(key, (b * KV_HEADS, LENGTH, HEAD_DIM), dtype) for key in keys[1:3])
   real = segments > 0  # a padding query's output is unspecified (it sees its own segment, or nothing)
   cotangent = jax.random.normal(keys[3], q.shape) * real[:, :, None, None]
-  ref, ref_grads = outputs_and_grads("reference", q, k, v, mask, cotangent, window)
-  out, grads = outputs_and_grads(kernel, q, k, v, mask, cotangent, window)
+  inputs = (q, k, v, mask, cotangent, window)
+  return inputs, real, outputs_and_grads("reference", *inputs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("window", [None, 100], ids=["causal", "sliding_window"])
+@pytest.mark.parametrize("kernel", ["xla", "cudnn", "splash"])
+def test_kernels_equal_the_einsum_path(kernel, window, dtype):
+  inputs, real, (ref, ref_grads) = case(window, dtype)
+  out, grads = outputs_and_grads(kernel, *inputs)
   tol = TOLERANCE[dtype]
   assert relative_error(out, ref, real) <= tol
   real_kv = np.repeat(real, KV_HEADS, axis=0)  # heads-major rows: batch row b's heads are rows b*K .. b*K+K-1
@@ -125,7 +134,7 @@ def tiny_model():
   ids = rng.integers(3, 127, (2, 128)).astype(np.int32)
   ids[:, 5:21] = 127  # each row's image, in its first sample
   pixels = rng.standard_normal((2, 1, 28, 28, 3)).astype(np.float32)
-  params = nn.unbox(Llava(config).init(jax.random.key(0), ids, pixels, np.ones_like(ids))["params"])
+  params = nn.unbox(jax.jit(Llava(config).init)(jax.random.key(0), ids, pixels, np.ones_like(ids))["params"])
   params = jax.tree.map(lambda x: x * 4, params)  # sharper attention than init's, so a masking error shows
   return config, params, ids, pixels
 
