@@ -99,6 +99,7 @@ def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_colle
     c.mesh.data = -1                # tiny: plain data parallelism over whatever devices exist
   c.dtype = size["dtype"]
   c.remat_policy = size["remat_policy"]  # none | full | dots | dots_no_batch
+  c.attention = "auto"              # auto | xla | cudnn | splash (models/attention.select_kernel)
   return c
 
 

@@ -25,6 +25,7 @@ MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
 # transformers' LlavaNextConfig default (llava-v1.6's).
 DEFAULT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 PROJECTOR_TYPES = ("linear", "mlp2x")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")  # LlavaConfig.attention (models/attention.select_kernel)
 # transformers' rope types we compute (models/llama.rotary_inv_freq) and the rope_parameters each one reads.
 ROPE_TYPES = {
     "default": (),
@@ -190,11 +191,12 @@ class LlavaConfig:
   pad_token_id: int | None = None
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
-  # Runtime choices (not architecture): compute dtype, rematerialization policy, whether both
-  # towers' layers are scanned (training) or unrolled (inference; see models/llama.py),
+  # Runtime choices (not architecture): compute dtype, rematerialization policy, attention kernel,
+  # whether both towers' layers are scanned (training) or unrolled (inference; see models/llama.py),
   # and whether its kernels are stored output axes first (decoding; see models/layers.weight_dot).
   dtype: str = "float32"
   remat_policy: str = "none"
+  attention: str = "auto"
   scan_layers: bool = True
   out_first_kernels: bool = False
   hf_extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
@@ -202,6 +204,8 @@ class LlavaConfig:
   def __post_init__(self):
     if self.model_type not in MODEL_TYPES:
       raise LlavaJaxError(f"config: unsupported model_type {self.model_type!r} (supported: {', '.join(MODEL_TYPES)})")
+    if self.attention not in ATTENTION_KERNELS:
+      raise LlavaJaxError(f"config: attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
     if self.projector_type not in PROJECTOR_TYPES:
       raise LlavaJaxError(f"config: projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
     if self.vision_feature_select_strategy not in ("default", "full"):

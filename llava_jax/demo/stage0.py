@@ -27,6 +27,7 @@ import optax
 
 from llava_jax.config import TextConfig, VisionConfig
 from llava_jax.models.clip import ClipVisionTower
+from llava_jax.models.attention import AttentionMask
 from llava_jax.models.llama import LlamaModel
 
 Progress = Callable[[int, float], None]  # (step, loss) after each step
@@ -243,7 +244,7 @@ def train_lm(text: TextConfig, rows: np.ndarray, *, steps: int, batch_size: int,
   causal = np.broadcast_to(np.tril(np.ones((seq, seq), bool)), (batch_size, seq, seq))
 
   def forward(m, ids):
-    return m(m.embed(ids), positions[:ids.shape[0]], causal[:ids.shape[0]])[0]
+    return m(m.embed(ids), positions[:ids.shape[0]], AttentionMask(causal[:ids.shape[0]]))[0]
 
   params = nn.unbox(jax.jit(lambda k, x: model.init(k, x, method=forward))(init_key(seed), rows[:1])["params"])
   tx = _optimizer(lr, steps, weight_decay=0.0)

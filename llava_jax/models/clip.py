@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import VisionConfig
-from llava_jax.models.layers import INIT_STD, activation, attention, dense, heads_major, logical, scan_layers
+from llava_jax.models.attention import dot_product_attention, heads_major
+from llava_jax.models.layers import INIT_STD, activation, dense, logical, scan_layers
 
 
 def layer_norm(config: VisionConfig, name: str) -> nn.LayerNorm:
@@ -51,6 +52,7 @@ class PatchEmbeddings(nn.Module):
 class ClipAttention(nn.Module):
   config: VisionConfig
   dtype: jnp.dtype
+  attention: str = "auto"  # LlavaConfig.attention
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,7 +60,7 @@ class ClipAttention(nn.Module):
     heads = (c.num_attention_heads, c.head_dim)
     q, k, v = (dense(heads, ("embed", "heads", "kv"), name=n, dtype=self.dtype, use_bias=True)(x)
                for n in ("q_proj", "k_proj", "v_proj"))
-    out = attention(q, heads_major(k), heads_major(v), None, c.head_dim ** -0.5)
+    out = dot_product_attention(q, heads_major(k), heads_major(v), None, c.head_dim ** -0.5, kernel=self.attention)
     return dense(c.hidden_size, ("heads", "kv", "embed"), name="out_proj", dtype=self.dtype, use_bias=True,
                  contract=(-2, -1))(out)
 
@@ -84,12 +86,13 @@ class ClipEncoderLayer(nn.Module):
   config: VisionConfig
   dtype: jnp.dtype
   feature_layers: tuple[int, ...]
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, carry, layer_index):
     h, selected = carry
     x = layer_norm(self.config, "layer_norm1")(h).astype(self.dtype)
-    h = h + ClipAttention(self.config, self.dtype, name="self_attn")(x)
+    h = h + ClipAttention(self.config, self.dtype, self.attention, name="self_attn")(x)
     x = layer_norm(self.config, "layer_norm2")(h).astype(self.dtype)
     h = h + ClipMlp(self.config, self.dtype, name="mlp")(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
@@ -105,6 +108,7 @@ class VisionTransformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat_policy: str = "none"
   scan: bool = True  # False: unrolled `layers_{i}` (inference; see llama.py on why)
+  attention: str = "auto"  # LlavaConfig.attention
 
   def encode(self, h: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Embeddings output (N, T, D) -> the last layer's output and the hidden states at `feature_layers`."""
@@ -113,11 +117,11 @@ class VisionTransformer(nn.Module):
     if self.scan:
       encoder = scan_layers(
           ClipEncoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers, in_axes=(0,),
-          name="layers", config=c, dtype=self.dtype, feature_layers=self.feature_layers)
+          name="layers", config=c, dtype=self.dtype, feature_layers=self.feature_layers, attention=self.attention)
       (h, selected), _ = encoder((h, selected), jnp.arange(c.num_hidden_layers))
     else:
       for i in range(c.num_hidden_layers):
-        layer = ClipEncoderLayer(c, self.dtype, self.feature_layers, name=f"layers_{i}")
+        layer = ClipEncoderLayer(c, self.dtype, self.feature_layers, self.attention, name=f"layers_{i}")
         (h, selected), _ = layer((h, selected), i)
     return h, selected
 

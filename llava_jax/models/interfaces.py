@@ -11,6 +11,8 @@ from typing import Protocol
 
 import jax
 
+from llava_jax.models.attention import AttentionMask
+
 
 class VisionTower(Protocol):
   def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, ...]:
@@ -21,6 +23,7 @@ class LanguageModel(Protocol):
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """Token ids (B, S) -> embeddings (B, S, D)."""
 
-  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: jax.Array, cache=None,
+  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: AttentionMask, cache=None,
                cache_index: jax.Array | int = 0, last_logits_only: bool = False) -> tuple[jax.Array, object]:
-    """Embeddings (B, S, D), positions (B, S), mask (B, S, T) over key slots -> float32 logits and the cache."""
+    """Embeddings (B, S, D), positions (B, S), mask over the T key slots (models/attention.py) -> float32
+    logits and the cache."""

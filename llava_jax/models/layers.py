@@ -112,53 +112,6 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return table[name]
 
 
-def heads_major(x: jax.Array) -> jax.Array:
-  """(B, S, K, D) keys or values -> (B·K, S, D): the layout `attention` and the KV cache use."""
-  b, s, k, d = x.shape
-  return x.swapaxes(1, 2).reshape(b * k, s, d)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
-  """Scaled dot-product attention with grouped key/value heads; softmax in float32.
-
-  q: (B, S, H, D); k, v: (B·K, T, D) (see `heads_major`), H a multiple of K; mask: (B, S, T)
-  bool or None. Keys and values come batch and heads merged, as the KV cache stores them, so a
-  decode step reads each head's keys contiguously and consumes the cache in exactly its stored
-  shape: with a separate size-1 batch axis, XLA:CPU fused the cache update into two consumers
-  and copied the whole cache four times per layer and step.
-  """
-  b, s, h, d = q.shape
-  n, t = k.shape[:2]
-  kv_heads = n // b
-  groups = h // kv_heads
-  q = q.reshape(b, s, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(n, groups * s, d)
-  logits = jnp.einsum("nqd,ntd->nqt", q, k).astype(jnp.float32) * scale
-  if mask is not None:
-    logits = logits.reshape(b, kv_heads, groups, s, t)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min).reshape(n, groups * s, t)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("nqt,ntd->nqd", probs, v).reshape(b, kv_heads, groups, s, d)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                     block: int = 128, sliding_window: int | None = None) -> jax.Array:
-  """`attention` for S queries at positions 0..S-1 over their own S keys under a causal `mask`.
-
-  Each block of `block` queries attends only to the keys up to its last position (the mask hides
-  the later ones, whose softmax weights are exactly zero), which skips ~40% of the products of a
-  long prompt. With a `sliding_window` W (which `mask` applies), a block also skips the keys more
-  than W - 1 slots before its first query.
-  """
-  s = q.shape[1]
-  outs = []
-  for i in range(0, s, block):
-    first = 0 if sliding_window is None else max(0, i - sliding_window + 1)
-    keys = slice(first, i + block)
-    outs.append(attention(q[:, i:i + block], k[:, keys], v[:, keys], mask[:, i:i + block, keys], scale))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-
-
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
     "dots": jax.checkpoint_policies.checkpoint_dots,

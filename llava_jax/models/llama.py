@@ -7,7 +7,7 @@ biases without an o_proj bias); config.TEXT_FAMILIES reads each family's flags.
 The KV cache is an explicit pytree passed in and returned, so decoding stays pure-functional and
 runs inside `lax.while_loop`: `{"k", "v"}` of shape (layers, batch·kv_heads, slots, head_dim) with
 scanned layers, or a tuple of per-layer `{"k", "v"}` (batch·kv_heads, slots, head_dim) unrolled
-(batch and heads merged: see layers.attention).
+(batch and heads merged: see attention.xla_attention).
 
 Layers are scanned (`layers/...`, stacked on a leading axis: compile time flat in depth) for
 training, or unrolled (`layers_0/...`, `layers_1/...`) for decoding: XLA on CPU copies a layer's
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import RopeScaling, TextConfig
-from llava_jax.models.layers import (INIT_STD, activation, attention, causal_attention, dense, heads_major, logical,
-                                     scan_layers, weight_dot)
+from llava_jax.models.attention import AttentionMask, dot_product_attention, heads_major
+from llava_jax.models.layers import INIT_STD, activation, dense, logical, scan_layers, weight_dot
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +87,7 @@ class LlamaAttention(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
   out_first: bool = False
+  attention: str = "auto"  # LlavaConfig.attention
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
@@ -105,11 +106,10 @@ class LlamaAttention(nn.Module):
                      for name, new in (("k", k), ("v", v))}
       if not prefill:
         k, v = layer_cache["k"], layer_cache["v"]
-    k, v, mask = k.astype(self.dtype), v.astype(self.dtype), mask[..., :k.shape[1]]
-    if prefill:
-      out = causal_attention(q, k, v, mask, c.head_dim ** -0.5, sliding_window=c.sliding_window)
-    else:
-      out = attention(q, k, v, mask, c.head_dim ** -0.5)
+    k, v = k.astype(self.dtype), v.astype(self.dtype)
+    out = dot_product_attention(q, k, v, mask, c.head_dim ** -0.5, kernel=self.attention,
+                                causal=layer_cache is None or prefill, sliding_window=c.sliding_window,
+                                skip_masked_blocks=prefill)
     out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.o_proj_bias,
                 contract=(-2, -1), out_first=self.out_first)(out)
     return out, layer_cache
@@ -135,12 +135,14 @@ class LlamaDecoderLayer(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
   out_first: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, h, layer_cache, cos, sin, mask, cache_index):
     c = self.config
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(h)
-    attn, layer_cache = LlamaAttention(c, self.dtype, self.out_first, name="self_attn")(x, cos, sin, mask, layer_cache, cache_index)
+    attn, layer_cache = LlamaAttention(c, self.dtype, self.out_first, self.attention, name="self_attn")(
+        x, cos, sin, mask, layer_cache, cache_index)
     h = h + attn
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_norm")(h)
     h = h + LlamaMlp(c, self.dtype, self.out_first, name="mlp")(x)
@@ -180,6 +182,7 @@ class LlamaModel(nn.Module):
   remat_policy: str = "none"
   scan: bool = True
   out_first: bool = False  # dense kernels stored (out, in): the decode layout (see layers.weight_dot)
+  attention: str = "auto"  # LlavaConfig.attention
 
   def setup(self):
     c = self.config
@@ -190,9 +193,9 @@ class LlamaModel(nn.Module):
       self.layers = scan_layers(
           LlamaDecoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers,
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), name="layers", config=c,
-          dtype=self.dtype, out_first=self.out_first)
+          dtype=self.dtype, out_first=self.out_first, attention=self.attention)
     else:
-      self.layers = [LlamaDecoderLayer(c, self.dtype, self.out_first)
+      self.layers = [LlamaDecoderLayer(c, self.dtype, self.out_first, self.attention)
                      for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
     if not c.tie_word_embeddings:
@@ -202,9 +205,9 @@ class LlamaModel(nn.Module):
   def embed(self, input_ids: jax.Array) -> jax.Array:
     return self.embed_tokens(input_ids)
 
-  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: jax.Array,
+  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: AttentionMask,
                cache=None, cache_index: jax.Array | int = 0, last_logits_only: bool = False):
-    """inputs_embeds (B, S, D); positions (B, S); mask (B, S, T) bool over key slots.
+    """inputs_embeds (B, S, D); positions (B, S); mask over the T key slots (dense (B, S, T) and segment ids).
 
     Without a cache, T == S. With one, this call's keys/values are written at slots
     [cache_index, cache_index + S) and the queries attend over all T cache slots.

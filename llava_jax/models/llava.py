@@ -12,6 +12,7 @@ import numpy as np
 from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
 from llava_jax.image_tokens import check_image_tokens
+from llava_jax.models.attention import AttentionMask
 from llava_jax.models.clip import ClipVisionTower, VisionTransformer
 from llava_jax.models.interfaces import LanguageModel, VisionTower
 from llava_jax.models.layers import logical
@@ -21,7 +22,7 @@ from llava_jax.models.siglip import SiglipVisionTower
 
 
 def _vit(tower: type[VisionTransformer]) -> Callable[[LlavaConfig, jnp.dtype], VisionTower]:
-  return lambda c, dtype: tower(c.vision, c.feature_layers, dtype, c.remat_policy, c.scan_layers)
+  return lambda c, dtype: tower(c.vision, c.feature_layers, dtype, c.remat_policy, c.scan_layers, c.attention)
 
 
 # vision_config.model_type -> its tower, built from the LLaVA config and the compute dtype.
@@ -32,7 +33,7 @@ VISION_TOWERS: dict[str, Callable[[LlavaConfig, jnp.dtype], VisionTower]] = {
 
 
 def _llama(c: LlavaConfig, dtype: jnp.dtype) -> LlamaModel:
-  return LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers, c.out_first_kernels)
+  return LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers, c.out_first_kernels, c.attention)
 
 
 # text_config.model_type -> its decoder; families that differ from LLaMA only by config flags share its module.
@@ -178,4 +179,5 @@ class Llava(nn.Module):
     if attention_mask is None:  # required with a cache
       attention_mask = jnp.ones(input_ids.shape, bool)
     positions, mask = attention_layout(attention_mask, input_ids.shape[1], cache_index, self.config.text.sliding_window)
+    mask = AttentionMask(mask, attention_mask.astype(jnp.int32))
     return self.language_model(embeds, positions, mask, cache, cache_index, last_logits_only)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from llava_jax.config import VisionConfig
 from llava_jax.models.clip import ClipMlp, PatchEmbeddings, VisionTransformer, layer_norm
-from llava_jax.models.layers import INIT_STD, attention, dense, heads_major, logical
+from llava_jax.models.attention import dot_product_attention, heads_major
+from llava_jax.models.layers import INIT_STD, dense, logical
 
 
 class SiglipPoolingHead(nn.Module):
@@ -22,6 +23,7 @@ class SiglipPoolingHead(nn.Module):
   whose one `in_proj` holds the q, k and v projections), then a pre-LayerNorm residual MLP; (N, T, D) -> (N, D)."""
   config: VisionConfig
   dtype: jnp.dtype
+  attention: str = "auto"  # LlavaConfig.attention
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
@@ -32,7 +34,8 @@ class SiglipPoolingHead(nn.Module):
     in_proj = dense((3, c.num_attention_heads, c.head_dim), ("embed", None, "heads", "kv"), name="in_proj",
                     dtype=self.dtype, use_bias=True)
     q, kv = in_proj(probe)[:, :, 0], in_proj(h)
-    out = attention(q, heads_major(kv[:, :, 1]), heads_major(kv[:, :, 2]), None, c.head_dim ** -0.5)
+    out = dot_product_attention(q, heads_major(kv[:, :, 1]), heads_major(kv[:, :, 2]), None, c.head_dim ** -0.5,
+                                kernel=self.attention)
     x = dense(c.hidden_size, ("heads", "kv", "embed"), name="out_proj", dtype=self.dtype, use_bias=True,
               contract=(-2, -1))(out)
     x = x + ClipMlp(c, self.dtype, name="mlp")(layer_norm(c, "layernorm")(x).astype(self.dtype))
@@ -51,5 +54,5 @@ class SiglipVisionTower(VisionTransformer):
       last = layer_norm(c, "post_layernorm")(h).astype(self.dtype)
       self.sow("intermediates", "last_hidden_state", last)
       if c.vision_use_head:
-        self.sow("intermediates", "pooler_output", SiglipPoolingHead(c, self.dtype, name="head")(last))
+        self.sow("intermediates", "pooler_output", SiglipPoolingHead(c, self.dtype, self.attention, name="head")(last))
     return selected

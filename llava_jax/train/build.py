@@ -77,8 +77,8 @@ def load_source(cfg) -> Source:
 
 
 def runtime_model_config(cfg, architecture):
-  """The architecture as the trainer builds it: the config's compute dtype and remat policy."""
-  return architecture.replace(dtype=cfg.dtype, remat_policy=cfg.remat_policy)
+  """The architecture as the trainer builds it: the config's compute dtype, remat policy and attention kernel."""
+  return architecture.replace(dtype=cfg.dtype, remat_policy=cfg.remat_policy, attention=cfg.attention)
 
 
 def build_pipeline(cfg, model_config, assets_dir: str):
