@@ -16,6 +16,8 @@ never share the device, with XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 unless set):
   gen_layouts     our Engine at batch 1 in the inference layouts other than the backend's (infer/backend.py)
   gen_hf_compile  transformers with a static cache and torch.compile'd decode (CUDA graphs)
   compile         compiling our first program for a new 4096-token prompt bucket (also on a CPU at 7B)
+  attention       causal attention alone at 8k tokens on a packed row (4 samples), forward + gradients: the
+                  einsum path, its block-skipping form and each flash kernel the backend runs, and their errors
 Each part appends its result to --out (rewritten atomically after every measurement), so a run
 stopped at its time limit keeps what finished. A part runs at most its own time (PART_SECONDS) and
 whatever is left of --budget (caps x --cap-scale); one that would start with under MIN_START_S left is skipped.
@@ -47,7 +49,7 @@ class Part:
 
 
 # Adding a part: a `run(size, save)` in gpu_jax.py or gpu_torch.py, its entry in that module's PARTS,
-# and one line here (the attention microbenchmark goes in after `compile` once its config key exists).
+# and one line here.
 PARTS = {
     "peaks": Part("gpu_jax", 40),
     "parity": Part("gpu_torch", 60),
@@ -58,6 +60,7 @@ PARTS = {
     "gen_layouts": Part("gpu_jax", 90),
     "gen_hf_compile": Part("gpu_torch", 150),
     "compile": Part("gpu_jax", 150),
+    "attention": Part("gpu_jax", 60),
 }
 MIN_START_S = 20
 
@@ -258,6 +261,12 @@ def table(report: dict) -> str:
                        for name, v in (c.get("layouts") or {}).items())
   lines.append(f"Compiling the first program of a new {c.get('prompt_tokens', '?')}-token prompt bucket "
                f"({c.get('backend', '?')}): {compiles or 'n/a'}.")
+  a = _get(report, "attention") or {}
+  kernels = ", ".join(f"{name} {1e3 * sec:.1f} ms ({a['speedup_vs_einsum'][name]:.2f}x; bf16 error "
+                      f"{a['errors'][name]['bfloat16']['output']:.1e} / {a['errors'][name]['bfloat16']['grads']:.1e})"
+                      for name, sec in (a.get("seconds") or {}).items() if name in a.get("speedup_vs_einsum", {}))
+  lines.append(f"Causal attention, forward + gradients, one packed row of {a.get('tokens', '?')} tokens "
+               f"({a.get('samples_per_row', '?')} samples; output / gradient error vs float32 einsum): {kernels or 'n/a'}.")
   not_ok = {k: v.get("status") for k, v in report["parts"].items() if v.get("status") != "ok"}
   if not_ok:
     lines.append(f"Parts not finished: {not_ok}.")

@@ -41,6 +41,7 @@ class Size:
   matmul_n: int
   read_bytes: int  # the array the read-bandwidth reduction sums over (~ the 7B weights in bf16)
   torch_compile_backend: str
+  attention: tuple[int, int, int, int] = (8192, 32, 32, 128)  # tokens, query heads, kv heads, head_dim (Vicuna-7B)
 
 
 SIZES = {
@@ -52,7 +53,7 @@ SIZES = {
     # (the same static-cache compiled path without inductor's C++ build).
     "toy": Size("tiny", "tiny", "float32", 15, 24, (1, 2), {1: 3, 2: 3},
                 (TrainCase("stage1", "pretrain", None, 4, 48), TrainCase("stage2", "finetune", 1, 2, 64)),
-                2, 256, 256, 16 * 2 ** 20, "eager"),
+                2, 256, 256, 16 * 2 ** 20, "eager", attention=(256, 4, 2, 32)),
 }
 
 

@@ -228,5 +228,78 @@ def compile_time(size: Size, save) -> dict:
   return out
 
 
-PARTS = {"peaks": peaks, "gen_ours": gen_ours, "gen_layouts": gen_layouts, "train_ours": train_ours,
+# ---- attention kernels ---------------------------------------------------------------------------
+
+PACKED_SAMPLES = 4  # samples per packed row; the row ends in PADDING slots of padding
+PADDING = 16
+
+
+def packed_segments(tokens: int):
+  """(1, tokens) segment ids: PACKED_SAMPLES equal samples, the last one PADDING slots short (padding)."""
+  import numpy as np
+  ids = np.repeat(np.arange(1, PACKED_SAMPLES + 1), tokens // PACKED_SAMPLES)
+  ids[-PADDING:] = 0
+  return ids[None].astype(np.int32)
+
+
+def attention_kernels(size: Size, save) -> dict:
+  """Causal self-attention alone (forward + gradients w.r.t. q, k, v) on one packed row, in the einsum
+  path, its block-skipping form and every flash kernel this backend runs (models/attention.select_kernel):
+  the time at size.attention's length, and each kernel's largest error against the float32 einsum at a
+  quarter of it (outputs and gradients, relative to their largest magnitude), in bf16 and float32."""
+  jax = _jax()
+  import jax.numpy as jnp
+  from llava_jax.models import attention
+  from llava_jax.models.llava import attention_layout
+  tokens, heads, kv_heads, head_dim = size.attention
+  backend = jax.default_backend()
+  flash = [k for k in ("cudnn", "splash")
+           if attention.select_kernel(k, backend=backend, dtype=jnp.bfloat16, head_dim=head_dim, queries=tokens,
+                                      keys=tokens, mask="segments") == k]
+  variants = {"xla": dict(kernel="xla"), "xla_blocks": dict(kernel="xla", skip_masked_blocks=True)}
+  variants.update({k: dict(kernel=k) for k in flash})
+
+  def inputs(length: int, dtype):
+    keys = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(keys[0], (1, length, heads, head_dim), dtype)
+    k, v = (jax.random.normal(key, (kv_heads, length, head_dim), dtype) for key in keys[1:3])
+    cotangent = jax.random.normal(keys[3], q.shape, jnp.float32)
+    segments = jnp.asarray(packed_segments(length))
+    _, dense = attention_layout(segments, length, 0)
+    return (q, k, v), attention.AttentionMask(dense, segments), cotangent
+
+  def forward_and_grads(options):
+    def loss(q, k, v, mask, cotangent):
+      out = attention.dot_product_attention(q, k, v, mask, head_dim ** -0.5, causal=True, **options)
+      return jnp.sum(out.astype(jnp.float32) * cotangent), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+  out = {"backend": backend, "tokens": tokens, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+         "samples_per_row": PACKED_SAMPLES, "flash_kernels": flash, "errors": {}, "seconds": {}}
+  check = max(tokens // 4, 2 * PADDING * PACKED_SAMPLES)
+  real = packed_segments(check)[0] > 0  # padding queries' outputs are unspecified
+  for dtype in (jnp.float32, jnp.bfloat16):
+    (q, k, v), mask, cotangent = inputs(check, dtype)
+    cotangent = cotangent * real[None, :, None, None]
+    upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+    (_, ref), ref_grads = forward_and_grads(variants["xla"])(*upcast, mask, cotangent)
+    for name, options in variants.items():
+      (_, got), grads = forward_and_grads(options)(q, k, v, mask, cotangent)
+      err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+      out["errors"].setdefault(name, {})[jnp.dtype(dtype).name] = {
+          "output": err(got[:, real], ref[:, real]),
+          "grads": max(err(g, r) for g, r in zip(grads, ref_grads))}
+    save(out)
+  (q, k, v), mask, cotangent = inputs(tokens, jnp.bfloat16)
+  for name, options in variants.items():
+    step = forward_and_grads(options)
+    run = lambda: jax.block_until_ready(step(q, k, v, mask, cotangent))
+    run()
+    out["seconds"][name], _ = best_of(run, 5)
+    save(out)
+  out["speedup_vs_einsum"] = {name: out["seconds"]["xla"] / s for name, s in out["seconds"].items()}
+  return out
+
+
+PARTS = {"peaks": peaks, "attention": attention_kernels, "gen_ours": gen_ours, "gen_layouts": gen_layouts, "train_ours": train_ours,
          "compile": compile_time}

@@ -59,6 +59,17 @@ def test_timings_are_measured(report):
     for case in parts[system].values():
       assert _positive(case["step_s"]) and _positive(case["model_tflops_per_s"]) and math.isfinite(case["loss"])
   assert all(_positive(v["compile_s"]) for v in parts["compile"]["layouts"].values())
+  attention = parts["attention"]
+  assert attention["flash_kernels"] == [] and set(attention["seconds"]) == {"xla", "xla_blocks"}  # a CPU runs no flash kernel
+  assert all(_positive(s) for s in attention["seconds"].values())
+
+
+def test_attention_errors_are_measured_against_float32(report):
+  errors = report[0]["parts"]["attention"]["result"]["errors"]
+  assert errors["xla"]["float32"] == {"output": 0.0, "grads": 0.0}  # the reference itself
+  assert errors["xla_blocks"]["float32"]["output"] < 1e-5 and errors["xla_blocks"]["float32"]["grads"] < 1e-5
+  for kernel in errors.values():  # bf16 inputs: rounding, well inside the kernels' 2e-2 bar
+    assert 0 < kernel["bfloat16"]["output"] < 2e-2 and 0 < kernel["bfloat16"]["grads"] < 2e-2
 
 
 def test_table_reads_the_json(report, tmp_path, capsys):
@@ -68,7 +79,7 @@ def test_table_reads_the_json(report, tmp_path, capsys):
   assert gpu.main(["--table", str(path)]) == 0
   printed = capsys.readouterr().out
   assert printed.strip() == gpu.table(data).strip() and printed.strip() in stdout
-  assert "| stage2 (1 layers, 2 x 64) |" in printed and "greedy tokens identical in every layout: True" in printed
+  assert "| stage2 (1 layers, 2 x 64) |" in printed and "one packed row of 256 tokens" in printed and "greedy tokens identical in every layout: True" in printed
 
 
 def test_a_part_past_the_budget_is_skipped(tmp_path):
