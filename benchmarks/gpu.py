@@ -8,6 +8,8 @@ Parts (`--parts`, default all, run in this order; each in a subprocess of its ow
 never share the device, with XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 unless set):
   peaks           bf16 matmul FLOP/s (8192^3), read bandwidth (a sum over 14 GB, ~ the 7B weights), copy bandwidth
   parity          tiny model, float32: logits' relative error vs transformers, greedy tokens in every layout
+  attention       causal attention alone at 8k tokens on a packed row (4 samples), forward + gradients: the
+                  einsum path, its block-skipping form and each flash kernel the backend runs, and their errors
   gen_ours        our Engine: TTFT and decode tokens/s at batch 1, 16, 64 (608-token prompt, 64 new tokens)
   gen_hf          transformers eager (sdpa) generate, the same
   train_ours      one optimizer step of the Trainer `llava-jax train` builds: stage 1 (7B, 16 x 640), stage 2
@@ -16,8 +18,6 @@ never share the device, with XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 unless set):
   gen_layouts     our Engine at batch 1 in the inference layouts other than the backend's (infer/backend.py)
   gen_hf_compile  transformers with a static cache and torch.compile'd decode (CUDA graphs)
   compile         compiling our first program for a new 4096-token prompt bucket (also on a CPU at 7B)
-  attention       causal attention alone at 8k tokens on a packed row (4 samples), forward + gradients: the
-                  einsum path, its block-skipping form and each flash kernel the backend runs, and their errors
 Each part appends its result to --out (rewritten atomically after every measurement), so a run
 stopped at its time limit keeps what finished. A part runs at most its own time (PART_SECONDS) and
 whatever is left of --budget (caps x --cap-scale); one that would start with under MIN_START_S left is skipped.
@@ -53,6 +53,7 @@ class Part:
 PARTS = {
     "peaks": Part("gpu_jax", 40),
     "parity": Part("gpu_torch", 60),
+    "attention": Part("gpu_jax", 60),
     "gen_ours": Part("gpu_jax", 150),
     "gen_hf": Part("gpu_torch", 90),
     "train_ours": Part("gpu_jax", 120),
@@ -60,7 +61,6 @@ PARTS = {
     "gen_layouts": Part("gpu_jax", 90),
     "gen_hf_compile": Part("gpu_torch", 150),
     "compile": Part("gpu_jax", 150),
-    "attention": Part("gpu_jax", 60),
 }
 MIN_START_S = 20
 
