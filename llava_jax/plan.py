@@ -27,7 +27,6 @@ over the H200's there); the CPU's own are kept under `xla_cpu`.
 from __future__ import annotations
 
 import math
-import re
 import time
 from typing import Any, Sequence
 
@@ -41,9 +40,10 @@ DEFAULT_DEVICE_MEMORY = "80GB"
 def run(argv: Sequence[str]) -> None:
   """`llava-jax plan ARGV`: parse, plan, write --out atomically, print the table."""
   from llava_jax import fileio  # pylint: disable=import-outside-toplevel
-  config, mesh, device_memory, out = parse_flags(argv)
+  config, mesh, device_memory, out, decode = parse_flags(argv)
   use_cpu_devices(math.prod(mesh.values()))
   report = plan(config, device_memory)
+  report["decode"] = plan_decode(config, report, **decode)
   report["command"] = "llava-jax plan " + " ".join(argv)
   fileio.write_json_atomic(report, out)
   print(table(report))
@@ -59,9 +59,12 @@ def parse_flags(argv: Sequence[str]):
     flags.DEFINE_string("device_memory", DEFAULT_DEVICE_MEMORY, "one device's memory, e.g. 16GiB, 80GB",
                         flag_values=values)
     flags.DEFINE_string("out", None, "the JSON report to write", flag_values=values)
+    flags.DEFINE_integer("decode_batch", 1, "rows of the generation batch planned beside the train step",
+                         flag_values=values)
+    flags.DEFINE_integer("decode_new_tokens", 512, "new tokens the generation batch's KV cache holds",
+                         flag_values=values)
 
-  config, values = main.parse_config_flags("plan", [re.sub(r"^--device-memory", "--device_memory", a) for a in argv],
-                                           define)
+  config, values = main.parse_config_flags("plan", [_underscored(a) for a in argv], define)
   if not values.mesh:
     raise LlavaJaxError("plan: --mesh data=N,fsdp=N,tensor=N is required")
   if not values.out:
@@ -69,7 +72,22 @@ def parse_flags(argv: Sequence[str]):
   mesh = parse_mesh(values.mesh)
   for axis, size in mesh.items():
     config.mesh[axis] = size
-  return config, mesh, parse_bytes(values.device_memory, "--device-memory"), values.out
+  if values.decode_batch < 1 or values.decode_new_tokens < 1:
+    raise LlavaJaxError(f"plan: --decode-batch and --decode-new-tokens must be >= 1, got {values.decode_batch} "
+                        f"and {values.decode_new_tokens}")
+  decode = {"batch": values.decode_batch, "new_tokens": values.decode_new_tokens}
+  return config, mesh, parse_bytes(values.device_memory, "--device-memory"), values.out, decode
+
+
+HYPHENATED_FLAGS = ("--device-memory", "--decode-batch", "--decode-new-tokens")
+
+
+def _underscored(arg: str) -> str:
+  """`--device-memory=X` -> `--device_memory=X` (absl's names), for the flags documented with hyphens."""
+  for flag in HYPHENATED_FLAGS:
+    if arg == flag or arg.startswith(flag + "="):
+      return "--" + flag[2:].replace("-", "_") + arg[len(flag):]
+  return arg
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -206,6 +224,38 @@ def plan(cfg, device_memory: int) -> dict:
   }
 
 
+def plan_decode(cfg, train_report: dict, batch: int, new_tokens: int) -> dict:
+  """The first program a generation request runs on the same mesh (prefill of `batch` prompts of
+  data.max_len tokens, one image tile's tokens among them, and the first token, into a KV cache with room for `new_tokens` more), in the
+  accelerators' inference layout (infer/backend.py), from XLA's memory analysis per device. Its inputs
+  are the weights as the engine holds them (float32, cast per product) and the prompts; its outputs the
+  KV cache and the decode state."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from llava_jax import sharding  # pylint: disable=import-outside-toplevel
+  from llava_jax.infer import backend  # pylint: disable=import-outside-toplevel
+  from llava_jax.infer.generate import Engine, Prompt  # pylint: disable=import-outside-toplevel
+  from llava_jax.models.llava import abstract_params  # pylint: disable=import-outside-toplevel
+  from llava_jax.train import build  # pylint: disable=import-outside-toplevel
+  model_config = build.runtime_model_config(cfg, build.named_model(cfg.model))
+  layout = backend.layout_for("gpu")
+  engine = Engine(model_config, nn.unbox(abstract_params(model_config)), eos_token_ids=(),
+                  mesh=sharding.make_mesh(cfg.mesh), layout=layout)
+  image_tokens = model_config.tokens_per_tile
+  ids = np.ones(cfg.data.max_len, np.int32)
+  ids[1:1 + image_tokens] = model_config.image_token_index
+  size = model_config.vision.image_size
+  prompt = Prompt(ids, np.zeros((1, size, size, 3), np.float32), np.arange(image_tokens, dtype=np.int32))
+  prompts = [prompt] * batch
+  memory = engine.lower_start(prompts, new_tokens).compile().memory_analysis()
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+           + memory.temp_size_in_bytes)
+  return {"layout": layout.name, "batch": batch, "prompt_tokens": cfg.data.max_len, "new_tokens": new_tokens,
+          "per_device_bytes": {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+                               "temporaries": memory.temp_size_in_bytes, "total": total},
+          "fits": total <= train_report["device_memory_bytes"]}
+
+
 def table(report: dict) -> str:
   gb = lambda n: f"{n / 1e9:10.2f} GB"
   b = report["per_device_bytes"]
@@ -221,4 +271,11 @@ def table(report: dict) -> str:
   lines.append(f"  fits: {'yes' if report['fits'] else 'no'}; model FLOPs per step "
                f"{report['model_flops_per_step'] / 1e12:.1f} T ({report['model_flops_per_device'] / 1e12:.1f} T "
                f"per device); XLA:CPU's own total {report['xla_cpu']['total'] / 1e9:.2f} GB")
+  d = report.get("decode")
+  if d:
+    m = d["per_device_bytes"]
+    lines.append(f"generation ({d['layout']} layout), batch {d['batch']} x {d['prompt_tokens']} prompt tokens + "
+                 f"{d['new_tokens']} new, per device: weights and inputs {m['arguments'] / 1e9:.2f} GB, KV cache "
+                 f"and state {m['outputs'] / 1e9:.2f} GB, temporaries {m['temporaries'] / 1e9:.2f} GB, total "
+                 f"{m['total'] / 1e9:.2f} GB; fits: {'yes' if d['fits'] else 'no'}")
   return "\n".join(lines)

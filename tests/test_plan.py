@@ -78,3 +78,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
   lines = [line for line in result.stderr.splitlines() if line.startswith("llava-jax")]
   assert len(lines) == 1 and message in lines[0], result.stderr
   assert not out.exists()
+
+
+def test_generation_program_holds_the_kv_cache_split_over_data(tmp_path):
+  from configs import models
+  from llava_jax.config import LlavaConfig
+  from llava_jax.infer.generate import bucket_length
+  text = LlavaConfig.from_hf_dict(models.hf_dict("tiny"), source="tiny").text
+  report = _report(tmp_path, "--mesh", "data=2,tensor=2", "--decode-batch", "4", "--decode-new-tokens", "100")
+  decode = report["decode"]
+  assert (decode["batch"], decode["prompt_tokens"], decode["new_tokens"], decode["layout"]) == (4, 64, 100, "batched")
+  slots = bucket_length(64 + 100)
+  # Per device: its 2 of the 4 rows (rows split over data; tensor keeps the cache whole with several rows per shard),
+  # k and v of every layer, float32.
+  cache = text.num_hidden_layers * 2 * 2 * text.num_key_value_heads * slots * text.head_dim * 4
+  held = decode["per_device_bytes"]
+  assert cache <= held["outputs"] <= cache + 2 * 4 * (slots + 64)  # + the state: mask, tokens, the output buffer
+  assert held["total"] >= held["arguments"] + held["outputs"] - 1 and decode["fits"] is True
+
+
+def test_bad_decode_batch_exits_2(tmp_path):
+  result, out = _plan(tmp_path, "--mesh", "data=1", "--decode-batch", "0")
+  assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "--decode-batch" in result.stderr
+  assert not out.exists()

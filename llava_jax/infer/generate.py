@@ -136,6 +136,9 @@ class Engine:
     self.mesh = mesh
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
       self.params = jax.eval_shape(self.layout.params, params)
+      if mesh is not None:  # placed as place_on_mesh would place them
+        placed = sharding.tree_shardings(abstract_params(self.layout.model_config(config)), mesh)
+        self.params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.params, placed)
     elif mesh is None:
       self.params = jax.device_put(self.layout.params(params))
     else:
@@ -146,7 +149,8 @@ class Engine:
     self.pad_token_id = int(pad) if pad is not None else (self.eos_token_ids or (0,))[0]
     self.chunk = chunk
     self._generate = self._on_mesh(jax.jit(self._generate_program, static_argnames=("slots", "flags")))
-    self._start = self._on_mesh(jax.jit(self._start_program, static_argnames=("slots", "flags")))
+    self._start_jit = jax.jit(self._start_program, static_argnames=("slots", "flags"))
+    self._start = self._on_mesh(self._start_jit)
     self._continue = self._on_mesh(
         jax.jit(self._continue_program, static_argnames=("flags",), donate_argnums=(1,)))
     self._forward = self._on_mesh(jax.jit(self._forward_program))
@@ -214,7 +218,7 @@ class Engine:
     """The first program a request of these prompts runs (prefill and first token), lowered for its shapes:
     `.compile()` on it costs what a new prompt bucket costs."""
     batch, slots = self._prepare(prompts, max_new_tokens)
-    return self._on_mesh(lambda *a, **k: self._start.lower(*a, **k))(
+    return self._on_mesh(self._start_jit.lower)(
         self.params, *batch.arrays, params.values(), jax.random.key(params.seed), self._eos_array(self.eos_token_ids),
         slots=slots, flags=params.flags)
 
