@@ -1,5 +1,5 @@
-"""Parameter counts of the configs/models.py architectures (LLaVA-1.5, the released LLaVA-NeXT and OneVision models) equal
-transformers', without allocating either model."""
+"""Parameter counts of the configs/models.py architectures (LLaVA-1.5, the released LLaVA-NeXT and OneVision
+models) equal transformers', without allocating either model."""
 
 import importlib.util
 import os
@@ -31,7 +31,8 @@ def _ours(config) -> int:
 def _theirs(hf_dict) -> int:
   classes = {"llava": (transformers.LlavaConfig, transformers.LlavaForConditionalGeneration),
              "llava_next": (transformers.LlavaNextConfig, transformers.LlavaNextForConditionalGeneration),
-             "llava_onevision": (transformers.LlavaOnevisionConfig, transformers.LlavaOnevisionForConditionalGeneration)}
+             "llava_onevision": (transformers.LlavaOnevisionConfig,
+                                 transformers.LlavaOnevisionForConditionalGeneration)}
   config_class, model_class = classes[hf_dict["model_type"]]
   with torch.device("meta"):
     model = model_class(config_class(**hf_dict))
