@@ -69,6 +69,36 @@ def _next(text: dict, image_token_index: int) -> dict:
   return _llava(text, _CLIP_L14_336, image_token_index, None, _V16_PINPOINTS)
 
 
+# SigLIP so400m-patch14-384 without its last layer and head, as every LLaVA-OneVision model uses it.
+_SIGLIP_SO400M_26 = {
+    "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26,
+    "num_attention_heads": 16, "num_channels": 3, "image_size": 384, "patch_size": 14,
+    "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "vision_use_head": False,
+}
+# OneVision's AnyRes resolutions: 1 to 6 tiles of 384 px each way.
+_OV_PINPOINTS = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
+
+
+def _qwen2(name: str, vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+           tie: bool) -> dict:
+  """A Qwen2 instruct decoder as LLaVA-OneVision ships it: <|endoftext|> / <|im_end|>, no sliding window."""
+  return _text(name, "qwen2", vocab, hidden, intermediate, layers, heads, kv_heads, 32768, 1e-6, 1e6, 151643, 151645,
+               None, tie_word_embeddings=tie, max_window_layers=layers, sliding_window=131072,
+               use_sliding_window=False)
+
+
+def _onevision(text: dict) -> dict:
+  """A released LLaVA-OneVision model (llava-hf/<name>-hf): SigLIP's last hidden state, every patch, anyres_max_9.
+  The vocabulary is Qwen2's plus <image> and <video>, padded to a multiple of 64 by transformers' converter."""
+  return {
+      "architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision",
+      "image_token_index": 151646, "video_token_index": 151647, "projector_hidden_act": "gelu",
+      "vision_feature_layer": -1, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
+      "image_grid_pinpoints": _OV_PINPOINTS, "tie_word_embeddings": text["tie_word_embeddings"],
+      "text_config": text, "vision_config": _SIGLIP_SO400M_26,
+  }
+
+
 MODELS = {
     "llava-1.5-7b": _llava(_vicuna(4096, 11008, 32, 32, "lmsys/vicuna-7b-v1.5"), _CLIP_L14_336, 32000, 32001),
     "llava-1.5-13b": _llava(_vicuna(5120, 13824, 40, 40, "lmsys/vicuna-13b-v1.5"), _CLIP_L14_336, 32000, 32001),
@@ -107,6 +137,13 @@ MODELS = {
     "llava-next-72b": _next(
         _text("Qwen/Qwen1.5-72B-Chat", "qwen2", 152064, 8192, 24576, 80, 64, 64, 32768, 1e-6, 1e6, 151643, 151645,
               None, max_window_layers=70, sliding_window=32768, use_sliding_window=False), 151646),
+    # LLaVA-OneVision over Qwen2-0.5B (tied embeddings), Qwen2-7B and Qwen2-72B instruct.
+    "llava-onevision-qwen2-0.5b-ov": _onevision(
+        _qwen2("Qwen/Qwen2-0.5B-Instruct", 152000, 896, 4864, 24, 14, 2, tie=True)),
+    "llava-onevision-qwen2-7b-ov": _onevision(
+        _qwen2("Qwen/Qwen2-7B-Instruct", 152128, 3584, 18944, 28, 28, 4, tie=False)),
+    "llava-onevision-qwen2-72b-ov": _onevision(
+        _qwen2("Qwen/Qwen2-72B-Instruct", 152128, 8192, 29568, 80, 64, 8, tie=False)),
 }
 # LLaVA-NeXT at toy size: tiny's towers, AnyRes over its 28-px tiles (1x2, 2x1, 2x2, 1x3 and 3x1 tiles).
 MODELS["tiny-next"] = dict(copy.deepcopy(MODELS["tiny"]), architectures=["LlavaNextForConditionalGeneration"],

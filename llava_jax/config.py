@@ -1,9 +1,9 @@
 """Model configs (vision tower, language model, LLaVA) and their Hugging Face `config.json` form.
 
 The dataclasses hold what the Flax modules need; `from_hf_dict`/`to_hf_dict` translate the
-transformers 5 `llava` and `llava_next` configs (MODEL_TYPES). Its `vision_config` and `text_config` sections are read and
-written by their family's row of VISION_FAMILIES / TEXT_FAMILIES (keyed by the section's
-`model_type`): which keys the family's config.json carries, which it fixes by architecture and
+transformers 5 `llava`, `llava_next` and `llava_onevision` configs (MODEL_TYPES). Its `vision_config` and
+`text_config` sections are read and written by their family's row of VISION_FAMILIES / TEXT_FAMILIES (keyed by
+the section's `model_type`): which keys the family's config.json carries, which it fixes by architecture and
 transformers' defaults for the keys a file leaves out. Keys we do not model are kept (the
 top level in `LlavaConfig.hf_extra`, each section's source dict in its own `hf_extra`), so a
 config.json as transformers writes it round-trips exactly.
@@ -20,10 +20,22 @@ from llava_jax.errors import LlavaJaxError
 from llava_jax.fileio import read_json
 
 # config.json model_type -> the architecture transformers writes for it. `llava_next` adds AnyRes
-# (image_grid_pinpoints, image_newline); how each type lays out an image's tokens is data/layouts.py's table.
-MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
-# transformers' LlavaNextConfig default (llava-v1.6's).
+# (image_grid_pinpoints, image_newline), `llava_onevision` its anyres_max downscaling and several images per
+# prompt; how each type lays out an image's tokens is data/layouts.py's table.
+MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+               "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+ANYRES_TYPES = ("llava_next", "llava_onevision")  # the types with image_grid_pinpoints and an image_newline
+# transformers' top-level defaults of each type, for the keys a config.json leaves out.
+_TYPE_DEFAULTS = {
+    "llava": dict(image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    "llava_next": dict(image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    "llava_onevision": dict(image_token_index=151646, vision_feature_layer=-1, vision_feature_select_strategy="full",
+                            vision_aspect_ratio="anyres_max_9"),
+}
+ANYRES_MAX_PREFIX = "anyres_max_"
+# transformers' LlavaNextConfig default (llava-v1.6's), and LlavaOnevisionConfig's: 1 to 6 tiles of 384 each way.
 DEFAULT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+ONEVISION_GRID_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7))
 PROJECTOR_TYPES = ("linear", "mlp2x")
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")  # LlavaConfig.attention (models/attention.select_kernel)
 # transformers' rope types we compute (models/llama.rotary_inv_freq) and the rope_parameters each one reads.
@@ -188,6 +200,8 @@ class LlavaConfig:
   multimodal_projector_bias: bool = True
   vision_feature_layer: int | tuple[int, ...] = -2
   vision_feature_select_strategy: str = "default"
+  # llava_onevision's "anyres_max_N": an image's feature grid larger than N tiles' is downscaled (data/onevision.py).
+  vision_aspect_ratio: str | None = None
   pad_token_id: int | None = None
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
@@ -212,6 +226,16 @@ class LlavaConfig:
       raise LlavaJaxError(
           "config: vision_feature_select_strategy must be 'default' or 'full', "
           f"got {self.vision_feature_select_strategy!r}")
+    if (self.vision_aspect_ratio is not None) != (self.model_type == "llava_onevision"):
+      raise LlavaJaxError(f"config: vision_aspect_ratio {self.vision_aspect_ratio!r} is for llava_onevision models "
+                          f"only, and they need one (model_type {self.model_type!r})")
+    if self.vision_aspect_ratio is not None:
+      _anyres_max(self.vision_aspect_ratio, "config")
+
+  @property
+  def anyres_max_tiles(self) -> int:
+    """N of llava_onevision's vision_aspect_ratio "anyres_max_N"."""
+    return _anyres_max(self.vision_aspect_ratio, "config")
 
   @property
   def feature_layers(self) -> tuple[int, ...]:
@@ -238,7 +262,7 @@ class LlavaConfig:
   @property
   def has_image_newline(self) -> bool:
     """LLaVA-NeXT's learned embedding closing each row of an image's AnyRes feature grid."""
-    return self.model_type == "llava_next"
+    return self.model_type in ANYRES_TYPES
 
   @property
   def vision_feature_size(self) -> int:
@@ -259,26 +283,33 @@ class LlavaConfig:
                                           source))
     text = _text_from_hf(td, source)
     extras = d.get("llava_jax") or {}
-    layer = d.get("vision_feature_layer", -2)
+    top = _TYPE_DEFAULTS[model_type]
+    layer = d.get("vision_feature_layer", top["vision_feature_layer"])
     defaults = TEXT_FAMILIES[text.model_type].defaults
     kwargs = dict(
         model_type=model_type,
         vision=vision,
         text=text,
-        image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+        image_token_index=d.get("image_token_index", d.get("image_token_id", top["image_token_index"])),
         projector_hidden_act=d.get("projector_hidden_act", "gelu"),
         multimodal_projector_bias=d.get("multimodal_projector_bias", True),
         vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
-        vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+        vision_feature_select_strategy=d.get("vision_feature_select_strategy", top["vision_feature_select_strategy"]),
         pad_token_id=d.get("pad_token_id", td.get("pad_token_id")),
         bos_token_id=td.get("bos_token_id", defaults["bos_token_id"]),
         eos_token_id=_tuple_or_int(td.get("eos_token_id", defaults["eos_token_id"])),
         projector_type=extras.get("projector_type", "mlp2x"),
         hf_extra={k: v for k, v in d.items() if k not in _LLAVA_KEYS},
     )
-    if model_type == "llava_next":
-      kwargs["image_grid_pinpoints"] = _grid_pinpoints(d.get("image_grid_pinpoints"), vision.image_size, source)
+    if model_type in ANYRES_TYPES:
+      pinpoints = d.get("image_grid_pinpoints")
+      if pinpoints is None:
+        pinpoints = ONEVISION_GRID_PINPOINTS if model_type == "llava_onevision" else DEFAULT_GRID_PINPOINTS
+      kwargs["image_grid_pinpoints"] = _grid_pinpoints(pinpoints, vision.image_size, source)
       _check_anyres_strategy(kwargs["vision_feature_select_strategy"], vision, source)
+    if model_type == "llava_onevision":
+      kwargs["vision_aspect_ratio"] = d.get("vision_aspect_ratio", top["vision_aspect_ratio"])
+      _anyres_max(kwargs["vision_aspect_ratio"], source)
     config = cls(**kwargs)
     seq_len = d.get("image_seq_length", config.tokens_per_tile if model_type == "llava" else 576)
     config = config.replace(image_seq_length=seq_len)
@@ -307,7 +338,6 @@ class LlavaConfig:
         vision_config=_write_section(self.vision, VISION_FAMILIES),
         text_config=text,
         image_token_index=self.image_token_index,
-        image_seq_length=self.image_seq_length,
         projector_hidden_act=self.projector_hidden_act,
         multimodal_projector_bias=self.multimodal_projector_bias,
         vision_feature_layer=(self.vision_feature_layer if isinstance(self.vision_feature_layer, int)
@@ -315,8 +345,12 @@ class LlavaConfig:
         vision_feature_select_strategy=self.vision_feature_select_strategy,
         tie_word_embeddings=t.tie_word_embeddings,
     )
+    if self.model_type != "llava_onevision":  # transformers' OneVision config has no image_seq_length
+      d["image_seq_length"] = self.image_seq_length
     if self.image_grid_pinpoints is not None:
       d["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
+    if self.vision_aspect_ratio is not None:
+      d["vision_aspect_ratio"] = self.vision_aspect_ratio
     if self.pad_token_id != text["pad_token_id"]:  # LLaVA's own pad token, e.g. one added beside the text model's
       d["pad_token_id"] = self.pad_token_id
     if self.projector_type != "mlp2x":
@@ -327,7 +361,7 @@ class LlavaConfig:
 _LLAVA_KEYS = {
     "model_type", "vision_config", "text_config", "image_token_index", "image_token_id", "image_seq_length",
     "projector_hidden_act", "multimodal_projector_bias", "vision_feature_layer", "vision_feature_select_strategy",
-    "pad_token_id", "tie_word_embeddings", "llava_jax", "image_grid_pinpoints",
+    "pad_token_id", "tie_word_embeddings", "llava_jax", "image_grid_pinpoints", "vision_aspect_ratio",
 }
 _ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")  # v5 and v4 spellings; written back as v5
 
@@ -372,9 +406,9 @@ def _text_from_hf(td: dict, source: str) -> TextConfig:
 
 
 def _grid_pinpoints(value, image_size: int, source: str) -> tuple[tuple[int, int], ...]:
-  """llava_next's image_grid_pinpoints: [height, width] pairs, each side a multiple of the tower's image size."""
-  if value is None:
-    return DEFAULT_GRID_PINPOINTS
+  """AnyRes image_grid_pinpoints: [height, width] pairs, each side a multiple of the tower's image size."""
+  if isinstance(value, tuple):  # the type's default
+    return value
   pairs = value if isinstance(value, list) else [value]
   if not pairs:
     raise LlavaJaxError(f"{source}: image_grid_pinpoints is empty")
@@ -398,6 +432,14 @@ def _check_anyres_strategy(strategy: str, vision: VisionConfig, source: str) -> 
     raise LlavaJaxError(f"{source}: vision_feature_select_strategy 'default' drops the first token, and "
                         f"{vision.model_type} has no class token: a patch the AnyRes feature grid of llava_next "
                         "needs (use 'full')")
+
+
+def _anyres_max(value, source: str) -> int:
+  """N of an "anyres_max_N" vision_aspect_ratio (the only kind transformers' OneVision model reads)."""
+  digits = value[len(ANYRES_MAX_PREFIX):] if isinstance(value, str) and value.startswith(ANYRES_MAX_PREFIX) else ""
+  if not (digits.isdigit() and int(digits) > 0):
+    raise LlavaJaxError(f"{source}: vision_aspect_ratio {value!r} is not {ANYRES_MAX_PREFIX}N with N a positive int")
+  return int(digits)
 
 
 def _tuple_or_int(value):

@@ -3,6 +3,8 @@ side (processor, training pipeline, generation engine) and the model's own host-
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from llava_jax.errors import LlavaJaxError
@@ -14,3 +16,25 @@ def check_image_tokens(input_ids, image_token_id: int, num_features: int, where:
   found = int(np.sum(np.asarray(input_ids) == image_token_id))
   if found != num_features:
     raise LlavaJaxError(f"{where}: {found} image tokens but its {images} give {num_features} image features")
+
+
+# Features one image token of a FeatureMix can blend: bilinear interpolation's 2x2 neighbours.
+MIX_TAPS = 4
+
+
+class FeatureMix(NamedTuple):
+  """Image tokens that each take a weighted sum of features instead of one (LLaVA-OneVision's bilinear downscaling
+  of large images): index int32 (..., K, MIX_TAPS), entries as a plain feature index's (-1: the image_newline
+  embedding), weights float32 (..., K, MIX_TAPS). The data side computes both, so the model stays a static gather."""
+  index: np.ndarray
+  weights: np.ndarray
+
+
+def as_mix(index) -> FeatureMix:
+  """A plain feature index (..., K) as the FeatureMix giving the same features: each token's one feature, weight 1."""
+  if isinstance(index, FeatureMix):
+    return index
+  index = np.asarray(index, np.int32)
+  weights = np.zeros(index.shape + (MIX_TAPS,), np.float32)
+  weights[..., 0] = 1
+  return FeatureMix(np.repeat(index[..., None], MIX_TAPS, axis=-1), weights)

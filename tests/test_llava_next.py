@@ -65,9 +65,9 @@ def test_bad_configs_name_file_and_value(tmp_path):
   with pytest.raises(LlavaJaxError, match=r"config.json: image_grid_pinpoints entry \[42, 28\] is not a multiple "
                                           r"of the vision tower's image_size 28"):
     load_config(str(tmp_path))
-  d["model_type"] = "llava_onevision"
+  d["model_type"] = "paligemma"
   (tmp_path / "config.json").write_text(json.dumps(d))
-  with pytest.raises(LlavaJaxError, match="config.json: unsupported model_type 'llava_onevision'"):
+  with pytest.raises(LlavaJaxError, match="config.json: unsupported model_type 'paligemma'"):
     load_config(str(tmp_path))
 
 

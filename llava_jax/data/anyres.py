@@ -173,14 +173,10 @@ class AnyResLayout:
     rows, cols = self.grid_shape(image_hw, name)
     return rows * cols + 1
 
-  def feature_index(self, image_hw: Sequence[int], name: str = "image") -> np.ndarray:
-    """int32 (num_image_tokens,): the feature each of the image's tokens takes, as an index into its tiles'
-    features flattened (tile-major, `tokens_per_tile` each), NEWLINE for the newline embedding.
-
-    This is transformers' `pack_image_features` as a gather: the whole image's features, then the tiles'
-    patch grids joined into one (rows * p, cols * p) grid, cropped by `unpad_slices`, read row by row with
-    a newline after each row.
-    """
+  def feature_grid(self, image_hw: Sequence[int], name: str = "image") -> np.ndarray:
+    """int32 (rows, cols): the image's unpadded tile-feature grid, each entry an index into its tiles' features
+    flattened (tile-major, `tokens_per_tile` each; tile 0 is the whole image): the tiles' patch grids joined into
+    one (rows * p, cols * p) grid, cropped by `unpad_slices` (transformers' `pack_image_features`)."""
     rows, cols = self.grid_shape(image_hw, name)
     side, per_tile = self.patches_per_side, self.tokens_per_tile
     if per_tile != side * side:
@@ -190,10 +186,14 @@ class AnyResLayout:
     row_slice, col_slice = unpad_slices(image_hw, (rows * side, cols * side))
     r = np.arange(row_slice.start, row_slice.stop)[:, None]
     c = np.arange(col_slice.start, col_slice.stop)[None, :]
-    tile = 1 + (r // side) * cols + c // side  # tile 0 is the whole image
-    grid = tile * per_tile + (r % side) * side + c % side
-    grid = np.concatenate([grid, np.full((len(grid), 1), NEWLINE)], axis=1)
-    return np.concatenate([np.arange(per_tile), grid.ravel()]).astype(np.int32)
+    tile = 1 + (r // side) * cols + c // side
+    return (tile * per_tile + (r % side) * side + c % side).astype(np.int32)
+
+  def feature_index(self, image_hw: Sequence[int], name: str = "image") -> np.ndarray:
+    """int32 (num_image_tokens,): the feature each of the image's tokens takes, as an index into its tiles' features
+    flattened, NEWLINE for the newline embedding: the whole image's features, then `feature_grid` read row by row
+    with a newline after each row."""
+    return with_row_newlines(np.arange(self.tokens_per_tile), self.feature_grid(image_hw, name))
 
   def pixels(self, img: Image.Image, processor: ImageProcessor, name: str = "image") -> np.ndarray:
     return anyres_pixels(img, processor, self, name)
@@ -215,6 +215,13 @@ class AnyResLayout:
                           f"{[list(p) for p in self.grid_pinpoints]}")
 
 
+def with_row_newlines(base: np.ndarray, grid: np.ndarray) -> np.ndarray:
+  """`base` (n, ...) then `grid` (rows, cols, ...) read row by row, each row closed by a NEWLINE entry."""
+  newline = np.full((len(grid), 1) + grid.shape[2:], NEWLINE, grid.dtype)
+  rows = np.concatenate([grid, newline], axis=1)
+  return np.concatenate([base, rows.reshape((-1,) + grid.shape[2:])]).astype(np.int32)
+
+
 def _overview_hw(processor: ImageProcessor) -> HW:
   """Size the whole image is squashed to before the per-tile resize and crop (transformers' rule)."""
   size = processor.size
@@ -223,11 +230,18 @@ def _overview_hw(processor: ImageProcessor) -> HW:
   return size["shortest_edge"], size["shortest_edge"]
 
 
+def _tile_side(processor: ImageProcessor) -> int:
+  """The tile side transformers cuts the canvas into: the crop height, else (OneVision: no crop) the resize height."""
+  if processor.crop_size:
+    return processor.crop_size["height"]
+  return _overview_hw(processor)[0]
+
+
 def anyres_pixels(img: Image.Image, processor: ImageProcessor, layout: AnyResLayout,
                   name: str = "image") -> np.ndarray:
   """One image -> float32 (rows * cols + 1, S, S, 3), S = layout.image_size: the whole image, then
   the tiles row by row, each resized, cropped, rescaled and normalized by `processor`."""
-  tile = processor.crop_size["height"]
+  tile = _tile_side(processor)
   if processor.pad_to_square or tile != layout.image_size or processor.output_size != (tile, tile):
     raise LlavaJaxError(
         f"image processor (crop_size {processor.crop_size}, pad_to_square {processor.pad_to_square}) does not "

@@ -20,9 +20,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from llava_jax.errors import LlavaJaxError
 from llava_jax.fileio import read_json
 
-# OpenAI CLIP's normalization constants (what every LLaVA vision tower was trained with).
+# OpenAI CLIP's normalization constants (what the CLIP towers of LLaVA were trained with).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)  # SigLIP's
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 
 # Refuse larger images before decoding their pixels (a decompression bomb guard).
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -153,11 +155,34 @@ def _size_dict(value: Any, default_to_square: bool, key: str) -> dict:
       f"{{'height', 'width'}}, got {value!r}")
 
 
+# image_processor_type -> the values transformers' class (its PIL backend) takes for the keys a
+# preprocessor_config.json leaves out; CLIP's are the dataclass defaults. SigLIP and OneVision resize
+# straight to a square and crop nothing.
+_SQUARE_NO_CROP = dict(size={"height": 384, "width": 384}, crop_size=None, do_center_crop=False)
+PROCESSOR_DEFAULTS = {
+    "CLIPImageProcessor": {},
+    "LlavaImageProcessor": {},
+    "LlavaNextImageProcessor": {},
+    "SiglipImageProcessor": dict(_SQUARE_NO_CROP, size={"height": 224, "width": 224},
+                                 image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD),
+    "LlavaOnevisionImageProcessor": _SQUARE_NO_CROP,
+}
+
+
+def processor_kind(config: dict) -> str:
+  """A config's image_processor_type without the backend suffix transformers may write ("...Fast", "...Pil")."""
+  kind = str(config.get("image_processor_type", "CLIPImageProcessor"))
+  for suffix in ("Fast", "Pil"):
+    if kind.endswith(suffix):
+      kind = kind[:-len(suffix)]
+  return kind
+
+
 @dataclasses.dataclass
 class ImageProcessor:
-  """CLIP-style preprocessing; `preprocess` returns float32 (H, W, 3)."""
+  """CLIP-style preprocessing (SigLIP's and OneVision's: no crop); `preprocess` returns float32 (H, W, 3)."""
   size: dict = dataclasses.field(default_factory=lambda: {"shortest_edge": 224})
-  crop_size: dict = dataclasses.field(default_factory=lambda: {"height": 224, "width": 224})
+  crop_size: Optional[dict] = dataclasses.field(default_factory=lambda: {"height": 224, "width": 224})
   resample: int = Image.Resampling.BICUBIC
   do_resize: bool = True
   do_center_crop: bool = True
@@ -169,6 +194,7 @@ class ImageProcessor:
   do_convert_rgb: bool = True
   # LLaVA-1.5's image_aspect_ratio == "pad" (transformers: LlavaImageProcessor with do_pad).
   pad_to_square: bool = False
+  kind: str = "CLIPImageProcessor"  # image_processor_type (without backend suffix) it was read from
 
   @classmethod
   def default(cls, image_size: int, pad_to_square: bool = False) -> "ImageProcessor":
@@ -180,27 +206,30 @@ class ImageProcessor:
   @classmethod
   def from_config(cls, config: dict, image_aspect_ratio: Optional[str] = None) -> "ImageProcessor":
     """From a preprocessor_config.json dict; `image_aspect_ratio="pad"` forces pad-to-square."""
-    kind = str(config.get("image_processor_type", ""))
-    pad = (kind.startswith("LlavaImageProcessor") and bool(config.get("do_pad", False))) or (
+    kind = processor_kind(config)
+    pad = (kind == "LlavaImageProcessor" and bool(config.get("do_pad", False))) or (
         config.get("image_aspect_ratio") == "pad")
     if image_aspect_ratio is not None:
       pad = image_aspect_ratio == "pad"
-    defaults = cls()
-    # CLIP's image processor reads a bare int `size` as the shortest edge, a bare int crop as square.
-    size = _size_dict(config.get("size", defaults.size), False, "size")
-    crop = _size_dict(config.get("crop_size", defaults.crop_size), True, "crop_size")
+    defaults = dataclasses.replace(cls(), **PROCESSOR_DEFAULTS.get(kind, {}))
+    value = lambda key: getattr(defaults, key) if config.get(key) is None else config[key]
+    flag = lambda key: bool(config.get(key, getattr(defaults, key)))  # transformers' None: off
+    # A bare int `size` is the shortest edge (CLIP, and SigLIP's default_to_square=False), a bare int crop square.
+    crop = value("crop_size")
     return cls(
-        size=size, crop_size=crop,
-        resample=int(config.get("resample", defaults.resample)),
-        do_resize=bool(config.get("do_resize", True)),
-        do_center_crop=bool(config.get("do_center_crop", True)),
-        do_rescale=bool(config.get("do_rescale", True)),
-        rescale_factor=float(config.get("rescale_factor", defaults.rescale_factor)),
-        do_normalize=bool(config.get("do_normalize", True)),
-        image_mean=_triple(config.get("image_mean", defaults.image_mean), "image_mean"),
-        image_std=_triple(config.get("image_std", defaults.image_std), "image_std"),
-        do_convert_rgb=bool(config.get("do_convert_rgb", True)),
-        pad_to_square=pad)
+        size=_size_dict(value("size"), False, "size"),
+        crop_size=None if crop is None else _size_dict(crop, True, "crop_size"),
+        resample=int(value("resample")),
+        do_resize=flag("do_resize"),
+        do_center_crop=flag("do_center_crop"),
+        do_rescale=flag("do_rescale"),
+        rescale_factor=float(value("rescale_factor")),
+        do_normalize=flag("do_normalize"),
+        image_mean=_triple(value("image_mean"), "image_mean"),
+        image_std=_triple(value("image_std"), "image_std"),
+        do_convert_rgb=flag("do_convert_rgb"),
+        # the CLIP-style kinds differ only in pad_to_square, which to_config writes back as their type
+        pad_to_square=pad, kind=kind if PROCESSOR_DEFAULTS.get(kind) else defaults.kind)
 
   @classmethod
   def from_folder(cls, folder: Union[str, os.PathLike], image_size: Optional[int] = None,
@@ -223,7 +252,7 @@ class ImageProcessor:
 
   @property
   def output_size(self) -> Tuple[int, int]:
-    """(height, width) of what `preprocess` returns, for fixed-size (center-cropped) configs."""
+    """(height, width) of what `preprocess` returns, for fixed-size (center-cropped or square-resized) configs."""
     if self.do_center_crop:
       return self.crop_size["height"], self.crop_size["width"]
     if "height" in self.size:
@@ -233,15 +262,16 @@ class ImageProcessor:
 
   def to_config(self) -> dict:
     """A preprocessor_config.json dict that transformers' AutoImageProcessor loads back."""
+    kind = "LlavaImageProcessor" if self.pad_to_square and self.kind == "CLIPImageProcessor" else self.kind
     config = {
-        "image_processor_type": "LlavaImageProcessor" if self.pad_to_square else "CLIPImageProcessor",
+        "image_processor_type": kind,
         "do_resize": self.do_resize, "size": dict(self.size), "resample": int(self.resample),
-        "do_center_crop": self.do_center_crop, "crop_size": dict(self.crop_size),
+        "do_center_crop": self.do_center_crop, "crop_size": self.crop_size and dict(self.crop_size),
         "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
         "do_normalize": self.do_normalize, "image_mean": list(self.image_mean),
         "image_std": list(self.image_std), "do_convert_rgb": self.do_convert_rgb,
     }
-    if self.pad_to_square:
+    if self.pad_to_square and kind == "LlavaImageProcessor":
       config["do_pad"] = True
     return config
 

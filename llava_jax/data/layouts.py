@@ -3,8 +3,10 @@
 A layout answers, for one image of a given (height, width): its tower inputs (`pixels`, (tiles, S, S, 3)),
 how many `<image>` tokens it expands to (`num_image_tokens`), and which feature each of those tokens takes
 (`feature_index`: an index into the image's tiles' features flattened, `tokens_per_tile` per tile, or
-anyres.NEWLINE for the model's newline embedding). The model gathers by that index, so the data-dependent
-part of a layout (AnyRes unpadding) stays on the host and the compiled shapes stay static.
+anyres.NEWLINE for the model's newline embedding; OneVision's blends of features are a FeatureMix of such
+indexes and their weights). The model gathers by that index, so the data-dependent part of a layout (AnyRes
+unpadding, OneVision's downscaling) stays on the host and the compiled shapes stay static. Where a layout
+depends on how many images a prompt has (OneVision tiles a lone image only), `prompt_layout` picks it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from PIL import Image
 from llava_jax.config import LlavaConfig
 from llava_jax.data.anyres import NEWLINE, AnyResLayout
 from llava_jax.data.images import ImageProcessor
+from llava_jax.data.onevision import OneVisionLayout
 from llava_jax.errors import LlavaJaxError
+from llava_jax.image_tokens import FeatureMix, as_mix
 
 FEATURE_INDEX = "image_feature_index"  # a model key of batches whose layout orders features by image size
 
@@ -31,7 +35,7 @@ class ImageLayout(Protocol):
 
   def num_image_tokens(self, image_hw: Sequence[int], name: str = "image") -> int: ...
 
-  def feature_index(self, image_hw: Sequence[int], name: str = "image") -> np.ndarray: ...
+  def feature_index(self, image_hw: Sequence[int], name: str = "image") -> np.ndarray | FeatureMix: ...
 
   def pixels(self, img: Image.Image, processor: ImageProcessor, name: str = "image") -> np.ndarray: ...
 
@@ -66,14 +70,20 @@ def _anyres(config: LlavaConfig) -> AnyResLayout:
 
 
 # LlavaConfig.model_type -> its image layout.
-IMAGE_LAYOUTS: dict[str, Callable[[LlavaConfig], Union[FixedLayout, AnyResLayout]]] = {
+IMAGE_LAYOUTS: dict[str, Callable[[LlavaConfig], Union[FixedLayout, AnyResLayout, OneVisionLayout]]] = {
     "llava": lambda config: FixedLayout(config.tokens_per_tile),
     "llava_next": _anyres,
+    "llava_onevision": lambda config: OneVisionLayout(_anyres(config), config.anyres_max_tiles),
 }
 
 
 def layout_for(config: LlavaConfig) -> ImageLayout:
   return IMAGE_LAYOUTS[config.model_type](config)
+
+
+def prompt_layout(layout: ImageLayout, num_images: int) -> ImageLayout:
+  """The layout of the images of a prompt (or training sample) with `num_images` images."""
+  return layout.for_prompt(num_images) if isinstance(layout, OneVisionLayout) else layout
 
 
 def image_labels(images: Sequence) -> list[str]:
@@ -83,21 +93,28 @@ def image_labels(images: Sequence) -> list[str]:
 
 
 def images_feature_index(layout: ImageLayout, sizes: Sequence[Sequence[int]],
-                         names: Sequence[str] | None = None) -> np.ndarray:
+                         names: Sequence[str] | None = None) -> np.ndarray | FeatureMix:
   """int32 (image tokens of all images,): each image's `feature_index`, shifted past the tiles of the images
   before it, so that it indexes the features of all the images' tiles in order (what a prompt row feeds the
-  model with its image tokens: the row's k-th image token takes feature index[k])."""
+  model with its image tokens: the row's k-th image token takes feature index[k]); a FeatureMix where an
+  image's index is one. `layout` is the prompt's (see prompt_layout)."""
   parts, tiles = [np.zeros(0, np.int32)], 0
   names = names or image_labels([None] * len(sizes))
   for size, name in zip(sizes, names):
     parts.append(shift_feature_index(layout.feature_index(size, name), tiles, layout.tokens_per_tile))
     tiles += layout.tiles(size, name)
+  if any(isinstance(part, FeatureMix) for part in parts):
+    mixes = [as_mix(part) for part in parts]
+    return FeatureMix(np.concatenate([m.index for m in mixes]), np.concatenate([m.weights for m in mixes]))
   return np.concatenate(parts)
 
 
-def shift_feature_index(index: np.ndarray, tiles_before: int, tokens_per_tile: int) -> np.ndarray:
+def shift_feature_index(index: np.ndarray | FeatureMix, tiles_before: int,
+                        tokens_per_tile: int) -> np.ndarray | FeatureMix:
   """int32 `index` into the features of some tiles, made an index into the features of `tiles_before` other tiles
   followed by those (NEWLINE entries stay)."""
+  if isinstance(index, FeatureMix):
+    return index._replace(index=shift_feature_index(index.index, tiles_before, tokens_per_tile))
   return np.where(index == NEWLINE, NEWLINE, index + tiles_before * tokens_per_tile).astype(np.int32)
 
 
@@ -118,7 +135,8 @@ def max_tiles_per_image(layout: ImageLayout) -> int:
   """The most tower inputs one image can take: 1, or AnyRes's largest pinpoint in tiles plus the whole image."""
   if not orders_features_by_size(layout):
     return 1
-  return 1 + max(h * w for h, w in layout.grid_pinpoints) // layout.image_size ** 2
+  anyres = layout.anyres if isinstance(layout, OneVisionLayout) else layout
+  return 1 + max(h * w for h, w in anyres.grid_pinpoints) // anyres.image_size ** 2
 
 
 def expand_image_tags(text: str, tag: str, image_token: str, counts: Sequence[int]) -> str:

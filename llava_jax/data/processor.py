@@ -17,9 +17,10 @@ from PIL import Image
 from llava_jax.data import conversation
 from llava_jax.data import images as images_lib
 from llava_jax.data import templates
-from llava_jax.data.layouts import ImageLayout, expand_image_tags, image_labels, images_feature_index, images_pixels
+from llava_jax.data.layouts import (ImageLayout, expand_image_tags, image_labels, images_feature_index, images_pixels,
+                                    prompt_layout)
 from llava_jax.errors import LlavaJaxError
-from llava_jax.image_tokens import check_image_tokens
+from llava_jax.image_tokens import FeatureMix, check_image_tokens
 from llava_jax.fileio import read_json
 
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
@@ -91,11 +92,12 @@ def _default_template(template, where: str) -> str:
 class LlavaInputs:
   """Model inputs. input_ids int32 (S,) or (B, S); pixel_values float32 (N, H, W, 3), the tower inputs
   (images, or AnyRes tiles) of all rows in order; image_feature_index int32 (image tokens,): the
-  feature each image token takes (see layouts.images_feature_index), one array per row when batched;
+  feature each image token takes (see layouts.images_feature_index; a FeatureMix for OneVision's lone images),
+  one per row when batched;
   attention_mask int32 like input_ids (batched only)."""
   input_ids: np.ndarray
   pixel_values: np.ndarray
-  image_feature_index: Union[np.ndarray, List[np.ndarray]]
+  image_feature_index: Union[np.ndarray, FeatureMix, List[Union[np.ndarray, FeatureMix]]]
   attention_mask: Optional[np.ndarray] = None
 
 
@@ -185,13 +187,14 @@ class Processor:
     pictures = [_as_pil(img) for img in images]
     names = list(names) if names is not None else image_labels(images)
     sizes = [(p.height, p.width) for p in pictures]
-    counts = [self.layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
-    pixel_values = images_pixels(self.layout, pictures, self.image_processor, names)
+    layout = prompt_layout(self.layout, len(images))
+    counts = [layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
+    pixel_values = images_pixels(layout, pictures, self.image_processor, names)
     expanded = expand_image_tags(prompt_text, image_token, image_token, counts)
     ids = self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
     if images:  # (a text-only prompt needs no image token in the tokenizer)
       check_image_tokens(ids, self.image_token_id, sum(counts), "tokenized prompt")
-    return LlavaInputs(np.asarray(ids, np.int32), pixel_values, images_feature_index(self.layout, sizes, names))
+    return LlavaInputs(np.asarray(ids, np.int32), pixel_values, images_feature_index(layout, sizes, names))
 
   def encode_batch(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],
                    add_special_tokens: bool = True, length: Optional[int] = None) -> LlavaInputs:

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
 from llava_jax.config import LlavaConfig
-from llava_jax.image_tokens import check_image_tokens
+from llava_jax.image_tokens import FeatureMix, as_mix, check_image_tokens
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer import sampling
 from llava_jax.infer.backend import InferenceLayout, resolve_layout
@@ -69,11 +69,12 @@ def bucket_batch(n: int) -> int:
 class Prompt:
   """One prompt: token ids (S,) with image tokens already expanded, its tower inputs (M, H, W, 3): images,
   or AnyRes tiles, and image_feature_index (image tokens,): the feature of the M inputs' flattened features
-  each image token takes (-1: image_newline; see models/llava.Llava.embed). Without an index the k-th image
+  each image token takes (-1: image_newline; a FeatureMix: weighted features; see models/llava.Llava.embed).
+  Without an index the k-th image
   token takes feature k (the fixed layout); llava_next prompts need one."""
   input_ids: np.ndarray
   pixel_values: np.ndarray | None = None
-  image_feature_index: np.ndarray | None = None
+  image_feature_index: np.ndarray | FeatureMix | None = None
 
   @classmethod
   def of(cls, inputs) -> "Prompt":
@@ -109,7 +110,7 @@ class DeviceBatch(NamedTuple):
   input_ids: jax.Array  # (B, P) int32
   prompt_mask: jax.Array  # (B, P) bool
   pixel_values: jax.Array | None  # (B, M, H, W, 3) float32, M a bucketed tile count
-  image_feature_index: jax.Array | None  # (B, P) int32: a row's k-th image token takes feature [b, k]
+  image_feature_index: jax.Array | FeatureMix | None  # (B, P) int32: a row's k-th image token takes feature [b, k]
   live: jax.Array  # (B,) bool: False for the rows that only pad the batch (they start finished)
   rows: int  # number of live rows
 
@@ -246,6 +247,8 @@ class Engine:
       shape = next(p.pixel_values.shape[1:] for p in prompts if p.num_tiles)
       pixels = np.zeros((rows, bucket_length(tiles, minimum=1)) + shape, np.float32)
       index = np.zeros((rows, length), np.int32)
+      if any(isinstance(x, FeatureMix) for x in indexes):  # OneVision's downscaled images: every row a mix
+        indexes, index = [as_mix(x) for x in indexes], as_mix(index)
       for i in range(rows):
         last = min(i, len(prompts) - 1)  # padding rows repeat the last prompt
         p = prompts[last]
@@ -253,16 +256,17 @@ class Engine:
           if p.pixel_values.shape[1:] != shape:
             raise LlavaJaxError(f"prompt {i}: images of shape {p.pixel_values.shape[1:]}, others have {shape}")
           pixels[i, :p.num_tiles] = p.pixel_values
-          index[i, :len(indexes[last])] = indexes[last]
+          for batch_part, row_part in zip(jax.tree.leaves(index), jax.tree.leaves(indexes[last])):
+            batch_part[i, :len(row_part)] = row_part
     live = np.arange(rows) < len(prompts)
     put = jnp.asarray
     if self.mesh is not None:
       rows_split = NamedSharding(self.mesh, P("data"))
       put = lambda x: jax.device_put(x, rows_split)
-    maybe_put = lambda x: None if x is None else put(x)
+    maybe_put = lambda x: None if x is None else jax.tree.map(put, x)
     return DeviceBatch(put(ids), put(mask), maybe_put(pixels), maybe_put(index), put(live), len(prompts)), slots
 
-  def _feature_index(self, i: int, p: Prompt) -> np.ndarray:
+  def _feature_index(self, i: int, p: Prompt) -> np.ndarray | FeatureMix:
     """Prompt i's image_feature_index, checked against its image tokens and tiles (the fixed layout's order
     where it has none)."""
     c = self.config
@@ -273,10 +277,13 @@ class Engine:
       if c.has_image_newline and p.num_tiles:
         raise LlavaJaxError(f"prompt {i}: a {c.model_type} model needs the image_feature_index of its images")
       index = np.arange(features, dtype=np.int32)
+    elif isinstance(p.image_feature_index, FeatureMix):
+      index = p.image_feature_index
     else:
       index = np.asarray(p.image_feature_index, np.int32)
-    check_image_tokens(p.input_ids, c.image_token_index, len(index), f"prompt {i}", f"{p.num_tiles} image tile(s)")
-    if len(index) and (index.max() >= features or index.min() < (-1 if c.has_image_newline else 0)):
+    entries = index.index if isinstance(index, FeatureMix) else index
+    check_image_tokens(p.input_ids, c.image_token_index, len(entries), f"prompt {i}", f"{p.num_tiles} image tile(s)")
+    if len(entries) and (entries.max() >= features or entries.min() < (-1 if c.has_image_newline else 0)):
       raise LlavaJaxError(f"prompt {i}: image_feature_index outside the {features} features of its image tiles")
     return index
 
@@ -314,7 +321,7 @@ class Engine:
     if not self.layout.row_by_row_prefill or self.mesh is not None or rows == 1:
       logits, cache = run(input_ids, pixel_values, feature_index, kv_mask)
     else:
-      one_row = lambda x: None if x is None else x[None]
+      one_row = lambda x: jax.tree.map(lambda a: a[None], x)
       logits, cache = jax.lax.map(lambda row: run(*(one_row(x) for x in row)),
                                   (input_ids, pixel_values, feature_index, kv_mask))
       # (rows, 1, ...) -> (rows, ...): logits are per row; a cache (rows, [layers,] kv_heads, T, d)

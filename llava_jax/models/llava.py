@@ -11,7 +11,7 @@ import numpy as np
 
 from llava_jax.config import LlavaConfig
 from llava_jax.errors import LlavaJaxError
-from llava_jax.image_tokens import check_image_tokens
+from llava_jax.image_tokens import FeatureMix, check_image_tokens
 from llava_jax.models.attention import AttentionMask
 from llava_jax.models.clip import ClipVisionTower, VisionTransformer
 from llava_jax.models.interfaces import LanguageModel, VisionTower
@@ -53,6 +53,18 @@ def check_image_token_count(input_ids, pixel_values, image_feature_index, config
   for row, ids in enumerate(np.asarray(input_ids)):
     check_image_tokens(ids, config.image_token_index, tiles * config.tokens_per_tile, f"row {row}",
                        f"{tiles} image tile(s)")
+
+
+def _gather_features(features: jax.Array, index: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """features (B, F, D) at index (B, S): (B, S, D); with weights, index and weights (B, S, taps): the weighted
+  sum over the taps (tap by tap, so no (B, S, taps, D) array is built)."""
+  if weights is None:
+    return jnp.take_along_axis(features, index[..., None], axis=1)
+  total = None
+  for tap in range(index.shape[-1]):
+    term = jnp.take_along_axis(features, index[..., tap, None], axis=1) * weights[..., tap, None].astype(features.dtype)
+    total = term if total is None else total + term
+  return total
 
 
 def attention_layout(segment_ids: jax.Array, num_queries: int, cache_index, sliding_window: int | None = None):
@@ -142,8 +154,9 @@ class Llava(nn.Module):
     pixel_values (B, M, H, W, C): row b's M tower inputs (images, or AnyRes tiles), whose features,
     flattened (M * tokens_per_tile), the row's image tokens take. image_feature_index (B, K) int32:
     the row's k-th image token takes feature image_feature_index[b, k], or the image_newline embedding
-    where it is -1 (data/layouts.py builds it); None: the k-th takes feature k (the fixed layout's
-    order). Tower inputs no image token takes (padding tiles) are computed and ignored.
+    where it is -1 (data/layouts.py builds it); a FeatureMix ((B, K, MIX_TAPS) index and weights): the
+    weighted sum of those features (OneVision's downscaled grids); None: the k-th takes feature k (the fixed
+    layout's order). Tower inputs no image token takes (padding tiles) are computed and ignored.
     """
     embeds = self.language_model.embed(input_ids)
     if pixel_values is None:
@@ -153,14 +166,20 @@ class Llava(nn.Module):
     features = features.reshape(b, -1, features.shape[-1]).astype(embeds.dtype)
     is_image = input_ids == self.config.image_token_index
     index = jnp.cumsum(is_image, axis=1) - 1  # which image token of its row each one is
+    weights = None
     if image_feature_index is not None:
-      index = jnp.take_along_axis(image_feature_index, jnp.clip(index, 0, image_feature_index.shape[1] - 1), axis=1)
+      mix = image_feature_index if isinstance(image_feature_index, FeatureMix) else None
+      table = image_feature_index if mix is None else mix.index
+      at = jnp.clip(index, 0, table.shape[1] - 1)
+      take_row = lambda x: jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1)
+      index = take_row(table)
+      weights = None if mix is None else take_row(mix.weights)
     if self.config.has_image_newline:  # the newline embedding goes after the features; -1 picks it
       newline = jnp.broadcast_to(self.image_newline.astype(embeds.dtype), (b, 1, features.shape[-1]))
       features = jnp.concatenate([features, newline], axis=1)
       index = jnp.where(index < 0, features.shape[1] - 1, index)
     index = jnp.clip(index, 0, features.shape[1] - 1)
-    gathered = jnp.take_along_axis(features, index[..., None], axis=1)
+    gathered = _gather_features(features, index, weights)
     return jnp.where(is_image[..., None], gathered, embeds)
 
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
