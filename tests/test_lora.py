@@ -181,7 +181,8 @@ def test_engine_generates_as_the_merged_weights(family, layout):
 
 # ---- training: the recipes' stages on the tiny model ----
 
-LORA_OVERRIDES = {"lora.rank": 8, "lora.alpha": 16.0, "data.template": "plain", "warmup_ratio": 0.0}
+LORA_OVERRIDES = {"lora.rank": 8, "lora.alpha": 16.0, "data.template": "plain", "warmup_ratio": 0.0, "batch_size": 8,
+                  "mesh.data": -1}
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +222,8 @@ def test_only_adapters_and_projector_train(world, tmp_path, stage):
 @pytest.mark.parametrize("stage", ["finetune_lora", "finetune_qlora"])
 def test_tiny_lora_run_memorizes_captions(world, tmp_path, stage):
   workdir = tmp_path / "run"
-  train_main.run(F.train_args(world, workdir, stage=stage, total_steps=40, batch_size=16, lr=3e-2, checkpoint_every=0,
-                              **dict(LORA_OVERRIDES, **{"mesh.data": -1, "lora.dropout": 0.0})))
+  train_main.run(F.train_args(world, workdir, stage=stage, total_steps=40, lr=3e-2, checkpoint_every=0,
+                              **dict(LORA_OVERRIDES, batch_size=16, **{"lora.dropout": 0.0})))
   losses = [r["loss"] for r in F.read_metrics(workdir)]
   assert len(losses) == 40 and losses[-1] < 0.3 * losses[0], losses
 
