@@ -221,9 +221,11 @@ def test_only_adapters_and_projector_train(world, tmp_path, stage):
 
 @pytest.mark.parametrize("stage", ["finetune_lora", "finetune_qlora"])
 def test_tiny_lora_run_memorizes_captions(world, tmp_path, stage):
+  """lm_head is adapted too: the random base's frozen lm_head after RMSNorm bounds the logits near +-1."""
   workdir = tmp_path / "run"
-  train_main.run(F.train_args(world, workdir, stage=stage, total_steps=40, lr=3e-2, checkpoint_every=0,
-                              **dict(LORA_OVERRIDES, batch_size=16, **{"lora.dropout": 0.0})))
+  train_main.run(F.train_args(world, workdir, stage=stage, total_steps=40, lr=1e-2, checkpoint_every=0,
+                              **dict(LORA_OVERRIDES, batch_size=16,
+                                     **{"lora.dropout": 0.0, "lora.targets": "language_model/.*"})))
   losses = [r["loss"] for r in F.read_metrics(workdir)]
   assert len(losses) == 40 and losses[-1] < 0.3 * losses[0], losses
 
