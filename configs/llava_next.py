@@ -11,6 +11,9 @@ included at its own learning rate: 2e-6 against 2e-5 for the rest (an lr multipl
 128, max length 4096, the template of the size's language model (`vicuna_v1` for Vicuna, `chatml_direct`
 for the 34b's Yi). Both: one epoch, cosine decay after 3% warmup, no weight decay; images are preprocessed
 by the model folder's (AnyRes) image processor. `size=tiny` is the recipe at toy scale (random init).
+finetune_lora / finetune_qlora: stage 2 as LLaVA-1.5's LoRA stages (configs/llava_v1_5.py) with NeXT's template,
+length and images: adapters on the frozen language model, the projector and image_newline at 2e-5, the vision tower
+frozen.
 """
 
 import importlib.util
@@ -39,6 +42,8 @@ def stages(size: dict) -> dict:
       "finetune": dict(v1_5.STAGES["finetune"], template=size["template"], max_len=4096, image_aspect_ratio="",
                        trainable=((".*", True),),
                        lr_multipliers=(("vision_tower/.*", TOWER_LR_MULTIPLIER), (".*", 1.0))),
+      **{name: dict(v1_5.STAGES[name], template=size["template"], max_len=4096, image_aspect_ratio="")
+         for name in ("finetune_lora", "finetune_qlora")},
   }
 
 

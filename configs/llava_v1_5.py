@@ -9,15 +9,33 @@ batch 256, template `plain`. Stage 2 (finetune, llava_v1_5_mix665k): projector +
 model train, lr 2e-5, global batch 128, template `vicuna_v1`. Both: one epoch, cosine decay after
 3% linear warmup, no weight decay, max length 2048; the vision tower is frozen throughout.
 `size=tiny` is the same recipe at toy scale (random init, runs on a laptop CPU).
+
+Stage 2 with LoRA (llava-v1.5-7b-lora's scripts/v1_5/finetune_lora.sh), instead of `finetune`:
+
+    llava-jax train --config configs/llava_v1_5.py:stage=finetune_lora,size=7b --workdir gs://.../stage2_lora \
+        --config.init=gs://.../stage1
+
+finetune_lora: the language model frozen, rank-128 adapters (alpha 256, dropout 0.05) on every linear layer of its
+decoder layers, trained at lr 2e-4 together with the projector at 2e-5. finetune_qlora: the same over a frozen
+language model stored 4-bit NF4 (finetune_qlora.sh's bits=4). See README's LoRA section.
 """
 
 import ml_collections
 
 from llava_jax.train.build import STAGE_TRAINABLE
 
+LORA = dict(rank=128, alpha=256.0, dropout=0.05, targets="language_model/layers/.*", quantize="none", group_size=64)
+PROJECTOR_LR_MULTIPLIER = 0.1  # LoRA stages: the projector (and NeXT's image_newline) at 2e-5 against 2e-4
+LORA_LR_MULTIPLIERS = (("projector/.*", PROJECTOR_LR_MULTIPLIER), ("image_newline", PROJECTOR_LR_MULTIPLIER),
+                       (".*", 1.0))
+
 STAGES = {  # the trainable parameters of each stage are llava_jax's STAGE_TRAINABLE
     "pretrain": dict(lr=1e-3, batch_size=256, template="plain"),
     "finetune": dict(lr=2e-5, batch_size=128, template="vicuna_v1"),
+    "finetune_lora": dict(lr=2e-4, batch_size=128, template="vicuna_v1", lora=LORA,
+                          lr_multipliers=LORA_LR_MULTIPLIERS),
+    "finetune_qlora": dict(lr=2e-4, batch_size=128, template="vicuna_v1", lora=dict(LORA, quantize="nf4"),
+                           lr_multipliers=LORA_LR_MULTIPLIERS),
 }
 
 SIZES = {  # model name in configs/models.py, compute dtype, remat policy, mesh, accumulation
@@ -26,7 +44,7 @@ SIZES = {  # model name in configs/models.py, compute dtype, remat policy, mesh,
     "13b": dict(model="13b", dtype="bfloat16", remat_policy="dots_no_batch", fsdp=-1, grad_accum_steps=1,
                 log_every=10, checkpoint_every=1000),
     "tiny": dict(model="tiny", dtype="float32", remat_policy="none", fsdp=1, grad_accum_steps=1,
-                 log_every=1, checkpoint_every=50),
+                 log_every=1, checkpoint_every=50, lora_group_size=16),  # 64 divides none of its widths
 }
 
 
@@ -46,7 +64,7 @@ def parse_args(arg: str, stages: dict, sizes: dict) -> dict:
 
 
 def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_collections.ConfigDict:
-  """The training config of one stage and size; `stage` may set trainable, lr_multipliers, max_len and
+  """The training config of one stage and size; `stage` may set trainable, lr_multipliers, max_len, lora and
   image_aspect_ratio beyond LLaVA-1.5's lr, batch_size and template."""
   c = ml_collections.ConfigDict()
   c.stage = stage_name
@@ -57,6 +75,11 @@ def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_colle
   # (regex over "/"-joined param paths, trains?) and (regex, learning-rate multiplier); first match wins.
   c.trainable = tuple(stage.get("trainable", STAGE_TRAINABLE[stage_name]))
   c.lr_multipliers = tuple(stage.get("lr_multipliers", ((".*", 1.0),)))
+  # LoRA adapters (models/lora.py); targets "" = none. targets: regex over linear layers' parameter paths
+  # (without the leaf name); quantize: none | int8 | nf4, the frozen targeted kernels (QLoRA), in groups of
+  # group_size inputs.
+  c.lora = ml_collections.ConfigDict(dict(stage.get("lora", dict(LORA, targets="")),
+                                          group_size=size.get("lora_group_size", LORA["group_size"])))
 
   c.data = ml_collections.ConfigDict()
   c.data.json = ""

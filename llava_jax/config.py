@@ -14,10 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from llava_jax.errors import LlavaJaxError
 from llava_jax.fileio import read_json
+
+if TYPE_CHECKING:
+  from llava_jax.models.lora import LoraConfig
 
 # config.json model_type -> the architecture transformers writes for it. `llava_next` adds AnyRes
 # (image_grid_pinpoints, image_newline), `llava_onevision` its anyres_max downscaling and several images per
@@ -213,6 +216,7 @@ class LlavaConfig:
   attention: str = "auto"
   scan_layers: bool = True
   out_first_kernels: bool = False
+  lora: LoraConfig | None = None  # adapters (and QLoRA's quantized base) on the layers it targets: models/lora.py
   hf_extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def __post_init__(self):

@@ -83,9 +83,11 @@ def read_metrics(workdir):
 
 
 def final_params(workdir):
-  """The latest checkpoint's params as a flat {path: numpy array} dict."""
-  from llava_jax.weights.model_folder import load_model
-  params = load_model(str(workdir)).params
+  """The latest checkpoint's params as a flat {path: numpy array} dict (read as saved: adapters included)."""
+  import orbax.checkpoint as ocp
+  from llava_jax.weights.model_folder import restore_params
+  checkpoints = os.path.join(str(workdir), "checkpoints")
+  params = restore_params(os.path.join(checkpoints, str(ocp.CheckpointManager(checkpoints).latest_step()), "params"))
   flat = {}
   def walk(tree, prefix):
     for k, v in tree.items():

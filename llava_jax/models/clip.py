@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from llava_jax.config import VisionConfig
 from llava_jax.models.attention import dot_product_attention, heads_major
+from llava_jax.models.lora import LoraConfig
 from llava_jax.models.layers import INIT_STD, activation, dense, logical, scan_layers
 
 
@@ -53,28 +54,31 @@ class ClipAttention(nn.Module):
   config: VisionConfig
   dtype: jnp.dtype
   attention: str = "auto"  # LlavaConfig.attention
+  lora: LoraConfig | None = None  # LlavaConfig.lora
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     heads = (c.num_attention_heads, c.head_dim)
-    q, k, v = (dense(heads, ("embed", "heads", "kv"), name=n, dtype=self.dtype, use_bias=True)(x)
+    q, k, v = (dense(heads, ("embed", "heads", "kv"), name=n, dtype=self.dtype, use_bias=True,
+                     lora=self.lora)(x)
                for n in ("q_proj", "k_proj", "v_proj"))
     out = dot_product_attention(q, heads_major(k), heads_major(v), None, c.head_dim ** -0.5, kernel=self.attention)
     return dense(c.hidden_size, ("heads", "kv", "embed"), name="out_proj", dtype=self.dtype, use_bias=True,
-                 contract=(-2, -1))(out)
+                 contract=(-2, -1), lora=self.lora)(out)
 
 
 class ClipMlp(nn.Module):
   config: VisionConfig
   dtype: jnp.dtype
+  lora: LoraConfig | None = None  # LlavaConfig.lora
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    x = dense(c.intermediate_size, ("embed", "mlp"), name="fc1", dtype=self.dtype, use_bias=True)(x)
+    x = dense(c.intermediate_size, ("embed", "mlp"), name="fc1", dtype=self.dtype, use_bias=True, lora=self.lora)(x)
     x = activation(c.hidden_act)(x)
-    return dense(c.hidden_size, ("mlp", "embed"), name="fc2", dtype=self.dtype, use_bias=True)(x)
+    return dense(c.hidden_size, ("mlp", "embed"), name="fc2", dtype=self.dtype, use_bias=True, lora=self.lora)(x)
 
 
 class ClipEncoderLayer(nn.Module):
@@ -87,14 +91,15 @@ class ClipEncoderLayer(nn.Module):
   dtype: jnp.dtype
   feature_layers: tuple[int, ...]
   attention: str = "auto"
+  lora: LoraConfig | None = None  # LlavaConfig.lora
 
   @nn.compact
   def __call__(self, carry, layer_index):
     h, selected = carry
     x = layer_norm(self.config, "layer_norm1")(h).astype(self.dtype)
-    h = h + ClipAttention(self.config, self.dtype, self.attention, name="self_attn")(x)
+    h = h + ClipAttention(self.config, self.dtype, self.attention, self.lora, name="self_attn")(x)
     x = layer_norm(self.config, "layer_norm2")(h).astype(self.dtype)
-    h = h + ClipMlp(self.config, self.dtype, name="mlp")(x)
+    h = h + ClipMlp(self.config, self.dtype, self.lora, name="mlp")(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     hidden_index = layer_index + 1  # hidden state 0 is the embeddings output
     selected = tuple(jnp.where(hidden_index == want, h, s) for want, s in zip(self.feature_layers, selected))
@@ -109,6 +114,7 @@ class VisionTransformer(nn.Module):
   remat_policy: str = "none"
   scan: bool = True  # False: unrolled `layers_{i}` (inference; see llama.py on why)
   attention: str = "auto"  # LlavaConfig.attention
+  lora: LoraConfig | None = None  # LlavaConfig.lora
 
   def encode(self, h: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Embeddings output (N, T, D) -> the last layer's output and the hidden states at `feature_layers`."""
@@ -117,11 +123,12 @@ class VisionTransformer(nn.Module):
     if self.scan:
       encoder = scan_layers(
           ClipEncoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers, in_axes=(0,),
-          name="layers", config=c, dtype=self.dtype, feature_layers=self.feature_layers, attention=self.attention)
+          name="layers", config=c, dtype=self.dtype, feature_layers=self.feature_layers, attention=self.attention,
+          lora=self.lora)
       (h, selected), _ = encoder((h, selected), jnp.arange(c.num_hidden_layers))
     else:
       for i in range(c.num_hidden_layers):
-        layer = ClipEncoderLayer(c, self.dtype, self.feature_layers, self.attention, name=f"layers_{i}")
+        layer = ClipEncoderLayer(c, self.dtype, self.feature_layers, self.attention, self.lora, name=f"layers_{i}")
         (h, selected), _ = layer((h, selected), i)
     return h, selected
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.errors import LlavaJaxError
+from llava_jax.models import lora as lora_lib
 
 INIT_STD = 0.02
 
@@ -29,6 +30,8 @@ class LogicalDense(nn.Module):
   (`axes`: contracted input dimensions, then output ones) hold when sharding rules are active.
   With `out_first`, the kernel is stored output axes first (the transpose of the checkpoint
   layout) and applied by `weight_dot` — the fast layout for decoding (see there).
+  With `lora` targeting this layer's path, it adds a LoRA adapter, and under QLoRA stores its kernel quantized
+  (models/lora.py; a quantized kernel is dequantized input axes first whatever `out_first` says).
   """
   features: int | tuple[int, ...]
   axes: tuple[str | None, ...]
@@ -36,6 +39,7 @@ class LogicalDense(nn.Module):
   dtype: jnp.dtype
   contract: int | tuple[int, ...] = -1
   out_first: bool = False
+  lora: lora_lib.LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -45,16 +49,23 @@ class LogicalDense(nn.Module):
     in_shape = tuple(x.shape[a] for a in contract)
     in_axes, out_axes = self.axes[:len(contract)], self.axes[len(contract):]
     init = nn.initializers.normal(INIT_STD)
-    if self.out_first:
-      kernel = self.param("kernel", logical(init, out_axes + in_axes), features + in_shape, jnp.float32)
-      y = weight_dot(kernel.astype(self.dtype), x.astype(self.dtype), contract)
+    spec = self.lora if self.lora is not None and self.lora.targets_path(self.path) else None
+    if spec is not None and spec.quantize != "none":
+      kernel = lora_lib.frozen_kernel(self, spec, in_shape, features, in_axes, out_axes, init, self.dtype)
+    elif self.out_first:
+      kernel = None
+      weight = self.param("kernel", logical(init, out_axes + in_axes), features + in_shape, jnp.float32)
+      y = weight_dot(weight.astype(self.dtype), x.astype(self.dtype), contract)
     else:
       kernel = self.param("kernel", logical(init, in_axes + out_axes), in_shape + features, jnp.float32)
-      y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                              ((contract, tuple(range(len(contract)))), ((), ())))
+      kernel = kernel.astype(self.dtype)
+    if kernel is not None:
+      y = jax.lax.dot_general(x.astype(self.dtype), kernel, ((contract, tuple(range(len(contract)))), ((), ())))
     if self.use_bias:
       bias = self.param("bias", logical(nn.initializers.zeros, out_axes), features, jnp.float32)
       y = y + bias.astype(self.dtype)
+    if spec is not None:
+      y = y + lora_lib.adapter(self, spec, x, contract, in_shape, features, in_axes, out_axes, self.dtype)
     return y
 
 
@@ -87,12 +98,13 @@ def weight_dot(weight: jax.Array, x: jax.Array, contract: tuple[int, ...]) -> ja
 
 
 def dense(features, axes: Sequence[str | None], *, name: str, dtype, use_bias: bool,
-          contract=-1, out_first: bool = False) -> LogicalDense:
+          contract=-1, out_first: bool = False, lora: lora_lib.LoraConfig | None = None) -> LogicalDense:
   """A LogicalDense: its kernel (and bias) carry logical axis names.
 
-  `axes` names every kernel dimension: the contracted input ones, then the output ones.
+  `axes` names every kernel dimension: the contracted input ones, then the output ones. `lora`: the model's
+  adapter spec (the layer takes an adapter when the spec targets its path).
   """
-  return LogicalDense(features, tuple(axes), use_bias, dtype, contract, out_first, name=name)
+  return LogicalDense(features, tuple(axes), use_bias, dtype, contract, out_first, lora, name=name)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:

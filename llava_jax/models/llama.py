@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from llava_jax.config import RopeScaling, TextConfig
 from llava_jax.models.attention import AttentionMask, dot_product_attention, heads_major
+from llava_jax.models.lora import LoraConfig
 from llava_jax.models.layers import INIT_STD, activation, dense, logical, scan_layers, weight_dot
 
 
@@ -88,13 +89,14 @@ class LlamaAttention(nn.Module):
   dtype: jnp.dtype
   out_first: bool = False
   attention: str = "auto"  # LlavaConfig.attention
+  lora: LoraConfig | None = None  # LlavaConfig.lora
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
     """layer_cache: this layer's {"k", "v"} (B·kv_heads, T, head_dim), or None without a cache."""
     c = self.config
     proj = lambda heads, axes, name: dense((heads, c.head_dim), ("embed", axes, "kv"), name=name, dtype=self.dtype,
-                                           use_bias=c.qkv_bias, out_first=self.out_first)(x)
+                                           use_bias=c.qkv_bias, out_first=self.out_first, lora=self.lora)(x)
     q = apply_rotary(proj(c.num_attention_heads, "heads", "q_proj"), cos, sin)
     k = heads_major(apply_rotary(proj(c.num_key_value_heads, "kv_heads", "k_proj"), cos, sin))
     v = heads_major(proj(c.num_key_value_heads, "kv_heads", "v_proj"))
@@ -111,7 +113,7 @@ class LlamaAttention(nn.Module):
                                 causal=layer_cache is None or prefill, sliding_window=c.sliding_window,
                                 skip_masked_blocks=prefill)
     out = dense(c.hidden_size, ("heads", "kv", "embed"), name="o_proj", dtype=self.dtype, use_bias=c.o_proj_bias,
-                contract=(-2, -1), out_first=self.out_first)(out)
+                contract=(-2, -1), out_first=self.out_first, lora=self.lora)(out)
     return out, layer_cache
 
 
@@ -119,12 +121,13 @@ class LlamaMlp(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
   out_first: bool = False
+  lora: LoraConfig | None = None  # LlavaConfig.lora
 
   @nn.compact
   def __call__(self, x):
     c = self.config
     proj = lambda features, axes, name, x: dense(features, axes, name=name, dtype=self.dtype, use_bias=c.mlp_bias,
-                                                 out_first=self.out_first)(x)
+                                                 out_first=self.out_first, lora=self.lora)(x)
     x = activation(c.hidden_act)(proj(c.intermediate_size, ("embed", "mlp"), "gate_proj", x)) * proj(
         c.intermediate_size, ("embed", "mlp"), "up_proj", x)
     x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
@@ -136,16 +139,17 @@ class LlamaDecoderLayer(nn.Module):
   dtype: jnp.dtype
   out_first: bool = False
   attention: str = "auto"
+  lora: LoraConfig | None = None  # LlavaConfig.lora
 
   @nn.compact
   def __call__(self, h, layer_cache, cos, sin, mask, cache_index):
     c = self.config
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(h)
-    attn, layer_cache = LlamaAttention(c, self.dtype, self.out_first, self.attention, name="self_attn")(
+    attn, layer_cache = LlamaAttention(c, self.dtype, self.out_first, self.attention, self.lora, name="self_attn")(
         x, cos, sin, mask, layer_cache, cache_index)
     h = h + attn
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_norm")(h)
-    h = h + LlamaMlp(c, self.dtype, self.out_first, name="mlp")(x)
+    h = h + LlamaMlp(c, self.dtype, self.out_first, self.lora, name="mlp")(x)
     return nn.with_logical_constraint(h, ("batch", "length", "embed")), layer_cache
 
 
@@ -183,6 +187,7 @@ class LlamaModel(nn.Module):
   scan: bool = True
   out_first: bool = False  # dense kernels stored (out, in): the decode layout (see layers.weight_dot)
   attention: str = "auto"  # LlavaConfig.attention
+  lora: LoraConfig | None = None  # LlavaConfig.lora
 
   def setup(self):
     c = self.config
@@ -193,14 +198,14 @@ class LlamaModel(nn.Module):
       self.layers = scan_layers(
           LlamaDecoderLayer, remat_policy=self.remat_policy, length=c.num_hidden_layers,
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), name="layers", config=c,
-          dtype=self.dtype, out_first=self.out_first, attention=self.attention)
+          dtype=self.dtype, out_first=self.out_first, attention=self.attention, lora=self.lora)
     else:
-      self.layers = [LlamaDecoderLayer(c, self.dtype, self.out_first, self.attention)
+      self.layers = [LlamaDecoderLayer(c, self.dtype, self.out_first, self.attention, self.lora)
                      for _ in range(c.num_hidden_layers)]  # layers_{i}
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
     if not c.tie_word_embeddings:
       self.lm_head = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False,
-                           out_first=self.out_first)
+                           out_first=self.out_first, lora=self.lora)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     return self.embed_tokens(input_ids)

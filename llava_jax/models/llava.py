@@ -22,7 +22,7 @@ from llava_jax.models.siglip import SiglipVisionTower
 
 
 def _vit(tower: type[VisionTransformer]) -> Callable[[LlavaConfig, jnp.dtype], VisionTower]:
-  return lambda c, dtype: tower(c.vision, c.feature_layers, dtype, c.remat_policy, c.scan_layers, c.attention)
+  return lambda c, dtype: tower(c.vision, c.feature_layers, dtype, c.remat_policy, c.scan_layers, c.attention, c.lora)
 
 
 # vision_config.model_type -> its tower, built from the LLaVA config and the compute dtype.
@@ -33,7 +33,7 @@ VISION_TOWERS: dict[str, Callable[[LlavaConfig, jnp.dtype], VisionTower]] = {
 
 
 def _llama(c: LlavaConfig, dtype: jnp.dtype) -> LlamaModel:
-  return LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers, c.out_first_kernels, c.attention)
+  return LlamaModel(c.text, dtype, c.remat_policy, c.scan_layers, c.out_first_kernels, c.attention, c.lora)
 
 
 # text_config.model_type -> its decoder; families that differ from LLaMA only by config flags share its module.
@@ -123,7 +123,7 @@ def unstack_layers(params: dict) -> dict:
 
 def projector_for(c: LlavaConfig, dtype=jnp.float32) -> Projector:
   """The connector `Llava` builds (also initialized alone where the towers come pretrained)."""
-  return Projector(c.projector_type, c.text.hidden_size, c.projector_hidden_act, c.multimodal_projector_bias, dtype)
+  return Projector(c.projector_type, c.text.hidden_size, c.projector_hidden_act, c.multimodal_projector_bias, dtype, c.lora)
 
 
 class Llava(nn.Module):

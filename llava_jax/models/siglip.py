@@ -16,6 +16,7 @@ from llava_jax.config import VisionConfig
 from llava_jax.models.clip import ClipMlp, PatchEmbeddings, VisionTransformer, layer_norm
 from llava_jax.models.attention import dot_product_attention, heads_major
 from llava_jax.models.layers import INIT_STD, dense, logical
+from llava_jax.models.lora import LoraConfig
 
 
 class SiglipPoolingHead(nn.Module):
@@ -24,6 +25,7 @@ class SiglipPoolingHead(nn.Module):
   config: VisionConfig
   dtype: jnp.dtype
   attention: str = "auto"  # LlavaConfig.attention
+  lora: LoraConfig | None = None  # LlavaConfig.lora
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
@@ -32,13 +34,13 @@ class SiglipPoolingHead(nn.Module):
                        (1, 1, c.hidden_size))
     probe = jnp.broadcast_to(probe.astype(self.dtype), (h.shape[0], 1, c.hidden_size))
     in_proj = dense((3, c.num_attention_heads, c.head_dim), ("embed", None, "heads", "kv"), name="in_proj",
-                    dtype=self.dtype, use_bias=True)
+                    dtype=self.dtype, use_bias=True, lora=self.lora)
     q, kv = in_proj(probe)[:, :, 0], in_proj(h)
     out = dot_product_attention(q, heads_major(kv[:, :, 1]), heads_major(kv[:, :, 2]), None, c.head_dim ** -0.5,
                                 kernel=self.attention)
     x = dense(c.hidden_size, ("heads", "kv", "embed"), name="out_proj", dtype=self.dtype, use_bias=True,
-              contract=(-2, -1))(out)
-    x = x + ClipMlp(c, self.dtype, name="mlp")(layer_norm(c, "layernorm")(x).astype(self.dtype))
+              contract=(-2, -1), lora=self.lora)(out)
+    x = x + ClipMlp(c, self.dtype, self.lora, name="mlp")(layer_norm(c, "layernorm")(x).astype(self.dtype))
     return x[:, 0]
 
 
@@ -54,5 +56,5 @@ class SiglipVisionTower(VisionTransformer):
       last = layer_norm(c, "post_layernorm")(h).astype(self.dtype)
       self.sow("intermediates", "last_hidden_state", last)
       if c.vision_use_head:
-        self.sow("intermediates", "pooler_output", SiglipPoolingHead(c, self.dtype, self.attention, name="head")(last))
+        self.sow("intermediates", "pooler_output", SiglipPoolingHead(c, self.dtype, self.attention, self.lora, name="head")(last))
     return selected

@@ -11,10 +11,14 @@ from typing import Any
 from llava_jax.errors import LlavaJaxError
 
 # `stage` -> the `trainable` rules it means: (regex over "/"-joined parameter paths, trains?), first match wins.
-# LLaVA-NeXT's image_newline (a top-level parameter) trains with the projector.
+# LLaVA-NeXT's image_newline (a top-level parameter) trains with the projector. The LoRA stages train the
+# adapters (`lora.*` config keys) and the projector (LLaVA's non-LoRA trainables) over a frozen base.
+_LORA_TRAINABLE = [(".*/lora_[ab]", True), ("projector/.*", True), ("image_newline", True), (".*", False)]
 STAGE_TRAINABLE = {
     "pretrain": [("projector/.*", True), ("image_newline", True), (".*", False)],
     "finetune": [("vision_tower/.*", False), (".*", True)],
+    "finetune_lora": _LORA_TRAINABLE,
+    "finetune_qlora": _LORA_TRAINABLE,
 }
 DTYPES = ("float32", "bfloat16")
 
@@ -35,8 +39,19 @@ def check_config(cfg, needs_source: bool = True) -> None:
       raise LlavaJaxError(f"config: {key} must be >= 0, got {cfg[key]}")
   if not 0 <= cfg.warmup_ratio <= 1:
     raise LlavaJaxError(f"config: warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+  lora_spec(cfg)
   if needs_source and not cfg.init and not cfg.tokenizer:
     raise LlavaJaxError("config: random init (init='') needs `tokenizer`, a folder with tokenizer files")
+
+
+def lora_spec(cfg):
+  """The config's `lora` section as a LoraConfig, or None without adapters (no section, or empty targets)."""
+  section = cfg.get("lora")
+  if section is None or not section.targets:
+    return None
+  from llava_jax.models.lora import LoraConfig  # pylint: disable=import-outside-toplevel
+  return LoraConfig(rank=int(section.rank), alpha=float(section.alpha), targets=str(section.targets),
+                    dropout=float(section.dropout), quantize=str(section.quantize), group_size=int(section.group_size))
 
 
 def trainable_rules(cfg) -> list:
@@ -78,7 +93,8 @@ def load_source(cfg) -> Source:
 
 def runtime_model_config(cfg, architecture):
   """The architecture as the trainer builds it: the config's compute dtype, remat policy and attention kernel."""
-  return architecture.replace(dtype=cfg.dtype, remat_policy=cfg.remat_policy, attention=cfg.attention)
+  return architecture.replace(dtype=cfg.dtype, remat_policy=cfg.remat_policy, attention=cfg.attention,
+                              lora=lora_spec(cfg))
 
 
 def build_pipeline(cfg, model_config, assets_dir: str):
@@ -101,10 +117,27 @@ def build_trainer(cfg, model_config, total_steps: int):
   model = Llava(model_config)
   abstract = abstract_params(model_config)
   multipliers = optim.lr_multipliers(nn.unbox(abstract), trainable_rules(cfg), lr_multiplier_rules(cfg))
+  if model_config.lora is not None:
+    check_adapters(model_config.lora, multipliers)
   tx, lr = optim.make_optimizer(cfg, multipliers, total_steps)
   mesh = sharding.make_mesh(cfg.mesh)
   per_step = sharding.batch_devices(mesh) * cfg.grad_accum_steps
   if cfg.batch_size % per_step:
     raise LlavaJaxError(f"config: batch_size {cfg.batch_size} must divide by mesh.data x mesh.fsdp x "
                         f"grad_accum_steps = {per_step}")
-  return trainer.Trainer(model, tx, optim.trained(multipliers), lr, mesh, abstract, cfg.grad_accum_steps)
+  return trainer.Trainer(model, tx, optim.trained(multipliers), lr, mesh, abstract, cfg.grad_accum_steps, cfg.seed)
+
+
+def check_adapters(spec, multipliers) -> None:
+  """Raises when `lora.targets` makes no adapter, or a `trainable` rule trains a quantized kernel."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from llava_jax.models import lora  # pylint: disable=import-outside-toplevel
+  from llava_jax.train.optim import param_paths  # pylint: disable=import-outside-toplevel
+  paths = dict(zip(jax.tree.leaves(param_paths(multipliers)), jax.tree.leaves(multipliers)))
+  if not any(lora.is_adapter(path) for path in paths):
+    raise LlavaJaxError(f"config: lora.targets {spec.targets!r} matches no linear layer "
+                        "(paths look like language_model/layers/self_attn/q_proj)")
+  for path, multiplier in paths.items():
+    if lora.is_quantized(path) and multiplier:
+      raise LlavaJaxError(f"config: trainable: {path!r} is a quantized frozen kernel (lora.quantize) and cannot train")
+

@@ -110,7 +110,7 @@ def _train(cfg, workdir: str) -> None:
     if source.params is None:
       params = trainer.random_params(cfg.seed, example_batch(model_config))
     else:
-      params = trainer.place_params(source.params)
+      params = trainer.place_params(source.params, cfg.seed)
     state, data_state = trainer.init_state(params), None
     run_checkpoints.write_model_folder(workdir, model_config, source.assets_dir, pipe.image_processor)
   if jax.process_index() == 0:

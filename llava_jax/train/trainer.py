@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from llava_jax import sharding
 from llava_jax.data.pipeline import FEATURE_INDEX
 from llava_jax.errors import LlavaJaxError
+from llava_jax.models import lora
 from llava_jax.train import hosts
 
 
@@ -60,13 +61,15 @@ def _microbatches(batch: dict, count: int, mesh: Mesh) -> dict:
 
 
 def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, mask: Any, lr_schedule: Callable,
-                 mesh: Mesh, grad_accum_steps: int = 1) -> Callable:
-  """The pure train step: (state, batch) -> (new state, metrics of this step)."""
+                 mesh: Mesh, grad_accum_steps: int = 1, seed: int = 0) -> Callable:
+  """The pure train step: (state, batch) -> (new state, metrics of this step).
 
-  def loss_sum(trainable, frozen, mb):
+  Dropout (LoRA's, the only one) draws from `seed`, the step and the microbatch, so a resumed run repeats it."""
+
+  def loss_sum(trainable, frozen, mb, dropout_key):
     params = merge_trainable(mask, trainable, frozen)
     logits, _ = model.apply({"params": params}, mb["input_ids"], mb["pixel_values"], mb["attention_mask"],
-                            image_feature_index=mb.get(FEATURE_INDEX))
+                            image_feature_index=mb.get(FEATURE_INDEX), rngs={"dropout": dropout_key})
     total, count = masked_ce_sum(logits, mb["input_ids"], mb["loss_mask"])
     return total, count
 
@@ -74,16 +77,19 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, mask: Any, 
 
   def step(state: TrainState, batch: dict):
     trainable, frozen = split_trainable(state.params, mask)
+    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
     if grad_accum_steps == 1:
-      (total, count), grads = grad_fn(trainable, frozen, batch)
+      (total, count), grads = grad_fn(trainable, frozen, batch, step_key)
     else:
-      def body(carry, mb):
+      def body(carry, mb_and_index):
         total, count, grads = carry
-        (t, c), g = grad_fn(trainable, frozen, mb)
+        mb, index = mb_and_index
+        (t, c), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(step_key, index))
         return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
       zeros = jax.tree.map(jnp.zeros_like, trainable)
       (total, count, grads), _ = jax.lax.scan(
-          body, (jnp.float32(0), jnp.float32(0), zeros), _microbatches(batch, grad_accum_steps, mesh))
+          body, (jnp.float32(0), jnp.float32(0), zeros),
+          (_microbatches(batch, grad_accum_steps, mesh), jnp.arange(grad_accum_steps)))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     # Frozen leaves get zero "gradients" only to fill the tree multi_transform expects; their
@@ -104,6 +110,12 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, mask: Any, 
   return step
 
 
+def _host_array(x) -> np.ndarray:
+  """A parameter as placed: floats as float32, quantized codes as they are."""
+  x = np.asarray(x)
+  return x if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+
+
 @dataclasses.dataclass
 class Trainer:
   """Everything the step needs, compiled once for one mesh.
@@ -117,6 +129,7 @@ class Trainer:
   mesh: Mesh
   abstract_params: Any
   grad_accum_steps: int = 1
+  seed: int = 0  # dropout's
 
   def __post_init__(self):
     self.param_shardings = sharding.tree_shardings(self.abstract_params, self.mesh)
@@ -124,7 +137,8 @@ class Trainer:
     self.opt_shardings = sharding.tree_shardings(abstract_opt, self.mesh)
     self.state_shardings = TrainState(sharding.replicated(self.mesh), self.param_shardings, self.opt_shardings)
     self.abstract_opt = nn.unbox(abstract_opt)
-    step = make_step_fn(self.model, self.tx, self.mask, self.lr_schedule, self.mesh, self.grad_accum_steps)
+    step = make_step_fn(self.model, self.tx, self.mask, self.lr_schedule, self.mesh, self.grad_accum_steps,
+                        self.seed)
     self._step = jax.jit(step, in_shardings=(self.state_shardings, None),
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
     self._compiled = {}  # batch shapes -> executable
@@ -153,12 +167,18 @@ class Trainer:
     return jax.jit(init, out_shardings=self.param_shardings)(
         jax.random.key(seed), example["input_ids"], example["pixel_values"], example["attention_mask"])
 
-  def place_params(self, params: Any) -> Any:
-    """Host arrays (identical on every process) -> float32 global arrays with the param shardings."""
+  def place_params(self, params: Any, seed: int = 0) -> Any:
+    """Host arrays (identical on every process) -> global arrays with the param shardings, floats as float32.
+
+    With LoRA (`model.config.lora`), `params` may be the base model's: its targeted kernels are quantized as the
+    spec says and fresh adapters drawn from `seed` are added (lora.from_base)."""
+    spec = self.model.config.lora
+    if spec is not None:
+      params = lora.from_base(params, nn.unbox(self.abstract_params), spec, jax.random.key(seed))
     expected = jax.tree.structure(nn.unbox(self.abstract_params))
     if jax.tree.structure(params) != expected:
       raise LlavaJaxError("init: the checkpoint's parameter tree does not match the model built from its config")
-    return sharding.place(jax.tree.map(lambda x: np.asarray(x, np.float32), params), self.param_shardings)
+    return sharding.place(jax.tree.map(_host_array, params), self.param_shardings)
 
   def compile(self, state: TrainState, global_batch: dict):
     """The step's executable for these arguments: arrays, or ShapeDtypeStructs with shardings
