@@ -42,8 +42,7 @@ def run(argv: Sequence[str]) -> None:
   from llava_jax import fileio  # pylint: disable=import-outside-toplevel
   config, mesh, device_memory, out, decode = parse_flags(argv)
   use_cpu_devices(math.prod(mesh.values()))
-  report = plan(config, device_memory)
-  report["decode"] = plan_decode(config, report, **decode)
+  report = plan(config, device_memory, decode)
   report["command"] = "llava-jax plan " + " ".join(argv)
   fileio.write_json_atomic(report, out)
   print(table(report))
@@ -175,8 +174,18 @@ def model_flops(params: Any, trains: Any, model_config, batch: dict) -> float:
   return total
 
 
-def plan(cfg, device_memory: int) -> dict:
-  """The report for `cfg` (its mesh is the devices JAX runs) against `device_memory` bytes per device."""
+def memory_bytes(compiled) -> dict:
+  """XLA's memory analysis of a compiled program: its arguments, outputs, aliased bytes, temporaries and
+  the total they make (arguments + outputs - aliased + temporaries)."""
+  memory = compiled.memory_analysis()
+  held = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+          "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
+  return dict(held, total=held["arguments"] + held["outputs"] - held["aliased"] + held["temporaries"])
+
+
+def plan(cfg, device_memory: int, decode: dict | None = None) -> dict:
+  """The report for `cfg` (its mesh is the devices JAX runs) against `device_memory` bytes per device;
+  with `decode` ({"batch", "new_tokens"}), also the generation program's (see `plan_decode`)."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from llava_jax.train import build  # pylint: disable=import-outside-toplevel
@@ -188,7 +197,6 @@ def plan(cfg, device_memory: int) -> dict:
   started = time.perf_counter()
   compiled = trainer.compile(state, batch)
   compile_s = time.perf_counter() - started
-  memory = compiled.memory_analysis()
 
   params = nn.unbox(trainer.abstract_params)
   count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
@@ -196,19 +204,17 @@ def plan(cfg, device_memory: int) -> dict:
   held = {"parameters": per_device_bytes(state.params), "optimizer_state": per_device_bytes(state.opt_state),
           "gradients": per_device_bytes(trainable),  # float32 like their parameters, sharded like them
           "batch": per_device_bytes(batch)}
-  xla_cpu = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
-             "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
-  xla_cpu["total"] = xla_cpu["arguments"] + xla_cpu["outputs"] - xla_cpu["aliased"] + xla_cpu["temporaries"]
+  xla_cpu = memory_bytes(compiled)
   # Less XLA:CPU's second copy of the gradients (module docstring); they stay counted once. With
   # accumulation every backend holds the accumulator beside the microbatch's gradients: no extra copy.
   temporaries = xla_cpu["temporaries"]
   if cfg.grad_accum_steps == 1:
     temporaries = max(temporaries - held["gradients"], held["gradients"])
   activations = temporaries - held["gradients"]
-  total = xla_cpu["arguments"] + xla_cpu["outputs"] - xla_cpu["aliased"] + temporaries
+  total = xla_cpu["total"] - xla_cpu["temporaries"] + temporaries
   devices = math.prod(trainer.mesh.shape.values())
   flops = model_flops(params, trainer.mask, model_config, batch)
-  return {
+  report = {
       "config": {"stage": cfg.stage, "model": cfg.model, "dtype": cfg.dtype, "parameters_dtype": "float32",
                  "remat_policy": cfg.remat_policy, "batch_size": cfg.batch_size, "max_len": cfg.data.max_len,
                  "tiles_per_row": batch["pixel_values"].shape[1], "grad_accum_steps": cfg.grad_accum_steps},
@@ -222,38 +228,34 @@ def plan(cfg, device_memory: int) -> dict:
       "model_flops_per_step": flops, "model_flops_per_device": flops / devices,
       "compile_s": round(compile_s, 1),
   }
+  if decode is not None:
+    report["decode"] = plan_decode(model_config, trainer.mesh, cfg.data.max_len, device_memory, **decode)
+  return report
 
 
-def plan_decode(cfg, train_report: dict, batch: int, new_tokens: int) -> dict:
+def plan_decode(model_config, mesh, prompt_tokens: int, device_memory: int, batch: int, new_tokens: int) -> dict:
   """The first program a generation request runs on the same mesh (prefill of `batch` prompts of
-  data.max_len tokens, one image tile's tokens among them, and the first token, into a KV cache with room for `new_tokens` more), in the
+  `prompt_tokens` (data.max_len), one image tile's tokens among them, and the first token, into a KV cache with room for `new_tokens` more), in the
   accelerators' inference layout (infer/backend.py), from XLA's memory analysis per device. Its inputs
   are the weights as the engine holds them (float32, cast per product) and the prompts; its outputs the
   KV cache and the decode state."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from llava_jax import sharding  # pylint: disable=import-outside-toplevel
   from llava_jax.infer import backend  # pylint: disable=import-outside-toplevel
   from llava_jax.infer.generate import Engine, Prompt  # pylint: disable=import-outside-toplevel
   from llava_jax.models.llava import abstract_params  # pylint: disable=import-outside-toplevel
-  from llava_jax.train import build  # pylint: disable=import-outside-toplevel
-  model_config = build.runtime_model_config(cfg, build.named_model(cfg.model))
   layout = backend.layout_for("gpu")
-  engine = Engine(model_config, nn.unbox(abstract_params(model_config)), eos_token_ids=(),
-                  mesh=sharding.make_mesh(cfg.mesh), layout=layout)
+  engine = Engine(model_config, nn.unbox(abstract_params(model_config)), eos_token_ids=(), mesh=mesh, layout=layout)
   image_tokens = model_config.tokens_per_tile
-  ids = np.ones(cfg.data.max_len, np.int32)
+  ids = np.ones(prompt_tokens, np.int32)
   ids[1:1 + image_tokens] = model_config.image_token_index
   size = model_config.vision.image_size
   prompt = Prompt(ids, np.zeros((1, size, size, 3), np.float32), np.arange(image_tokens, dtype=np.int32))
   prompts = [prompt] * batch
-  memory = engine.lower_start(prompts, new_tokens).compile().memory_analysis()
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-           + memory.temp_size_in_bytes)
-  return {"layout": layout.name, "batch": batch, "prompt_tokens": cfg.data.max_len, "new_tokens": new_tokens,
-          "per_device_bytes": {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
-                               "temporaries": memory.temp_size_in_bytes, "total": total},
-          "fits": total <= train_report["device_memory_bytes"]}
+  memory = memory_bytes(engine.lower_start(prompts, new_tokens).compile())
+  return {"layout": layout.name, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+          "per_device_bytes": {k: memory[k] for k in ("arguments", "outputs", "temporaries", "total")},
+          "fits": memory["total"] <= device_memory}
 
 
 def table(report: dict) -> str:
