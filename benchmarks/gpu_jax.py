@@ -274,6 +274,9 @@ def attention_kernels(size: Size, save) -> dict:
       return jnp.sum(out.astype(jnp.float32) * cotangent), out
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
+  def err(got, ref):  # the largest deviation, relative to the reference's largest magnitude
+    return float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+
   out = {"backend": backend, "tokens": tokens, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
          "samples_per_row": PACKED_SAMPLES, "flash_kernels": flash, "errors": {}, "seconds": {}}
   check = max(tokens // 4, 2 * PADDING * PACKED_SAMPLES)
@@ -285,7 +288,6 @@ def attention_kernels(size: Size, save) -> dict:
     (_, ref), ref_grads = forward_and_grads(variants["xla"])(*upcast, mask, cotangent)
     for name, options in variants.items():
       (_, got), grads = forward_and_grads(options)(q, k, v, mask, cotangent)
-      err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
       out["errors"].setdefault(name, {})[jnp.dtype(dtype).name] = {
           "output": err(got[:, real], ref[:, real]),
           "grads": max(err(g, r) for g, r in zip(grads, ref_grads))}
