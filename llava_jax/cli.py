@@ -17,16 +17,29 @@ class _Parser(argparse.ArgumentParser):
     raise LlavaJaxError(f"{self.prog}: {message}")
 
 
+CONVERT_PATHS = {"hf-to-jax": "HF_DIR OUT_DIR", "jax-to-hf": "CKPT_OR_WORKDIR OUT_DIR",
+                 "llava-to-hf": "LLAVA_DIR OUT_DIR", "merge-lora": "BASE ADAPTER_DIR OUT_DIR",
+                 "jax-to-peft": "LORA_WORKDIR OUT_DIR"}
+
+
 def _convert(args) -> None:
   from llava_jax.weights import convert
+  usage = CONVERT_PATHS[args.direction]
+  if len(args.paths) != len(usage.split()):
+    raise LlavaJaxError(f"convert {args.direction}: expected {usage}, got {len(args.paths)} path(s)")
+  *src, out = args.paths
+  shard_bytes = lambda: parse_bytes(args.max_shard_size, "--max-shard-size")
   if args.direction == "hf-to-jax":
-    convert.hf_to_jax(args.src, args.out)
+    convert.hf_to_jax(src[0], out)
   elif args.direction == "jax-to-hf":
-    convert.jax_to_hf(args.src, args.out, dtype=args.dtype,
-                      max_shard_bytes=parse_bytes(args.max_shard_size, "--max-shard-size"))
+    convert.jax_to_hf(src[0], out, dtype=args.dtype, max_shard_bytes=shard_bytes())
+  elif args.direction == "merge-lora":
+    convert.merge_lora(src[0], src[1], out, dtype=args.dtype, max_shard_bytes=shard_bytes())
+  elif args.direction == "jax-to-peft":
+    convert.jax_to_peft(src[0], out, base_model=args.base_model)
   else:
-    convert.llava_to_hf(args.src, args.out, vision_tower=args.vision_tower)
-  print(args.out)
+    convert.llava_to_hf(src[0], out, vision_tower=args.vision_tower)
+  print(out)
 
 
 def _mesh(text: str | None):
@@ -42,21 +55,23 @@ def _generate(args) -> None:
   mesh = _mesh(args.mesh)
   run.generate_command(
       model=args.model, images=args.image, prompt=args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
-      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, out=sys.stdout, mesh=mesh)
+      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, out=sys.stdout, mesh=mesh,
+      adapter=args.adapter)
 
 
 def _chat(args) -> None:
   from llava_jax.infer import chat
   mesh = _mesh(args.mesh)
   chat.chat_command(model=args.model, image=args.image, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, inp=sys.stdin, out=sys.stdout, mesh=mesh)
+                    temperature=args.temperature, inp=sys.stdin, out=sys.stdout, mesh=mesh, adapter=args.adapter)
 
 
 def _serve(args) -> None:
   from llava_jax.infer.serve import command
   mesh = _mesh(args.mesh)
   command.serve_command(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
-                        batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name, mesh=mesh)
+                        batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name, mesh=mesh,
+                        adapter=args.adapter)
 
 
 def _demo(args) -> None:
@@ -69,13 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and llava-jax formats")
-  p.add_argument("direction", choices=["hf-to-jax", "jax-to-hf", "llava-to-hf"])
-  p.add_argument("src", help="input folder (HF folder, llava-jax checkpoint or training workdir, or original LLaVA)")
-  p.add_argument("out", help="output folder (must not exist)")
+  p.add_argument("direction", choices=list(CONVERT_PATHS))
+  p.add_argument("paths", nargs="+", metavar="PATH",
+                 help="; ".join(f"{k}: {v}" for k, v in CONVERT_PATHS.items()) + " (OUT_DIR must not exist)")
   p.add_argument("--vision-tower", help="llava-to-hf: the CLIP vision model folder the original release names")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                 help="jax-to-hf: tensor dtype to write (default: as stored)")
-  p.add_argument("--max-shard-size", default="5GB", help="jax-to-hf: largest safetensors shard (default 5GB)")
+                 help="jax-to-hf, merge-lora: tensor dtype to write (default: as stored)")
+  p.add_argument("--max-shard-size", default="5GB",
+                 help="jax-to-hf, merge-lora: largest safetensors shard (default 5GB)")
+  p.add_argument("--base-model", help="jax-to-peft: base_model_name_or_path to record in adapter_config.json")
   p.set_defaults(func=_convert)
 
   def add_sampling(p):
@@ -84,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k")
     p.add_argument("--seed", type=int, default=0)
+
+  def add_adapter(p):
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter to apply to the model: a PEFT folder (adapter_config.json, "
+                        "adapter_model.safetensors) or a LLaVA LoRA release (+ non_lora_trainables.bin)")
 
   def add_mesh(p):
     p.add_argument("--mesh", metavar="AXIS=SIZE,...",
@@ -96,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompt", required=True)
   p.add_argument("--raw", action="store_true", help="use the prompt verbatim (one <image> per --image)")
   add_sampling(p)
+  add_adapter(p)
   add_mesh(p)
   p.set_defaults(func=_generate)
 
@@ -104,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--image")
   p.add_argument("--max-new-tokens", type=int, default=256)
   p.add_argument("--temperature", type=float, default=0.0)
+  add_adapter(p)
   add_mesh(p)
   p.set_defaults(func=_chat)
 
@@ -115,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-wait-ms", type=float, default=10.0,
                  help="how long to gather concurrent requests into one batch (default 10)")
   p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+  add_adapter(p)
   add_mesh(p)
   p.set_defaults(func=_serve)
 

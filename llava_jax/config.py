@@ -314,6 +314,8 @@ class LlavaConfig:
     if model_type == "llava_onevision":
       kwargs["vision_aspect_ratio"] = d.get("vision_aspect_ratio", top["vision_aspect_ratio"])
       _anyres_max(kwargs["vision_aspect_ratio"], source)
+    if extras.get("lora"):
+      kwargs["lora"] = _lora_from_dict(extras["lora"], source)
     config = cls(**kwargs)
     seq_len = d.get("image_seq_length", config.tokens_per_tile if model_type == "llava" else 576)
     config = config.replace(image_seq_length=seq_len)
@@ -359,7 +361,19 @@ class LlavaConfig:
       d["pad_token_id"] = self.pad_token_id
     if self.projector_type != "mlp2x":
       d["llava_jax"] = {"projector_type": self.projector_type}
+    if self.lora is not None:  # a LoRA training run's model: its parameters hold the adapters
+      d.setdefault("llava_jax", {})["lora"] = dataclasses.asdict(self.lora)
     return d
+
+
+def _lora_from_dict(d, source: str) -> "LoraConfig":
+  from llava_jax.models.lora import LoraConfig  # pylint: disable=import-outside-toplevel  (pulls in JAX)
+  try:
+    return LoraConfig(**d)
+  except TypeError as e:
+    raise LlavaJaxError(f"{source}: llava_jax.lora: {e}") from None
+  except LlavaJaxError as e:
+    raise LlavaJaxError(f"{source}: llava_jax.{str(e).removeprefix('config: ')}") from None
 
 
 _LLAVA_KEYS = {

@@ -47,8 +47,8 @@ class Conversation:
 
 
 def chat_command(model: str, image: str | None, max_new_tokens: int, temperature: float, inp: IO[str],
-                 out: IO[str], mesh=None) -> None:
-  session = load_session(model, mesh)
+                 out: IO[str], mesh=None, adapter: str | None = None) -> None:
+  session = load_session(model, mesh, adapter)
   conversation = Conversation(session)
   if image:
     conversation.pending += load_images([image])

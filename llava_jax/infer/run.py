@@ -35,13 +35,16 @@ class Session:
   processor: Processor
 
 
-def load_session(path: str, mesh: Mesh | None = None) -> Session:
+def load_session(path: str, mesh: Mesh | None = None, adapter: str | None = None) -> Session:
   """Loads weights (float32), tokenizer, image processor and chat template of a model folder.
 
-  With a mesh, the engine splits the weights over it (see generate.Engine).
+  With a mesh, the engine splits the weights over it (see generate.Engine). A LoRA model (a LoRA run's workdir,
+  or the base with `adapter`, a PEFT / LLaVA LoRA folder) runs its adapters through the LoRA layers rather than
+  merged into the kernels: the same path for both, a QLoRA base stays quantized in memory, and the adapters add
+  only rank/width of the layers' work.
   """
   from llava_jax.weights.model_folder import load_model
-  loaded = load_model(path)
+  loaded = load_model(path, adapter=adapter)
   config = loaded.config
   template = _config_template(loaded.config_path) or DEFAULT_TEMPLATE
   processor = Processor.from_folder(loaded.assets_dir, layout_for(config), image_size=config.vision.image_size,
@@ -102,7 +105,7 @@ def stream_text(session: Session, prompt: Prompt, max_new_tokens: int, sampling:
 
 def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, max_new_tokens: int,
                      temperature: float, top_p: float, top_k: int, seed: int, out: IO[str],
-                     repetition_penalty: float = 1.0, mesh: Mesh | None = None) -> None:
+                     repetition_penalty: float = 1.0, mesh: Mesh | None = None, adapter: str | None = None) -> None:
   """Prints only the generated text to `out` (streamed); progress goes to stderr."""
   sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
@@ -114,7 +117,7 @@ def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, 
     raise LlavaJaxError(f"--raw prompt has {prompt.count('<image>')} <image> tag(s) but {len(images)} "
                         "image(s) were given; they must match")
   pictures = load_images(images)  # before loading weights: a bad image fails fast
-  session = load_session(model, mesh)
+  session = load_session(model, mesh, adapter)
   inputs = session.processor.prepare(prompt, pictures, raw=raw, names=images)
   print(f"llava-jax: prompt of {len(inputs.input_ids)} tokens, {len(pictures)} image(s)", file=sys.stderr)
   request = Prompt.of(inputs)

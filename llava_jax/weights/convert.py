@@ -1,4 +1,4 @@
-"""The three `llava-jax convert` directions. Each writes into a temporary sibling of the output
+"""The `llava-jax convert` directions. Each writes into a temporary sibling of the output
 folder that is renamed into place only when everything succeeded (fileio.atomic_output_dir)."""
 
 from __future__ import annotations
@@ -39,10 +39,37 @@ def jax_to_hf(src: str, out: str, dtype: str | None = None, max_shard_bytes: int
   if max_shard_bytes <= 0:
     raise LlavaJaxError(f"--max-shard-size: must be positive, got {max_shard_bytes} bytes")
   _check_output(src, out)
+  _write_merged(model_folder.load_model(src), out, dtype, max_shard_bytes)
+  return out
+
+
+def merge_lora(base: str, adapter: str, out: str, dtype: str | None = None,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+  """A base model folder + a PEFT / LLaVA LoRA folder -> HF LLaVA folder with the adapters merged into the kernels
+  (W + (alpha/rank)·A·B) and the adapter's whole tensors (the projector) in place of the base's."""
+  if dtype is not None and dtype not in DTYPES:
+    raise LlavaJaxError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+  _check_output(base, out)
+  _write_merged(model_folder.load_model(base, adapter=adapter), out, dtype, max_shard_bytes)
+  return out
+
+
+def _write_merged(model: model_folder.LoadedModel, out: str, dtype: str | None, max_shard_bytes: int) -> None:
+  """The model as an HF folder; a LoRA model (a LoRA run's workdir, a base + adapter) with its adapters merged."""
+  from llava_jax.weights import adapters
+  config, params = adapters.merge(model.config, model.params)
+  with atomic_output_dir(out) as tmp:
+    hf.write_hf_llava(tmp, config, params, model.hf_source, config_json=model.config_path,
+                      assets_dir=model.assets_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def jax_to_peft(src: str, out: str, base_model: str | None = None) -> str:
+  """A LoRA training workdir (or checkpoint folder) -> PEFT adapter folder (weights/adapters.py)."""
+  from llava_jax.weights import adapters
+  _check_output(src, out)
   model = model_folder.load_model(src)
   with atomic_output_dir(out) as tmp:
-    hf.write_hf_llava(tmp, model.config, model.params, model.hf_source, config_json=model.config_path,
-                      assets_dir=model.assets_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    adapters.write_peft(tmp, model.config, model.params, base_model)
   return out
 
 

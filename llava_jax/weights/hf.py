@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import struct
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -83,12 +83,16 @@ class TensorFolder:
   `read(name)` raises KeyError for a name the folder does not hold.
   """
 
-  def __init__(self, folder: str):
+  def __init__(self, folder: str, files: Sequence[str] = ()):
+    """`files`: read exactly these files of `folder` (each must exist) instead of looking for the model's weights."""
     self.folder = folder
     self._where: dict[str, str] = {}  # tensor name -> file name
     self._open: dict[str, object] = {}
     self.listing = folder  # the file that says which tensors exist (index or single file), for messages
-    if os.path.isfile(os.path.join(folder, SAFE_INDEX)):
+    if files:
+      for file in files:
+        self._add_file(file)
+    elif os.path.isfile(os.path.join(folder, SAFE_INDEX)):
       self._from_index(SAFE_INDEX)
     elif os.path.isfile(os.path.join(folder, SAFE_WEIGHTS)):
       self._add_file(SAFE_WEIGHTS)

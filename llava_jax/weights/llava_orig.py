@@ -144,6 +144,23 @@ def _resized(read, rows: int):
   return make
 
 
+def hf_name(name: str, kind: str, release: _Release) -> str | None:
+  """The canonical HF name of an original release's tensor `name` (None: no tensor of the LLaVA model), for a
+  projector of `kind` (mm_projector_type)."""
+  if name in release.tensors:
+    return release.tensors[name]
+  if name.startswith(_EMBEDDED_CLIP):
+    return "vision_tower." + name[len(_EMBEDDED_CLIP) + len("vision_model."):]
+  if name.startswith("model.mm_projector."):
+    rest = name[len("model.mm_projector."):]
+    index, _, param = rest.partition(".") if kind == "mlp2x_gelu" else ("0", "", rest)
+    linear = {"0": "linear_1", "2": "linear_2"}.get(index)
+    return f"multi_modal_projector.{linear}.{param}" if linear else None
+  if name.startswith("model."):
+    return "language_model." + name
+  return "language_model.lm_head.weight" if name == "lm_head.weight" else None
+
+
 class _Sources:
   """Where each HF tensor of the output comes from: (reader, source name, transform)."""
 
@@ -155,24 +172,13 @@ class _Sources:
     for name in self.llava.names:
       if hf.IGNORABLE.search(name):
         continue
-      if name in release.tensors:
-        self.table[release.tensors[name]] = (self.llava, name)
-      elif name.startswith(_EMBEDDED_CLIP):
-        self.table["vision_tower." + name[len(_EMBEDDED_CLIP) + len("vision_model."):]] = (self.llava, name)
-      elif name.startswith("model.mm_projector."):
-        rest = name[len("model.mm_projector."):]
-        index, _, param = rest.partition(".") if kind == "mlp2x_gelu" else ("0", "", rest)
-        linear = {"0": "linear_1", "2": "linear_2"}.get(index)
-        if linear is None:
-          raise LlavaJaxError(f"{self.llava.file_of(name)}: unexpected projector tensor {name} for mm_projector_type {kind}")
-        self.table[f"multi_modal_projector.{linear}.{param}"] = (self.llava, name)
-      elif name.startswith("model."):
-        self.table["language_model." + name] = (self.llava, name)
-      elif name == "lm_head.weight":
-        if not tied:
-          self.table["language_model.lm_head.weight"] = (self.llava, name)
-      else:
+      target = hf_name(name, kind, release)
+      if target is None and name.startswith("model.mm_projector."):
+        raise LlavaJaxError(f"{self.llava.file_of(name)}: unexpected projector tensor {name} for mm_projector_type {kind}")
+      if target is None:
         raise LlavaJaxError(f"{self.llava.file_of(name)}: unexpected tensor {name} in an original LLaVA checkpoint")
+      if not (tied and target == "language_model.lm_head.weight"):
+        self.table[target] = (self.llava, name)
     if self.clip is not None and not any(k.startswith("vision_tower.") for k in self.table):
       for name in self.clip.names:
         if name.startswith("vision_model.") and not hf.IGNORABLE.search(name):

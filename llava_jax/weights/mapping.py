@@ -254,7 +254,6 @@ def hf_to_params(read: Callable[[str], np.ndarray], config: LlavaConfig, layout:
   """
   params: dict = {}
   for rule in rules(config):
-    forward, _ = TRANSFORMS[rule.transform]
     stacked = None
     for i, name in enumerate(hf_names(rule, config)):
       name = to_layout(name, layout)
@@ -262,7 +261,7 @@ def hf_to_params(read: Callable[[str], np.ndarray], config: LlavaConfig, layout:
         tensor = read(name)
       except KeyError:
         raise LlavaJaxError(f"{source}: missing tensor {name}") from None
-      value = _transform_checked(forward, tensor, rule, name, source)
+      value = transform_checked(tensor, rule, name, source)
       if not rule.stacked:
         _set(params, rule.path, value)
         continue
@@ -274,11 +273,12 @@ def hf_to_params(read: Callable[[str], np.ndarray], config: LlavaConfig, layout:
   return params
 
 
-def _transform_checked(forward, tensor: np.ndarray, rule: Rule, name: str, source: str) -> np.ndarray:
+def transform_checked(tensor: np.ndarray, rule: Rule, name: str, source: str) -> np.ndarray:
+  """HF `tensor` named `name` -> ours (one layer's), after checking its shape."""
   expected = _hf_shape(rule)
   if tuple(tensor.shape) != expected:
     raise LlavaJaxError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected}")
-  return forward(tensor, rule.shape)
+  return TRANSFORMS[rule.transform][0](tensor, rule.shape)
 
 
 def _hf_shape(rule: Rule) -> tuple[int, ...]:

@@ -59,9 +59,17 @@ def detect_format(path: str) -> str:
   return "hf"
 
 
-def load_model(path: str) -> LoadedModel:
-  """Loads an HF LLaVA folder, a llava-jax checkpoint folder, or a training workdir (latest step)."""
-  path = os.fspath(path)
+def load_model(path: str, adapter: str | None = None) -> LoadedModel:
+  """Loads an HF LLaVA folder, a llava-jax checkpoint folder, or a training workdir (latest step), with the
+  PEFT / LLaVA LoRA folder `adapter` applied (weights/adapters.py)."""
+  loaded = _load(os.fspath(path))
+  if adapter is not None:
+    from llava_jax.weights import adapters  # pylint: disable=import-outside-toplevel
+    loaded.config, loaded.params = adapters.apply_adapter(adapter, loaded.config, loaded.params)
+  return loaded
+
+
+def _load(path: str) -> LoadedModel:
   kind = detect_format(path)
   if kind == "hf":
     config, params, source = hf.read_hf_llava(path)
@@ -123,10 +131,7 @@ def restore_params(params_dir: str) -> dict:
 
 def check_params(params: dict, config: LlavaConfig, source: str) -> None:
   """Every parameter the config needs is there with its shape, and nothing else is."""
-  expected = {}
-  for rule in mapping.rules(config):
-    layers = (mapping.layer_count(rule, config),) if rule.stacked else ()
-    expected[rule.path] = layers + rule.shape
+  expected = _expected_shapes(config)
   found = dict(_flatten(params))
   for path, shape in expected.items():
     if path not in found:
@@ -136,6 +141,18 @@ def check_params(params: dict, config: LlavaConfig, source: str) -> None:
   for path in found:
     if path not in expected:
       raise LlavaJaxError(f"{source}: unexpected parameter {path} (not part of this config's model)")
+
+
+def _expected_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
+  if config.lora is not None:  # adapters and quantized kernels beside the mapped tensors: the model's own shapes
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+    from llava_jax.models.llava import abstract_params  # pylint: disable=import-outside-toplevel
+    return {path: tuple(x.shape) for path, x in _flatten(nn.unbox(abstract_params(config)))}
+  expected = {}
+  for rule in mapping.rules(config):
+    layers = (mapping.layer_count(rule, config),) if rule.stacked else ()
+    expected[rule.path] = layers + rule.shape
+  return expected
 
 
 def _flatten(tree, prefix=""):

@@ -18,7 +18,7 @@ from llava_jax.infer.serve.service import ChatService
 
 def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                   batch_wait_ms: float = 10.0, model_id: Optional[str] = None, log_level: str = "info",
-                  mesh=None) -> None:
+                  mesh=None, adapter: Optional[str] = None) -> None:
   """`llava-jax serve`: serves until interrupted (Ctrl-C / SIGTERM shut it down cleanly)."""
   import uvicorn  # pylint: disable=import-outside-toplevel
   if max_batch < 1:
@@ -28,7 +28,8 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_bat
   if not 0 <= port <= 65535:
     raise LlavaJaxError(f"--port must be in 0..65535, got {port}")
   sock = listen_socket(host, port)
-  service = load_service(model, model_id=model_id, max_batch=max_batch, batch_wait_ms=batch_wait_ms, mesh=mesh)
+  service = load_service(model, model_id=model_id, max_batch=max_batch, batch_wait_ms=batch_wait_ms, mesh=mesh,
+                         adapter=adapter)
   server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=10))
   # uvicorn's logger is configured by now (and uvicorn names no URL when given a socket).
   logging.getLogger("uvicorn.error").info("serving model %r at http://%s:%d/v1", service.model_id, host,
@@ -59,7 +60,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def load_service(model: str, *, model_id: Optional[str] = None, max_batch: int = 8, batch_wait_ms: float = 10.0,
-                 limits: Limits = Limits(), mesh=None) -> ChatService:
-  """Loads a model folder (HF, llava-jax checkpoint or training workdir) as `llava-jax generate` does."""
+                 limits: Limits = Limits(), mesh=None, adapter: Optional[str] = None) -> ChatService:
+  """Loads a model folder (HF, llava-jax checkpoint or training workdir), with a LoRA `adapter`, as
+  `llava-jax generate` does."""
   name = model_id or os.path.basename(os.path.normpath(os.path.abspath(model)))
-  return ChatService(load_session(model, mesh), name, limits=limits, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+  return ChatService(load_session(model, mesh, adapter), name, limits=limits, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
