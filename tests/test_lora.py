@@ -3,6 +3,7 @@ of fresh adapters, the adapter math and the quantization error against hand comp
 merged weights W + s·A·B, and tiny `llava-jax train` runs of the LoRA stages (what trains, memorization,
 SIGKILL + rerun, bad input)."""
 
+import glob
 import importlib.util
 import os
 import sys
@@ -17,7 +18,8 @@ from flax import traverse_util
 import train_fixtures as F
 from hf_fixtures import hf_state, our_config, tiny_hf_model
 from llava_jax import cli
-from llava_jax.infer.generate import Engine
+from llava_jax.infer.generate import Engine, Prompt
+from llava_jax.infer.run import load_images, load_session
 from llava_jax.models import quantize
 from llava_jax.models.llava import Llava, abstract_params
 from llava_jax.models.lora import LoraConfig, from_base
@@ -217,6 +219,24 @@ def test_only_adapters_and_projector_train(world, tmp_path, stage):
   opt = _opt_leaves(workdir, 3)
   shapes = sorted(np.shape(v) for v in opt.values() if np.ndim(v) > 0)
   assert shapes == sorted(2 * [after[p].shape for p in after if trains(p)])
+  if stage == "finetune_qlora":  # (the harder case of the two; a forward costs a compile)
+    _assert_workdir_runs_as_its_merged_export(world, workdir, tmp_path / "merged")
+
+
+def _assert_workdir_runs_as_its_merged_export(world, workdir, merged):
+  """The workdir loads as a model (config.json keeps the lora spec) and runs its adapters over the quantized base
+  as `convert jax-to-hf` merges them into dequantized float kernels."""
+  cli.main(["convert", "jax-to-hf", str(workdir), str(merged)])
+  image = sorted(glob.glob(os.path.join(world["images"], "*.png")))[0]
+  got, want = (session_logits(str(path), load_images([image])) for path in (workdir, merged))
+  assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def session_logits(model, images, adapter=None, question="What is in the image?"):
+  """Prefill logits of one prompt about `images`, as `generate --model MODEL [--adapter DIR]` computes them."""
+  session = load_session(str(model), adapter=None if adapter is None else str(adapter))
+  logits, mask = session.engine.forward([Prompt.of(session.processor.prepare(question, images))])
+  return logits[0][mask[0]]
 
 
 @pytest.mark.parametrize("stage", ["finetune_lora", "finetune_qlora"])

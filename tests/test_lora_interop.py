@@ -17,14 +17,12 @@ from PIL import Image
 from hf_fixtures import hf_state, our_config, tiny_hf_model, tiny_hf_next_model
 from llava_jax import cli
 from llava_jax.data.images import ImageProcessor
-from llava_jax.infer.generate import Prompt
-from llava_jax.infer.run import load_session
 from llava_jax.models.lora import LoraConfig
 from llava_jax.weights.mapping import hf_to_params
 from llava_jax.weights.model_folder import save_checkpoint_folder
 from test_generate_cli import TEMPLATE
 from test_llava_next import reference_processor
-from test_lora import _lora_params
+from test_lora import _lora_params, session_logits
 from tokenizer_fixture import build_tiny_tokenizer
 
 QUESTION = "What is in the image?"
@@ -74,9 +72,7 @@ class Family:
       return model(**self.inputs).logits[0].numpy()
 
   def our_logits(self, model, adapter=None):
-    session = load_session(str(model), adapter=None if adapter is None else str(adapter))
-    logits, mask = session.engine.forward([Prompt.of(session.processor.prepare(QUESTION, [self.image]))])
-    return logits[0][mask[0]]
+    return session_logits(model, [self.image], adapter, QUESTION)
 
 
 def assert_close(got, want):
