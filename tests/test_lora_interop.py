@@ -91,7 +91,7 @@ def family(request, tmp_path_factory):
 def test_exported_adapter_gives_our_logits_in_peft(family, tmp_path):
   """A LoRA checkpoint (random nonzero adapters, a changed projector and image_newline, as after training) ->
   `convert jax-to-peft` -> PeftModel.from_pretrained on the transformers model; and back in with --adapter."""
-  spec = LoraConfig(rank=4, alpha=8.0, targets=LM_TARGETS)
+  spec = LoraConfig(rank=4, alpha=8.0, targets=LM_TARGETS + "|projector/linear_1")  # exported merged in the projector
   params = traverse_util.flatten_dict(_lora_params(family.config, family.base, spec, b_scale=0.05), sep="/")
   rng = np.random.default_rng(1)
   for path in params:
@@ -250,6 +250,9 @@ def test_bad_adapters_exit_2_with_one_line_and_no_output(family, trained, tmp_pa
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(f".{name}_merged")]
   _exits_2(["generate", "--model", str(family.path), "--adapter", str(tmp_path / "nowhere"), "--prompt", "hi"],
            capsys, "nowhere: no such folder")
+  _exits_2(["convert", "jax-to-peft", str(family.path), str(tmp_path / "peft")], capsys,
+           "not a LoRA model (its config.json has no llava_jax.lora section)")
+  assert not (tmp_path / "peft").exists()
 
 
 @pytest.mark.parametrize("family", ["llava"], indirect=True)

@@ -113,13 +113,10 @@ def write_peft(out: str, config: LlavaConfig, params: dict, base_model: str | No
   """The adapters of a LoRA model as a PEFT folder in the existing folder `out` (the caller makes it atomic), with
   the projector (its adapters merged in, if it has any) and image_newline whole."""
   from safetensors.numpy import save_file
-  if config.lora is None:
-    raise LlavaJaxError("jax-to-peft: the model has no LoRA adapters (no lora section in its config.json)")
   flat, tensors, targets = _flat(params), {}, []
   for rule in _linear_rules(config):
     module = _module(rule)
-    whole = rule.hf.startswith(SAVED_WHOLE)
-    if f"{module}/lora_a" not in flat or whole:
+    if f"{module}/lora_a" not in flat or rule.hf.startswith(SAVED_WHOLE):
       continue
     targets.append(_module_pattern(rule))
     a, b = np.asarray(flat[f"{module}/lora_a"], np.float32), np.asarray(flat[f"{module}/lora_b"], np.float32)
@@ -130,7 +127,7 @@ def write_peft(out: str, config: LlavaConfig, params: dict, base_model: str | No
       tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(layer_b.reshape(config.lora.rank, -1).T)
   for rule in mapping.rules(config):
     if rule.hf.startswith(SAVED_WHOLE):
-      adapted = f"{_module(rule)}/lora_a" in flat
+      adapted = rule.transform in _INPUT_AXES and f"{_module(rule)}/lora_a" in flat
       value = merged_kernel(flat, rule, config) if adapted else np.asarray(flat[rule.path])
       _, backward = mapping.TRANSFORMS[rule.transform]
       tensors[PEFT_PREFIX + mapping.to_layout(rule.hf, "memory")] = np.ascontiguousarray(backward(value))

@@ -68,6 +68,8 @@ def jax_to_peft(src: str, out: str, base_model: str | None = None) -> str:
   from llava_jax.weights import adapters
   _check_output(src, out)
   model = model_folder.load_model(src)
+  if model.config.lora is None:
+    raise LlavaJaxError(f"{src}: not a LoRA model (its config.json has no llava_jax.lora section)")
   with atomic_output_dir(out) as tmp:
     adapters.write_peft(tmp, model.config, model.params, base_model)
   return out
