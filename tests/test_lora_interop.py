@@ -249,7 +249,7 @@ def test_bad_adapters_exit_2_with_one_line_and_no_output(family, trained, tmp_pa
     _exits_2(["convert", "merge-lora", str(family.path), adapter, str(out)], capsys, message)
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(f".{name}_merged")]
   _exits_2(["generate", "--model", str(family.path), "--adapter", str(tmp_path / "nowhere"), "--prompt", "hi"],
-           capsys, "nowhere: no such folder")
+           capsys, "nowhere: no such adapter folder")
   _exits_2(["convert", "jax-to-peft", str(family.path), str(tmp_path / "peft")], capsys,
            "not a LoRA model (its config.json has no llava_jax.lora section)")
   assert not (tmp_path / "peft").exists()

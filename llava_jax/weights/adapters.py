@@ -200,12 +200,23 @@ def _lookup(name: str, table: dict, config: LlavaConfig, kind: str) -> tuple[map
   return table.get(canonical) if canonical else None
 
 
+def _ours(value: np.ndarray, rule: mapping.Rule, side: str, rank: int, what: str) -> np.ndarray:
+  """PEFT's lora_A (r, in) or lora_B (out, r) of one layer -> our lora_a (in..., r) or lora_b (r, out...)."""
+  n_in = _INPUT_AXES[rule.transform]
+  in_shape, out_shape = rule.shape[:n_in], rule.shape[n_in:]
+  want = (rank, math.prod(in_shape)) if side == "A" else (math.prod(out_shape), rank)
+  if tuple(value.shape) != want:
+    raise LlavaJaxError(f"{what} has shape {tuple(value.shape)}, expected {want} (rank {rank} of {CONFIG_FILE} and "
+                        "this base model)")
+  return value.astype(np.float32).T.reshape(in_shape + (rank,) if side == "A" else (rank,) + out_shape)
+
+
 def apply_adapter(folder: str, config: LlavaConfig, params: dict) -> tuple[LlavaConfig, dict]:
   """The base model (checkpoint-layout params, no adapters) with the PEFT or LLaVA LoRA folder applied: the
   config with the adapters' LoraConfig, the params with their lora_a / lora_b (zeros in layers the adapter leaves
   alone, an exact no-op) and the adapter's whole tensors in place of the base's."""
   if not os.path.isdir(folder):
-    raise LlavaJaxError(f"--adapter: {folder}: no such folder")
+    raise LlavaJaxError(f"{folder}: no such adapter folder")
   if config.lora is not None:
     raise LlavaJaxError(f"--adapter {folder}: the base model has LoRA adapters already; merge them first "
                         "(convert jax-to-hf)")
@@ -223,15 +234,9 @@ def apply_adapter(folder: str, config: LlavaConfig, params: dict) -> tuple[Llava
     rule, i = found
     value, layers = weights.read(key), _layers(rule, config)
     if lora:
-      n_in = _INPUT_AXES[rule.transform]
-      in_shape, out_shape, side = rule.shape[:n_in], rule.shape[n_in:], lora.group(2)
-      want = (rank, math.prod(in_shape)) if side == "A" else (math.prod(out_shape), rank)
-      if tuple(value.shape) != want:
-        raise LlavaJaxError(f"{weights.file_of(key)}: tensor {key} has shape {tuple(value.shape)}, expected {want} "
-                            f"(rank {rank} of {CONFIG_FILE} and this base model)")
-      value = value.astype(np.float32).T.reshape(in_shape + (rank,) if side == "A" else (rank,) + out_shape)
+      value = _ours(value, rule, lora.group(2), rank, f"{weights.file_of(key)}: tensor {key}")
       modules.add(_module(rule))
-      path = f"{_module(rule)}/lora_{side.lower()}"
+      path = f"{_module(rule)}/lora_{lora.group(2).lower()}"
       if path not in flat:
         flat[path] = np.zeros(layers + value.shape, np.float32)
     else:
