@@ -183,7 +183,9 @@ def test_generate_with_adapter_equals_transformers_peft_greedy(family, trained, 
   model, folder, _ = trained
   with torch.no_grad():
     out = model.generate(**family.inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    base = family.hf_model().generate(**family.inputs, do_sample=False, max_new_tokens=MAX_NEW)
   width = family.inputs["input_ids"].shape[1]
+  assert not torch.equal(out[0, width:], base[0, width:])  # the adapter changes the answer
   want = family.processor.decode(out[0, width:], skip_special_tokens=True)
   cli.main(["generate", "--model", str(family.path), "--adapter", str(folder), "--image", str(family.path / "img.png"),
             "--prompt", QUESTION, "--max-new-tokens", str(MAX_NEW)])
