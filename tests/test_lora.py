@@ -1,7 +1,7 @@
 """LoRA adapters and QLoRA's quantized base (models/lora.py, models/quantize.py) on tiny random models: exactness
 of fresh adapters, the adapter math and the quantization error against hand computations, generation against the
 merged weights W + s·A·B, and tiny `llava-jax train` runs of the LoRA stages (what trains, memorization,
-SIGKILL + rerun, bad input)."""
+SIGKILL + rerun, a QLoRA workdir run as a model against its merged export, bad input)."""
 
 import glob
 import importlib.util
