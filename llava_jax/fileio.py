@@ -34,8 +34,12 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
   os.rename(tmp, path)
 
 
-def read_json(path: str | os.PathLike) -> dict:
-  """A JSON object from a file; LlavaJaxError naming the file when it is missing or not one."""
+_JSON_NAMES = {dict: "object", list: "array"}
+
+
+def read_json(path: str | os.PathLike, expect: type = dict):
+  """A JSON value of type `expect` (an object unless told) from a file; LlavaJaxError naming the file when
+  it is missing or not one."""
   try:
     with open(path, encoding="utf-8") as f:
       value = json.load(f)
@@ -45,8 +49,9 @@ def read_json(path: str | os.PathLike) -> dict:
     raise LlavaJaxError(f"{os.fspath(path)}: cannot read ({e})") from None
   except json.JSONDecodeError as e:
     raise LlavaJaxError(f"{os.fspath(path)}: invalid JSON ({e})") from None
-  if not isinstance(value, dict):
-    raise LlavaJaxError(f"{os.fspath(path)}: expected a JSON object, got {type(value).__name__}")
+  if not isinstance(value, expect):
+    raise LlavaJaxError(f"{os.fspath(path)}: expected a JSON {_JSON_NAMES.get(expect, expect.__name__)}, "
+                        f"got {type(value).__name__}")
   return value
 
 

@@ -67,5 +67,5 @@ def circular_accuracy(records: Iterable[Mapping], group_key: str | None = None) 
   for r in records:
     hits[str(r["index"])].append(is_right(r))
     first.setdefault(str(r["index"]), r)
-  return _summary([(len(h) == first[i]["num_options"] and all(h), str(first[i].get(group_key))) for i, h in hits.items()],
-                  group_key)
+  complete = [(len(h) == first[i]["num_options"] and all(h), str(first[i].get(group_key))) for i, h in hits.items()]
+  return _summary(complete, group_key)

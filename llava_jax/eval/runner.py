@@ -1,0 +1,149 @@
+"""`llava-jax eval`: a model folder + benchmark tasks -> OUT/TASK/answers.jsonl, OUT/results.json, a table.
+
+LLaVA-1.5's protocol: every question is one user turn of the model's conversation template (its image
+first), answered by greedy decoding; each task's prompt suffix and scorer are in its class docstring
+(llava_jax/eval/tasks/). All questions are read and checked, and answers files matched to this model,
+before any weights load; questions are then asked in batches of --batch-size, each batch one compiled
+engine program (the last one padded to the same shape), and every batch's answers are appended to the
+task's answers file before the next is asked, so a rerun resumes and never asks a question twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from typing import IO, Sequence
+
+from llava_jax.data import images as images_lib
+from llava_jax.errors import LlavaJaxError
+from llava_jax.eval.answers import AnswersFile
+from llava_jax.eval.tasks import Question, Task, parse_tasks
+from llava_jax.fileio import read_json, write_json_atomic
+
+RESULTS = "results.json"
+
+
+@dataclasses.dataclass
+class TaskRun:
+  task: Task
+  questions: list[Question]
+  answers_file: AnswersFile
+  answers: dict[str, str]  # qid -> text, those already written included
+  skipped: list[str] = dataclasses.field(default_factory=list)  # questions whose image could not be used
+
+  @property
+  def pending(self) -> list[Question]:
+    return [q for q in self.questions if q.qid not in self.answers]
+
+
+def eval_command(model: str, task_names: str, data: str, out: str, batch_size: int = 8, limit: int | None = None,
+                 max_new_tokens: int | None = None, mesh=None, log: IO[str] = sys.stderr) -> dict:
+  """Runs the tasks and returns the results (also written to OUT/results.json)."""
+  tasks = parse_tasks(task_names)
+  for flag, value in (("--batch-size", batch_size), ("--limit", limit), ("--max-new-tokens", max_new_tokens)):
+    if value is not None and value < 1:
+      raise LlavaJaxError(f"{flag} must be >= 1, got {value}")
+  if not os.path.isdir(data):
+    raise LlavaJaxError(f"{data}: no such data folder")
+  model_id = os.path.realpath(model)
+  model_config = _model_config(model)  # a missing model fails here, before any work
+  runs = []
+  for task in tasks:
+    questions = task.questions(data)[:limit]
+    if not questions:
+      raise LlavaJaxError(f"{task.path(data)}: no {task.name} questions")
+    qids = [q.qid for q in questions]
+    if len(set(qids)) < len(qids):
+      raise LlavaJaxError(f"{task.path(data)}: question_id {next(i for i in qids if qids.count(i) > 1)!r} "
+                          f"is used twice in {task.name}'s questions")
+    answers_file = AnswersFile(os.path.join(out, task.name, "answers.jsonl"), task.name, model_id)
+    runs.append(TaskRun(task, questions, answers_file, answers_file.load()))
+  if any(run.pending for run in runs):
+    from llava_jax.infer.run import load_session
+    session = load_session(model, mesh)
+    for run in runs:
+      _ask(session, run, batch_size, max_new_tokens or run.task.max_new_tokens, log)
+  results = read_json(os.path.join(out, RESULTS)) if os.path.exists(os.path.join(out, RESULTS)) else {}
+  results["run"] = {"model": model_id, "config": model_config, "commit": _commit(),
+                    "settings": {"batch_size": batch_size, "limit": limit, "max_new_tokens": max_new_tokens,
+                                 "decoding": "greedy"}}
+  for run in runs:
+    results[run.task.name] = _score(run, data, out)
+  write_json_atomic(results, os.path.join(out, RESULTS))
+  print(table(tasks, results), file=sys.stdout)
+  return results
+
+
+def _ask(session, run: TaskRun, batch_size: int, max_new_tokens: int, log: IO[str]) -> None:
+  from llava_jax.infer.generate import Prompt
+  from llava_jax.infer.sampling import SamplingParams
+  pending, name = run.pending, run.task.name
+  start, asked = time.perf_counter(), 0
+  for begin in range(0, len(pending), batch_size):
+    batch = []
+    for q in pending[begin:begin + batch_size]:
+      try:
+        images = [images_lib.load_image(q.image)] if q.image is not None else []
+        batch.append((q, Prompt.of(session.processor.prepare(q.text, images, names=[_image_name(q)] * len(images)))))
+      except LlavaJaxError as e:  # one bad image costs one question, counted in results.json
+        run.skipped.append(q.qid)
+        print(f"llava-jax eval: {name}: skipped question {q.qid}: {' '.join(str(e).split())}", file=log)
+    if not batch:
+      continue
+    prompts = [p for _, p in batch]
+    prompts += [prompts[-1]] * (batch_size - len(prompts))  # one batch shape, one compiled program
+    completions = session.engine.generate(prompts, max_new_tokens, SamplingParams())
+    rows = [(q.qid, q.text, session.processor.decode(c.tokens).strip()) for (q, _), c in zip(batch, completions)]
+    run.answers_file.append(rows)
+    run.answers.update((qid, text) for qid, _, text in rows)
+    asked += len(rows)
+    rate = asked / (time.perf_counter() - start)
+    print(f"llava-jax eval: {name}: {len(run.questions) - len(run.pending)}/{len(run.questions)} answered, "
+          f"{rate:.2f} questions/s", file=log, flush=True)
+
+
+def _image_name(q: Question) -> str:
+  return q.image if isinstance(q.image, str) else f"the image of question {q.qid}"
+
+
+def _score(run: TaskRun, data: str, out: str) -> dict:
+  """The task's metrics and counts: questions, answered, skipped (unusable images; ids listed)."""
+  answers = {q.qid: run.answers[q.qid] for q in run.questions if q.qid in run.answers}
+  result = dict(run.task.score(data, run.questions, answers))
+  submission = run.task.write_submission(run.questions, answers, os.path.join(out, run.task.name))
+  if submission:
+    result["submission"] = submission
+  result.update(questions=len(run.questions), answered=len(answers), skipped=len(run.skipped),
+                scorer=run.task.reference)
+  if run.skipped:
+    result["skipped_ids"] = run.skipped
+  return result
+
+
+def table(tasks: Sequence[Task], results: dict) -> str:
+  """The tasks' headline numbers as a row of the LLaVA-1.5 results table (markdown)."""
+  cells = []
+  for task in tasks:
+    value = task.headline(results[task.name])
+    cells.append("-" if value is None else f"{value:.1f}")
+  header = "| " + " | ".join(t.label for t in tasks) + " |"
+  return "\n".join([header, "|" + "---|" * len(tasks), "| " + " | ".join(cells) + " |"])
+
+
+def _model_config(model: str) -> dict:
+  """The model's config.json (its HF form), read without loading weights."""
+  from llava_jax.weights.model_folder import detect_format
+  folder = os.path.join(model, "model") if detect_format(model) == "workdir" else model
+  return read_json(os.path.join(folder, "config.json"))
+
+
+def _commit() -> str | None:
+  """The llava-jax git commit evaluated (None outside a git checkout)."""
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
