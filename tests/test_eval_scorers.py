@@ -92,4 +92,5 @@ def test_mme_scores_by_hand():
 
 def test_pope_no_there_is_not():
   assert pope.parse_yes_no("No, there is not.") == "no"
+  assert pope.parse_yes_no("Yes. There is no other dog.") == "yes"  # eval_pope.py reads the first sentence only
   assert pope.metrics(["No, there is not.", "Yes, there is a dog."], ["no", "yes"])["accuracy"] == 1.0
