@@ -16,7 +16,7 @@ import eval_fixtures
 from hf_fixtures import save_tiny_hf_folder
 from llava_jax import cli
 from llava_jax.eval import runner
-from llava_jax.eval.tasks import TASKS
+from llava_jax.eval.tasks import TASKS, Question
 
 ALL = ",".join(TASKS)
 
@@ -144,6 +144,22 @@ def test_answers_of_another_model_or_task_are_refused(data, model, tmp_path, cap
   assert f"{answers}: answers of model /elsewhere/model" in _cli_error(capsys, *args)
   answers.write_text(json.dumps(dict(row, task="gqa", model_id=os.path.realpath(model))) + "\n")
   assert f"{answers}: answers of task 'gqa', not 'pope'" in _cli_error(capsys, *args)
+  answers.unlink()
+  (out / "results.json").write_text(json.dumps({"run": {"model": "/elsewhere/model"}}))
+  assert f"{out}/results.json: results of model /elsewhere/model" in _cli_error(capsys, *args)
+
+
+def test_vqav2_scored_when_annotations_exist(tmp_path):
+  (tmp_path / "vqav2").mkdir()
+  (tmp_path / "vqav2" / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": [
+      {"question_id": 1, "answers": [{"answer": "2"}] * 3 + [{"answer": "3"}] * 7},
+      {"question_id": 2, "answers": [{"answer": "yes"}] * 10}]}))
+  task = TASKS["vqav2"]
+  questions = [Question("1", "How many?", "a.png"), Question("2", "Is it?", "a.png"), Question("3", "Why?", "a.png")]
+  # Question 1: 3 humans said "2" (leaving one of them out: 2/3; leaving out another: 1); question 3 has no annotation.
+  expected = (3 * (2 / 3) + 7 * 1) / 10
+  assert task.score(str(tmp_path), questions, {"1": "two", "2": "no", "3": "because"}) == {
+      "accuracy": pytest.approx((expected + 0.0) / 2), "scored": 2}
 
 
 # ---- the real tiny model ----------------------------------------------------------------------
@@ -213,3 +229,19 @@ def test_rerun_after_sigkill_gives_the_same_results(model, pope16, uninterrupted
   assert sorted(int(r["question_id"]) for r in rows) == list(range(16))  # none asked twice
   assert resumed == json.loads((uninterrupted / "results.json").read_text())
   assert (out / "results.json").read_text() == (uninterrupted / "results.json").read_text()
+
+
+def test_answers_file_drops_a_torn_last_line_and_refuses_a_bad_one(tmp_path):
+  from llava_jax.errors import LlavaJaxError
+  from llava_jax.eval.answers import AnswersFile
+  answers = AnswersFile(str(tmp_path / "pope" / "answers.jsonl"), "pope", "/m")
+  answers.append([("1", "p1", "yes"), ("2", "p2", "no")])
+  with open(answers.path, "a") as f:
+    f.write('{"question_id": "3", "prompt": "p3", "te')  # a write cut by SIGKILL
+  assert answers.load() == {"1": "yes", "2": "no"}
+  answers.append([("3", "p3", "yes")])
+  assert answers.load() == {"1": "yes", "2": "no", "3": "yes"}
+  with open(answers.path, "a") as f:
+    f.write("garbage\n")
+  with pytest.raises(LlavaJaxError, match="answers.jsonl:4: not an answers line"):
+    answers.load()

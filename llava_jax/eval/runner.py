@@ -50,6 +50,11 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
     raise LlavaJaxError(f"{data}: no such data folder")
   model_id = os.path.realpath(model)
   model_config = _model_config(model)  # a missing model fails here, before any work
+  results_path = os.path.join(out, RESULTS)
+  results = read_json(results_path) if os.path.exists(results_path) else {}
+  if results.get("run", {}).get("model", model_id) != model_id:  # one folder, one model: results are merged
+    raise LlavaJaxError(f"{results_path}: results of model {results['run']['model']}, not {model_id}; "
+                        "use another --out")
   runs = []
   for task in tasks:
     questions = task.questions(data)[:limit]
@@ -66,13 +71,12 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
     session = load_session(model, mesh)
     for run in runs:
       _ask(session, run, batch_size, max_new_tokens or run.task.max_new_tokens, log)
-  results = read_json(os.path.join(out, RESULTS)) if os.path.exists(os.path.join(out, RESULTS)) else {}
   results["run"] = {"model": model_id, "config": model_config, "commit": _commit(),
                     "settings": {"batch_size": batch_size, "limit": limit, "max_new_tokens": max_new_tokens,
                                  "decoding": "greedy"}}
   for run in runs:
     results[run.task.name] = _score(run, data, out)
-  write_json_atomic(results, os.path.join(out, RESULTS))
+  write_json_atomic(results, results_path)
   print(table(tasks, results), file=sys.stdout)
   return results
 

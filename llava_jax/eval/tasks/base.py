@@ -25,7 +25,7 @@ MULTIPLE_CHOICE = "Answer with the option's letter from the given choices direct
 class Question:
   qid: str  # unique within its task; the key of the answers file
   text: str  # the user message (no image tag: the conversation template places the image)
-  image: str | None  # image file (or None: a text-only question)
+  image: str | bytes | None  # image file, or its encoded bytes (MMBench's TSV), or None: a text-only question
   meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # what the scorer needs
 
 

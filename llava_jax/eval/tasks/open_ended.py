@@ -18,7 +18,7 @@ class LlavaBench(Task):
   max_new_tokens = 1024
 
   def questions(self, root):
-    return llava_questions(self.path(root, "questions.jsonl"), self.path(root, "images"), None, ("category",))
+    return llava_questions(self.path(root, "questions.jsonl"), self.path(root, "images"), None)
 
   def score(self, root, questions, answers):
     return {}
