@@ -10,6 +10,7 @@ task's answers file before the next is asked, so a rerun resumes and never asks 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import subprocess
@@ -60,10 +61,9 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
     questions = task.questions(data)[:limit]
     if not questions:
       raise LlavaJaxError(f"{task.path(data)}: no {task.name} questions")
-    qids = [q.qid for q in questions]
-    if len(set(qids)) < len(qids):
-      raise LlavaJaxError(f"{task.path(data)}: question_id {next(i for i in qids if qids.count(i) > 1)!r} "
-                          f"is used twice in {task.name}'s questions")
+    twice = next((qid for qid, n in collections.Counter(q.qid for q in questions).items() if n > 1), None)
+    if twice is not None:
+      raise LlavaJaxError(f"{task.path(data)}: question_id {twice!r} is used twice in {task.name}'s questions")
     answers_file = AnswersFile(os.path.join(out, task.name, "answers.jsonl"), task.name, model_id)
     runs.append(TaskRun(task, questions, answers_file, answers_file.load()))
   if any(run.pending for run in runs):
@@ -85,7 +85,7 @@ def _ask(session, run: TaskRun, batch_size: int, max_new_tokens: int, log: IO[st
   from llava_jax.infer.generate import Prompt
   from llava_jax.infer.sampling import SamplingParams
   pending, name = run.pending, run.task.name
-  start, asked = time.perf_counter(), 0
+  start, asked, answered_before = time.perf_counter(), 0, len(run.questions) - len(pending)
   for begin in range(0, len(pending), batch_size):
     batch = []
     for q in pending[begin:begin + batch_size]:
@@ -105,7 +105,7 @@ def _ask(session, run: TaskRun, batch_size: int, max_new_tokens: int, log: IO[st
     run.answers.update((qid, text) for qid, _, text in rows)
     asked += len(rows)
     rate = asked / (time.perf_counter() - start)
-    print(f"llava-jax eval: {name}: {len(run.questions) - len(run.pending)}/{len(run.questions)} answered, "
+    print(f"llava-jax eval: {name}: {answered_before + asked}/{len(run.questions)} answered, "
           f"{rate:.2f} questions/s", file=log, flush=True)
 
 
