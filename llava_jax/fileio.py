@@ -55,17 +55,24 @@ def read_json(path: str | os.PathLike, expect: type = dict):
   return value
 
 
-def write_json_atomic(obj, path: str | os.PathLike) -> None:
-  """`obj` as indented JSON at `path`, written to a temporary sibling and renamed: never half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+  """Yields a temporary sibling of `path` to write; renames it to `path` on success (never half a file)."""
   path = os.path.abspath(os.fspath(path))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  os.close(fd)
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2)
-      f.write("\n")
+    yield tmp
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_json_atomic(obj, path: str | os.PathLike) -> None:
+  """`obj` as indented JSON at `path`, written to a temporary sibling and renamed: never half a file."""
+  with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")

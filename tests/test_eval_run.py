@@ -10,6 +10,7 @@ import time
 import types
 
 import numpy as np
+import openpyxl
 import pytest
 
 import eval_fixtures
@@ -84,6 +85,11 @@ def test_every_task_scored_by_hand(data, model, scripted, tmp_path, capsys):
   assert json.loads((out / "vizwiz" / "submission.json").read_text()) == [
       {"image": "VizWiz_val_1.png", "answer": "unanswerable"}]
   assert json.loads((out / "mm_vet" / "submission.json").read_text()) == {"v1_0": "Hello."}
+  sheet = openpyxl.load_workbook(out / "mmbench" / "submission.xlsx").active
+  assert [[c or "" for c in row] for row in sheet.iter_rows(values_only=True)] == [
+      ["index", "question", "A", "B", "C", "D", "prediction", "answer"],
+      ["1", "Which animal barks?", "cat", "dog", "cow", "", "B", "B"],
+      ["2", "Pick the first.", "one", "two", "", "", "A", "A"]]
   assert results["run"]["model"] == os.path.realpath(model) and results["run"]["config"]["model_type"] == "llava"
   # The prompts: LLaVA-1.5's suffixes, added once.
   assert "Is it sunny?\nAnswer the question using a single word or phrase." in scripted.texts

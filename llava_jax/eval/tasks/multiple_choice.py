@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import csv
+import os
 import sys
 
 from llava_jax.errors import LlavaJaxError
 from llava_jax.eval import choice
 from llava_jax.eval.tasks.base import (MULTIPLE_CHOICE, Question, Task, field, llava_questions, optional_json,
                                        with_suffix)
-from llava_jax.fileio import read_json
+from llava_jax.fileio import atomic_file, read_json
 
 
 def _records(questions, answers, truth) -> list[dict]:
@@ -78,6 +79,9 @@ class MmBench(Task):
   name, folder, label = "mmbench", "mmbench", "MMB"
   reference = "LLaVA llava/eval/model_vqa_mmbench.py --all-rounds; MMBench CircularEval"
   tsv = "mmbench_dev_20230712.tsv"
+  # LLaVA's scripts/convert_mmbench_for_submission.py: the TSV's columns less hint, category, source, image,
+  # comment and l2-category, with the prediction after the options.
+  SUBMISSION_COLUMNS = ("index", "question", "A", "B", "C", "D", "answer", "split")
 
   def questions(self, root):
     path = self.path(root, self.tsv)
@@ -111,6 +115,8 @@ class MmBench(Task):
       for r, (shown, right) in enumerate(choice.rotations(options, answer or "A")):
         text = stem + "".join(f"\n{choice.LETTERS[i]}. {o}" for i, o in enumerate(shown))
         meta = {"index": index, "round": r, "category": row.get("category", ""), "num_options": len(options)}
+        if r == 0:  # the submission file repeats the question's columns
+          meta["columns"] = {k: v for k, v in row.items() if k in self.SUBMISSION_COLUMNS}
         out.append(Question(f"{index}/{r}", with_suffix(text, MULTIPLE_CHOICE), image,
                             {**meta, "answer": right} if answer else meta))
     return out
@@ -126,6 +132,24 @@ class MmBench(Task):
 
   def headline(self, metrics):
     return _percent(metrics)
+
+  def write_submission(self, questions, answers, out_dir):
+    """OUT/mmbench/submission.xlsx for MMBench's server: per question its columns and the reply to the unrotated
+    options (convert_mmbench_for_submission.py's layout)."""
+    import openpyxl
+    unrotated = [q for q in questions if q.meta["round"] == 0]
+    header = [c for c in self.SUBMISSION_COLUMNS if any(c in q.meta["columns"] for q in unrotated)]
+    header.insert(header.index("D") + 1 if "D" in header else len(header), "prediction")
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(header)
+    for q in unrotated:
+      cells = dict(q.meta["columns"], prediction=answers.get(q.qid, ""))
+      sheet.append([cells.get(c, "") for c in header])
+    path = os.path.join(out_dir, "submission.xlsx")
+    with atomic_file(path) as tmp:
+      book.save(tmp)
+    return path
 
 
 class SeedImage(Task):
