@@ -11,10 +11,12 @@ task's answers file before the next is asked, so a rerun resumes and never asks 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import IO, Sequence
 
@@ -82,31 +84,48 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
 
 
 def _ask(session, run: TaskRun, batch_size: int, max_new_tokens: int, log: IO[str]) -> None:
-  from llava_jax.infer.generate import Prompt
   from llava_jax.infer.sampling import SamplingParams
   pending, name = run.pending, run.task.name
+  chunks = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
   start, asked, answered_before = time.perf_counter(), 0, len(run.questions) - len(pending)
-  for begin in range(0, len(pending), batch_size):
-    batch = []
-    for q in pending[begin:begin + batch_size]:
-      try:
-        images = [images_lib.load_image(q.image)] if q.image is not None else []
-        batch.append((q, Prompt.of(session.processor.prepare(q.text, images, names=[_image_name(q)] * len(images)))))
-      except LlavaJaxError as e:  # one bad image costs one question, counted in results.json
-        run.skipped.append(q.qid)
-        print(f"llava-jax eval: {name}: skipped question {q.qid}: {' '.join(str(e).split())}", file=log)
-    if not batch:
-      continue
-    prompts = [p for _, p in batch]
-    prompts += [prompts[-1]] * (batch_size - len(prompts))  # one batch shape, one compiled program
-    completions = session.engine.generate(prompts, max_new_tokens, SamplingParams())
-    rows = [(q.qid, q.text, session.processor.decode(c.tokens).strip()) for (q, _), c in zip(batch, completions)]
-    run.answers_file.append(rows)
-    run.answers.update((qid, text) for qid, _, text in rows)
-    asked += len(rows)
-    rate = asked / (time.perf_counter() - start)
-    print(f"llava-jax eval: {name}: {answered_before + asked}/{len(run.questions)} answered, "
-          f"{rate:.2f} questions/s", file=log, flush=True)
+  # The next batch's images are decoded and preprocessed on a thread while the device answers this one. The
+  # tokenizer is used under a lock: a fast tokenizer shared by two threads can fail ("Already borrowed").
+  tokenizer_lock = threading.Lock()
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    upcoming = pool.submit(_prompts, session, run, chunks[0], tokenizer_lock, log) if chunks else None
+    for k in range(len(chunks)):
+      batch = upcoming.result()
+      if k + 1 < len(chunks):
+        upcoming = pool.submit(_prompts, session, run, chunks[k + 1], tokenizer_lock, log)
+      if not batch:
+        continue
+      prompts = [p for _, p in batch]
+      prompts += [prompts[-1]] * (batch_size - len(prompts))  # one batch shape, one compiled program
+      completions = session.engine.generate(prompts, max_new_tokens, SamplingParams())
+      with tokenizer_lock:
+        rows = [(q.qid, q.text, session.processor.decode(c.tokens).strip()) for (q, _), c in zip(batch, completions)]
+      run.answers_file.append(rows)
+      run.answers.update((qid, text) for qid, _, text in rows)
+      asked += len(rows)
+      print(f"llava-jax eval: {name}: {answered_before + asked}/{len(run.questions)} answered, "
+            f"{asked / (time.perf_counter() - start):.2f} questions/s", file=log, flush=True)
+
+
+def _prompts(session, run: TaskRun, questions: Sequence[Question], tokenizer_lock: threading.Lock,
+             log: IO[str]) -> list:
+  """(question, engine Prompt) of the questions whose image can be used; the others are counted skips."""
+  from llava_jax.infer.generate import Prompt
+  out = []
+  for q in questions:
+    try:
+      images = [images_lib.load_image(q.image)] if q.image is not None else []
+      with tokenizer_lock:
+        inputs = session.processor.prepare(q.text, images, names=[_image_name(q)] * len(images))
+      out.append((q, Prompt.of(inputs)))
+    except LlavaJaxError as e:  # one bad image costs one question, counted in results.json
+      run.skipped.append(q.qid)
+      print(f"llava-jax eval: {run.task.name}: skipped question {q.qid}: {' '.join(str(e).split())}", file=log)
+  return out
 
 
 def _image_name(q: Question) -> str:
