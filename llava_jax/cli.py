@@ -74,13 +74,21 @@ def _serve(args) -> None:
                         adapter=args.adapter)
 
 
+def _eval(args) -> None:
+  from llava_jax.eval import runner
+  mesh = _mesh(args.mesh)
+  runner.eval_command(model=args.model, task_names=args.task, data=args.data, out=args.out, batch_size=args.batch_size,
+                      limit=args.limit, max_new_tokens=args.max_new_tokens, mesh=mesh)
+
+
 def _demo(args) -> None:
   from llava_jax import demo
   demo.demo_command(workdir=args.workdir, quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="llava-jax", description="LLaVA in JAX: convert, generate, chat, serve, train, plan, demo.")
+  parser = _Parser(prog="llava-jax",
+                   description="LLaVA in JAX: convert, generate, chat, serve, train, plan, eval, demo.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and llava-jax formats")
@@ -148,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_parser("train", help="train with a config file: --config FILE.py:ARGS --workdir DIR [--config.KEY=V]")
   sub.add_parser("plan", help="per-device memory and FLOPs of a config's train step on a mesh, compiled on fake CPU "
                              "devices: --config FILE.py:ARGS --mesh fsdp=N[,...] [--device-memory 80GB] --out FILE")
+
+  p = sub.add_parser("eval", help="answer and score benchmarks (LLaVA-1.5 protocol, LLaVA's evaluation layout)")
+  p.add_argument("--model", required=True, help="HF folder, llava-jax checkpoint, or training workdir")
+  p.add_argument("--task", required=True, help="comma-separated: pope, mme, scienceqa_img, gqa, textvqa, vqav2, "
+                                              "vizwiz, mmbench, seed_image, llava_bench, mm_vet")
+  p.add_argument("--data", required=True, help="LLaVA's playground/data/eval folder (one subfolder per benchmark)")
+  p.add_argument("--out", required=True, help="results folder: results.json, TASK/answers.jsonl (a rerun resumes)")
+  p.add_argument("--batch-size", type=int, default=8, help="questions per compiled batch (default 8)")
+  p.add_argument("--limit", type=int, help="only the first N questions of each task")
+  p.add_argument("--max-new-tokens", type=int, help="default per task: 128 (LLaVA's), 1024 for llava_bench, mm_vet")
+  add_mesh(p)
+  p.set_defaults(func=_eval)
 
   p = sub.add_parser("demo", help="train a miniature LLaVA from nothing on ShapesWorld and evaluate it")
   p.add_argument("--workdir", default="demo_workdir")

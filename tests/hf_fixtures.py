@@ -143,3 +143,24 @@ def next_image_processor():
   """transformers' PIL LLaVA-NeXT image processor of the tiny NeXT models."""
   from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
   return LlavaNextImageProcessorPil(**NEXT_PREPROCESSOR)
+
+
+# The LLaVA-1.5-hf chat template's shape: role, image lines, then the text.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def save_tiny_hf_folder(folder, seed=3):
+  """A complete tiny HF LLaVA folder (weights, tokenizer, 28-pixel image processor, chat template)."""
+  from llava_jax.data.images import ImageProcessor
+  from tokenizer_fixture import build_tiny_tokenizer
+  model = tiny_hf_model(seed=seed)
+  model.generation_config.eos_token_id = 2
+  model.save_pretrained(folder)
+  build_tiny_tokenizer(folder)
+  ImageProcessor.default(28).save(folder)
+  (folder / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
+  return folder

@@ -2,7 +2,8 @@
 
 Questions "Is there a/an OBJECT in the image?" with "yes" for objects present and "no" for
 objects sampled as negatives (random, popular or adversarial). An answer counts as "no" when
-it contains the word "no" or "not" (the POPE evaluation script's rule), otherwise "yes".
+its first sentence contains the word "no" or "not" (the rule of POPE's and LLaVA's eval_pope.py,
+which split words at spaces and check "No", "no", "not"; here any case and punctuation), otherwise "yes".
 Metrics treat "yes" as the positive class: accuracy, precision, recall, F1 and the yes-ratio
 (fraction of "yes" answers; 0.5 is unbiased on POPE's balanced splits).
 """
@@ -17,7 +18,8 @@ METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
 def parse_yes_no(answer: str) -> str:
-  return "no" if {"no", "not"} & set(words(answer)) else "yes"
+  first_sentence = str(answer).split(".")[0]
+  return "no" if {"no", "not"} & set(words(first_sentence)) else "yes"
 
 
 def metrics(answers: Sequence[str], labels: Sequence[str]) -> dict[str, float]:

@@ -1,0 +1,172 @@
+"""`llava-jax eval`: a model folder + benchmark tasks -> OUT/TASK/answers.jsonl, OUT/results.json, a table.
+
+LLaVA-1.5's protocol: every question is one user turn of the model's conversation template (its image
+first), answered by greedy decoding; each task's prompt suffix and scorer are in its class docstring
+(llava_jax/eval/tasks/). All questions are read and checked, and answers files matched to this model,
+before any weights load; questions are then asked in batches of --batch-size, each batch one compiled
+engine program (the last one padded to the same shape), and every batch's answers are appended to the
+task's answers file before the next is asked, so a rerun resumes and never asks a question twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Sequence
+
+from llava_jax.data import images as images_lib
+from llava_jax.errors import LlavaJaxError
+from llava_jax.eval.answers import AnswersFile
+from llava_jax.eval.tasks import Question, Task, parse_tasks
+from llava_jax.fileio import read_json, write_json_atomic
+
+RESULTS = "results.json"
+
+
+@dataclasses.dataclass
+class TaskRun:
+  task: Task
+  questions: list[Question]
+  answers_file: AnswersFile
+  answers: dict[str, str]  # qid -> text, those already written included
+  skipped: list[str] = dataclasses.field(default_factory=list)  # questions whose image could not be used
+
+  @property
+  def pending(self) -> list[Question]:
+    return [q for q in self.questions if q.qid not in self.answers]
+
+
+def eval_command(model: str, task_names: str, data: str, out: str, batch_size: int = 8, limit: int | None = None,
+                 max_new_tokens: int | None = None, mesh=None, log: IO[str] = sys.stderr) -> dict:
+  """Runs the tasks and returns the results (also written to OUT/results.json)."""
+  tasks = parse_tasks(task_names)
+  for flag, value in (("--batch-size", batch_size), ("--limit", limit), ("--max-new-tokens", max_new_tokens)):
+    if value is not None and value < 1:
+      raise LlavaJaxError(f"{flag} must be >= 1, got {value}")
+  if not os.path.isdir(data):
+    raise LlavaJaxError(f"{data}: no such data folder")
+  model_id = os.path.realpath(model)
+  model_config = _model_config(model)  # a missing model fails here, before any work
+  results_path = os.path.join(out, RESULTS)
+  results = read_json(results_path) if os.path.exists(results_path) else {}
+  if results.get("run", {}).get("model", model_id) != model_id:  # one folder, one model: results are merged
+    raise LlavaJaxError(f"{results_path}: results of model {results['run']['model']}, not {model_id}; "
+                        "use another --out")
+  runs = []
+  for task in tasks:
+    questions = task.questions(data)[:limit]
+    if not questions:
+      raise LlavaJaxError(f"{task.path(data)}: no {task.name} questions")
+    twice = next((qid for qid, n in collections.Counter(q.qid for q in questions).items() if n > 1), None)
+    if twice is not None:
+      raise LlavaJaxError(f"{task.path(data)}: question_id {twice!r} is used twice in {task.name}'s questions")
+    answers_file = AnswersFile(os.path.join(out, task.name, "answers.jsonl"), task.name, model_id)
+    runs.append(TaskRun(task, questions, answers_file, answers_file.load()))
+  if any(run.pending for run in runs):
+    from llava_jax.infer.run import load_session
+    session = load_session(model, mesh)
+    for run in runs:
+      _ask(session, run, batch_size, max_new_tokens or run.task.max_new_tokens, log)
+  results["run"] = {"model": model_id, "config": model_config, "commit": _commit(),
+                    "settings": {"batch_size": batch_size, "limit": limit, "max_new_tokens": max_new_tokens,
+                                 "decoding": "greedy"}}
+  for run in runs:
+    results[run.task.name] = _score(run, data, out)
+  write_json_atomic(results, results_path)
+  print(table(tasks, results), file=sys.stdout)
+  return results
+
+
+def _ask(session, run: TaskRun, batch_size: int, max_new_tokens: int, log: IO[str]) -> None:
+  from llava_jax.infer.sampling import SamplingParams
+  pending, name = run.pending, run.task.name
+  chunks = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+  start, asked, answered_before = time.perf_counter(), 0, len(run.questions) - len(pending)
+  # The next batch's images are decoded and preprocessed on a thread while the device answers this one. The
+  # tokenizer is used under a lock: a fast tokenizer shared by two threads can fail ("Already borrowed").
+  tokenizer_lock = threading.Lock()
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    upcoming = pool.submit(_prompts, session, run, chunks[0], tokenizer_lock, log) if chunks else None
+    for k in range(len(chunks)):
+      batch = upcoming.result()
+      if k + 1 < len(chunks):
+        upcoming = pool.submit(_prompts, session, run, chunks[k + 1], tokenizer_lock, log)
+      if not batch:
+        continue
+      prompts = [p for _, p in batch]
+      prompts += [prompts[-1]] * (batch_size - len(prompts))  # one batch shape, one compiled program
+      completions = session.engine.generate(prompts, max_new_tokens, SamplingParams())
+      with tokenizer_lock:
+        rows = [(q.qid, q.text, session.processor.decode(c.tokens).strip()) for (q, _), c in zip(batch, completions)]
+      run.answers_file.append(rows)
+      run.answers.update((qid, text) for qid, _, text in rows)
+      asked += len(rows)
+      print(f"llava-jax eval: {name}: {answered_before + asked}/{len(run.questions)} answered, "
+            f"{asked / (time.perf_counter() - start):.2f} questions/s", file=log, flush=True)
+
+
+def _prompts(session, run: TaskRun, questions: Sequence[Question], tokenizer_lock: threading.Lock,
+             log: IO[str]) -> list:
+  """(question, engine Prompt) of the questions whose image can be used; the others are counted skips."""
+  from llava_jax.infer.generate import Prompt
+  out = []
+  for q in questions:
+    try:
+      images = [images_lib.load_image(q.image)] if q.image is not None else []
+      with tokenizer_lock:
+        inputs = session.processor.prepare(q.text, images, names=[_image_name(q)] * len(images))
+      out.append((q, Prompt.of(inputs)))
+    except LlavaJaxError as e:  # one bad image costs one question, counted in results.json
+      run.skipped.append(q.qid)
+      print(f"llava-jax eval: {run.task.name}: skipped question {q.qid}: {' '.join(str(e).split())}", file=log)
+  return out
+
+
+def _image_name(q: Question) -> str:
+  return q.image if isinstance(q.image, str) else f"the image of question {q.qid}"
+
+
+def _score(run: TaskRun, data: str, out: str) -> dict:
+  """The task's metrics and counts: questions, answered, skipped (unusable images; ids listed)."""
+  answers = {q.qid: run.answers[q.qid] for q in run.questions if q.qid in run.answers}
+  result = dict(run.task.score(data, run.questions, answers))
+  submission = run.task.write_submission(run.questions, answers, os.path.join(out, run.task.name))
+  if submission:
+    result["submission"] = submission
+  result.update(questions=len(run.questions), answered=len(answers), skipped=len(run.skipped),
+                scorer=run.task.reference)
+  if run.skipped:
+    result["skipped_ids"] = run.skipped
+  return result
+
+
+def table(tasks: Sequence[Task], results: dict) -> str:
+  """The tasks' headline numbers as a row of the LLaVA-1.5 results table (markdown)."""
+  cells = []
+  for task in tasks:
+    value = task.headline(results[task.name])
+    cells.append("-" if value is None else f"{value:.1f}")
+  header = "| " + " | ".join(t.label for t in tasks) + " |"
+  return "\n".join([header, "|" + "---|" * len(tasks), "| " + " | ".join(cells) + " |"])
+
+
+def _model_config(model: str) -> dict:
+  """The model's config.json (its HF form), read without loading weights."""
+  from llava_jax.weights.model_folder import detect_format
+  folder = os.path.join(model, "model") if detect_format(model) == "workdir" else model
+  return read_json(os.path.join(folder, "config.json"))
+
+
+def _commit() -> str | None:
+  """The llava-jax git commit evaluated (None outside a git checkout)."""
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None

@@ -1,0 +1,108 @@
+"""Yes/no benchmarks: POPE and MME, as LLaVA-1.5 asked and scored them."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+from llava_jax.errors import LlavaJaxError
+from llava_jax.eval import mme, pope
+from llava_jax.eval.tasks.base import SHORT_ANSWER, Question, Task, llava_questions, read_jsonl
+
+
+class Pope(Task):
+  """pope/llava_pope_test.jsonl ({"question_id", "image", "text", "category": random|popular|adversarial}),
+  pope/val2014/ (COCO val2014 images), pope/coco/coco_pope_SPLIT.json (one {"label": yes|no} line per
+  question of the split, in the question file's order). Prompt: the question + the short-answer suffix.
+  Scorer: LLaVA's llava/eval/eval_pope.py per split (the answer rule of llava_jax.eval.pope)."""
+  name, folder, label = "pope", "pope", "POPE"
+  reference = "LLaVA llava/eval/eval_pope.py"
+  SPLITS = ("random", "popular", "adversarial")
+
+  def questions(self, root):
+    return llava_questions(self.path(root, "llava_pope_test.jsonl"), self.path(root, "val2014"), SHORT_ANSWER,
+                           ("category",))
+
+  def score(self, root, questions, answers):
+    out = {}
+    for split in self.SPLITS:
+      label_file = self.path(root, "coco", f"coco_pope_{split}.json")
+      if not os.path.exists(label_file):
+        continue
+      labels = [row.get("label") for row in read_jsonl(label_file)]
+      # Paired by position within the split, as eval_pope.py pairs answers and label lines.
+      asked = [q for q in questions if q.meta.get("category") == split]
+      if len(asked) > len(labels):
+        raise LlavaJaxError(f"{label_file}: {len(labels)} labels for {len(asked)} {split} questions")
+      pairs = [(answers[q.qid], label) for q, label in zip(asked, labels) if q.qid in answers]
+      if pairs:
+        out[split] = pope.metrics([a for a, _ in pairs], [l for _, l in pairs])
+    return out
+
+  def headline(self, metrics):
+    f1 = [metrics[split]["f1"] for split in self.SPLITS if split in metrics]
+    return 100 * sum(f1) / len(f1) if f1 else None  # the LLaVA-1.5 table: F1 averaged over the splits
+
+
+_MME_FORMAT = re.compile(re.escape(SHORT_ANSWER) + r"|Please answer yes or no\.")
+
+
+def _mme_key(question: str) -> str:
+  """A question as the ground-truth files and LLaVA's question file both spell it: without the answer-format
+  instruction, whitespace collapsed (convert_answer_to_mme.py matches them the same way)."""
+  return " ".join(_MME_FORMAT.sub(" ", question).split())
+
+
+class Mme(Task):
+  """MME/llava_mme.jsonl ({"question_id": "CATEGORY/FILE", "image", "text", "category"}) and
+  MME/MME_Benchmark_release_version/ (the official release: per category the images and "question\\tanswer"
+  .txt files, directly or under images/ and questions_answers_YN/). Prompt: the question + the short-answer
+  suffix. Scorer: MME's eval_tool/calculation.py (llava_jax.eval.mme), after LLaVA's convert_answer_to_mme.py."""
+  name, folder, label = "mme", "MME", "MME"
+  reference = "MME eval_tool/calculation.py via LLaVA scripts/convert_answer_to_mme.py"
+  RELEASE = "MME_Benchmark_release_version"
+
+  def questions(self, root):
+    release = self.path(root, self.RELEASE)
+    out, seen = [], collections.Counter()
+    for q in llava_questions(self.path(root, "llava_mme.jsonl"), release, SHORT_ANSWER, ("category",)):
+      category = q.meta.get("category") or q.qid.split("/")[0]
+      image = q.image
+      if image and not os.path.exists(image):  # categories that keep their images under images/
+        image = os.path.join(release, category, "images", os.path.basename(image))
+      # LLaVA's question_id is the image, shared by its two questions: numbered here to tell them apart.
+      seen[q.qid] += 1
+      out.append(Question(f"{q.qid}#{seen[q.qid]}", q.text, image, {"category": category}))
+    return out
+
+  def _truth(self, root) -> dict[tuple[str, str, str], str]:
+    """(category, file stem, question key) -> yes/no, from the release's .txt files."""
+    truth = {}
+    for path in glob.glob(self.path(root, self.RELEASE, "*", "**", "*.txt"), recursive=True):
+      category = os.path.relpath(path, self.path(root, self.RELEASE)).split(os.sep)[0]
+      stem = os.path.splitext(os.path.basename(path))[0]
+      with open(path, encoding="utf-8") as f:
+        for line in f:
+          if "\t" in line:
+            question, answer = line.rstrip("\n").split("\t")[:2]
+            truth[category, stem, _mme_key(question)] = answer.strip()
+    return truth
+
+  def score(self, root, questions, answers):
+    truth = self._truth(root)
+    if not truth:
+      return {}
+    records = []
+    for q in questions:
+      if q.qid not in answers:
+        continue
+      stem = os.path.splitext(os.path.basename(q.image or q.qid))[0]
+      key = (q.meta["category"], stem, _mme_key(q.text))
+      if key not in truth:
+        raise LlavaJaxError(f"{self.path(root, self.RELEASE)}: no answer for {q.qid} {key[2]!r}")
+      records.append({"category": key[0], "image": stem, "prediction": answers[q.qid], "answer": truth[key]})
+    return mme.metrics(records) if records else {}
+
+  def headline(self, metrics):
+    return metrics.get("perception")  # the LLaVA-1.5 table reports MME perception

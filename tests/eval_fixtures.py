@@ -1,0 +1,166 @@
+"""A tiny copy of LLaVA's playground/data/eval layout for every task, and the replies a scripted model gives.
+
+`REPLIES` maps a question's first line to the reply; expected scores in the tests are computed by hand
+from them. MMBench replies are computed from the rotated options (`mmbench_reply`).
+"""
+
+import base64
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+
+def png(seed=0) -> bytes:
+  pixels = np.random.default_rng(seed).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _write(path, content):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if isinstance(content, bytes):
+    path.write_bytes(content)
+  else:
+    path.write_text(content)
+
+
+def _jsonl(rows):
+  return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+REPLIES = {
+    # pope: random (labels yes, no), adversarial (labels no, yes)
+    "Is there a dog in the image?": "Yes", "Is there a cat in the image?": "Yes, there is.",
+    "Is there a car in the image?": "No, there is not.", "Is there a bus in the image?": "no",
+    # mme: existence (truths yes, no), code_reasoning (truths yes, no)
+    "Is there a tree in this image?": "Yes", "Is there a boat in this image?": "No",
+    "Does this code print 3?": "The answer is yes", "Does this code print 4?": "no",
+    # gqa: truths yes, right, table
+    "Is it sunny?": "Yes.", "Which side is the cup on?": "left", "What is under the cup?": "The table",
+    "What color is it?": "red",  # its image is corrupt: a counted skip
+    # textvqa: 2 of 10 humans said "stop"; all 10 said "coca cola"
+    "what does the sign say?": "Stop.", "what brand is it?": "coca cola",
+    "How many cats?": "Two.",  # vqav2
+    "What is this?": "Unanswerable.",  # vizwiz: all 10 humans said unanswerable
+    # scienceqa: answers B (index 1), A (index 0)
+    "Context: none\nQuestion: Which is a mammal?": "The answer is (B).", "Context: none\nQuestion: Which is hot?": "B.",
+    # seed: answers A, C
+    "Which object is round?": "A", "What is the weather?": "B",
+    "Describe the image.": "A picture.", "What is written here?": "Hello.",  # llava_bench, mm_vet
+}
+
+
+def mmbench_reply(prompt: str) -> str:
+  """Question 1 (right option "dog"): the letter "dog" is shown under; question 2: always "A"."""
+  if prompt.startswith("Which animal barks?"):
+    return next(line[0] for line in prompt.splitlines() if line.endswith(". dog"))
+  return "A"
+
+
+def reply(prompt: str) -> str:
+  if prompt.startswith(("Which animal barks?", "Pick the first.")):
+    return mmbench_reply(prompt)
+  return next(r for q, r in REPLIES.items() if prompt.startswith(q))
+
+
+def build(root):
+  """Writes the layout under root (LLaVA's playground/data/eval); returns root."""
+  image = png()
+  pope = [{"question_id": i, "image": "p.png", "text": f"{q}\nAnswer the question using a single word or phrase.",
+           "category": c} for i, (q, c) in enumerate([
+               ("Is there a dog in the image?", "random"), ("Is there a cat in the image?", "random"),
+               ("Is there a car in the image?", "adversarial"), ("Is there a bus in the image?", "adversarial")])]
+  _write(root / "pope" / "llava_pope_test.jsonl", _jsonl(pope))
+  _write(root / "pope" / "val2014" / "p.png", image)
+  _write(root / "pope" / "coco" / "coco_pope_random.json", _jsonl([{"label": "yes"}, {"label": "no"}]))
+  _write(root / "pope" / "coco" / "coco_pope_adversarial.json", _jsonl([{"label": "no"}, {"label": "yes"}]))
+
+  release = root / "MME" / "MME_Benchmark_release_version"
+  _write(root / "MME" / "llava_mme.jsonl", _jsonl([
+      {"question_id": "existence/a.png", "image": "existence/a.png", "category": "existence",
+       "text": "Is there a tree in this image? Please answer yes or no.\n"
+               "Answer the question using a single word or phrase."},
+      {"question_id": "existence/a.png", "image": "existence/a.png", "category": "existence",
+       "text": "Is there a boat in this image? Please answer yes or no."},
+      {"question_id": "code_reasoning/b.png", "image": "code_reasoning/b.png", "category": "code_reasoning",
+       "text": "Does this code print 3? Please answer yes or no."},
+      {"question_id": "code_reasoning/b.png", "image": "code_reasoning/b.png", "category": "code_reasoning",
+       "text": "Does this code print 4? Please answer yes or no."}]))
+  _write(release / "existence" / "a.png", image)
+  _write(release / "existence" / "a.txt",
+         "Is there a tree in this image? Please answer yes or no.\tYes\n"
+         "Is there a boat in this image? Please answer yes or no.\tNo\n")
+  _write(release / "code_reasoning" / "images" / "b.png", image)  # the images/ + questions_answers_YN/ layout
+  _write(release / "code_reasoning" / "questions_answers_YN" / "b.txt",
+         "Does this code print 3? Please answer yes or no.\tYes\n"
+         "Does this code print 4?  Please answer yes or no.\tNo\n")  # two spaces, as some of MME's files
+
+  gqa = [("g1", "Is it sunny?", "yes"), ("g2", "Which side is the cup on?", "right"),
+         ("g3", "What is under the cup?", "table"), ("g4", "What color is it?", "red")]
+  _write(root / "gqa" / "llava_gqa_testdev_balanced.jsonl",
+         _jsonl([{"question_id": q, "image": "bad.png" if q == "g4" else "g.png", "text": t} for q, t, _ in gqa]))
+  _write(root / "gqa" / "data" / "images" / "g.png", image)
+  _write(root / "gqa" / "data" / "images" / "bad.png", b"not a png")
+  _write(root / "gqa" / "data" / "testdev_balanced_questions.json", json.dumps({q: {"answer": a} for q, _, a in gqa}))
+
+  _write(root / "textvqa" / "llava_textvqa_val_v051_ocr.jsonl", _jsonl([
+      {"question_id": 11, "image": "t.png", "text": "what does the sign say?\nReference OCR token: STOP"},
+      {"question_id": 12, "image": "t.png", "text": "what brand is it?\nReference OCR token: Coca, Cola"}]))
+  _write(root / "textvqa" / "train_images" / "t.png", image)
+  _write(root / "textvqa" / "TextVQA_0.5.1_val.json", json.dumps({"data": [
+      {"question_id": 11, "answers": ["stop", "STOP"] + ["go"] * 8},
+      {"question_id": 12, "answers": ["coca cola"] * 10}]}))
+
+  _write(root / "vqav2" / "llava_vqav2_mscoco_test-dev2015.jsonl",
+         _jsonl([{"question_id": 7, "image": "v.png", "text": "How many cats?"}]))
+  _write(root / "vqav2" / "test2015" / "v.png", image)
+
+  _write(root / "vizwiz" / "llava_test.jsonl", _jsonl([{"question_id": 0, "image": "VizWiz_val_1.png",
+                                                        "text": "What is this?"}]))
+  _write(root / "vizwiz" / "test" / "VizWiz_val_1.png", image)
+  _write(root / "vizwiz" / "val.json", json.dumps([{"image": "VizWiz_val_1.png",
+                                                    "answers": [{"answer": "unanswerable"}] * 10}]))
+
+  _write(root / "scienceqa" / "llava_test_CQM-A.json", json.dumps([
+      {"id": "s1", "image": "s1/image.png", "conversations": [
+          {"from": "human",
+           "value": "Context: none\nQuestion: Which is a mammal?\nOptions: (A) frog (B) cow\n<image>"}]},
+      {"id": "s2", "conversations": [  # no image: not part of scienceqa_img
+          {"from": "human", "value": "Question: Which is text only?\nOptions: (A) a (B) b"}]},
+      {"id": "s3", "image": "s3/image.png", "conversations": [
+          {"from": "human", "value": "<image>\nContext: none\nQuestion: Which is hot?\nOptions: (A) fire (B) ice"}]}]))
+  for sid in ("s1", "s3"):
+    _write(root / "scienceqa" / "images" / "test" / sid / "image.png", image)
+  _write(root / "scienceqa" / "problems.json", json.dumps({
+      "s1": {"choices": ["frog", "cow"], "answer": 1}, "s2": {"choices": ["a", "b"], "answer": 0},
+      "s3": {"choices": ["fire", "ice"], "answer": 0}}))
+
+  b64 = base64.b64encode(image).decode()
+  _write(root / "mmbench" / "mmbench_dev_20230712.tsv",
+         "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
+         f"1\tWhich animal barks?\tnan\tcat\tdog\tcow\t\tB\tanimals\t{b64}\n"
+         f"2\tPick the first.\t\tone\ttwo\t\t\tA\tcounting\t{b64}\n")
+
+  _write(root / "seed_bench" / "llava-seed-bench.jsonl", _jsonl([
+      {"question_id": "101", "image": "SEED-Bench-image/a.png", "category": "Instance Attributes",
+       "text": "Which object is round?\nA. ball\nB. box\nC. book\nD. pen"},
+      {"question_id": "102", "image": "SEED-Bench-image/a.png", "category": "Scene Understanding",
+       "text": "What is the weather?\nA. rain\nB. snow\nC. sun\nD. fog"},
+      {"question_id": "103", "image": "SEED-Bench-video-image/v/1.png", "category": "Action Recognition",
+       "text": "What happens?\nA. a\nB. b\nC. c\nD. d"}]))
+  _write(root / "seed_bench" / "SEED-Bench-image" / "a.png", image)
+  _write(root / "seed_bench" / "SEED-Bench.json", json.dumps({"questions": [
+      {"question_id": "101", "answer": "A", "data_type": "image"},
+      {"question_id": "102", "answer": "C", "data_type": "image"},
+      {"question_id": "103", "answer": "B", "data_type": "video"}]}))
+
+  _write(root / "llava-bench-in-the-wild" / "questions.jsonl",
+         _jsonl([{"question_id": 0, "image": "w.png", "text": "Describe the image.", "category": "detail"}]))
+  _write(root / "llava-bench-in-the-wild" / "images" / "w.png", image)
+  _write(root / "mm-vet" / "llava-mm-vet.jsonl", _jsonl([{"question_id": "v1_0", "image": "v1_0.png",
+                                                          "text": "What is written here?"}]))
+  _write(root / "mm-vet" / "images" / "v1_0.png", image)
+  return root

@@ -1,0 +1,253 @@
+"""`llava-jax eval` end to end: every task on tiny LLaVA-layout folders, scored against hand-computed numbers
+(a scripted model), bad input, and the real tiny model (batched = one by one; resume after SIGKILL)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import openpyxl
+import pytest
+
+import eval_fixtures
+from hf_fixtures import save_tiny_hf_folder
+from llava_jax import cli
+from llava_jax.eval import runner
+from llava_jax.eval.tasks import TASKS, Question
+
+ALL = ",".join(TASKS)
+
+
+class ScriptedSession:
+  """Stands in for infer.run.Session: the reply to a prompt is eval_fixtures.reply(its text)."""
+
+  def __init__(self):
+    self.texts, self.batches = [], []
+    decode = lambda tokens: eval_fixtures.reply(self.texts[tokens[0]])
+    self.processor = types.SimpleNamespace(prepare=self._prepare, decode=decode)
+    self.engine = types.SimpleNamespace(generate=self._generate)
+
+  def _prepare(self, text, images, names=None):
+    assert len(images) == 1 and images[0].size == (28, 28)
+    self.texts.append(text)
+    return types.SimpleNamespace(input_ids=np.array([len(self.texts) - 1]), pixel_values=[], image_feature_index=None)
+
+  def _generate(self, prompts, max_new_tokens, params):
+    assert params.temperature == 0  # greedy
+    self.batches.append(len(prompts))
+    return [types.SimpleNamespace(tokens=p.input_ids) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  return eval_fixtures.build(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  return save_tiny_hf_folder(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+  session = ScriptedSession()
+  monkeypatch.setattr("llava_jax.infer.run.load_session", lambda path, mesh=None: session)
+  return session
+
+
+def test_every_task_scored_by_hand(data, model, scripted, tmp_path, capsys):
+  out = tmp_path / "out"
+  results = runner.eval_command(str(model), ALL, str(data), str(out), batch_size=3)
+  assert set(scripted.batches) == {3}  # every batch padded to one shape
+  assert results == json.loads((out / "results.json").read_text())
+  r = {k: {m: v for m, v in results[k].items() if m not in ("scorer", "submission")} for k in TASKS}
+  assert r["pope"] == {
+      "random": {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "yes_ratio": 1.0},
+      "adversarial": {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0},
+      "questions": 4, "answered": 4, "skipped": 0}
+  assert r["mme"]["perception"] == 200.0 and r["mme"]["cognition"] == 50.0
+  assert r["mme"]["subtasks"]["code_reasoning"] == {"accuracy": 50.0, "accuracy_plus": 0.0, "score": 50.0}
+  assert r["gqa"] == {"accuracy": pytest.approx(1 / 3), "scored": 3, "questions": 4, "answered": 3, "skipped": 1,
+                      "skipped_ids": ["g4"]}
+  assert r["textvqa"]["accuracy"] == pytest.approx((0.6 + 1.0) / 2)
+  assert r["vizwiz"]["accuracy"] == 1.0
+  assert r["scienceqa_img"] == {"accuracy": 0.5, "scored": 2, "questions": 2, "answered": 2, "skipped": 0}
+  assert r["mmbench"] == {"accuracy": 0.5, "by_category": {"animals": 1.0, "counting": 0.0}, "single_round": 1.0,
+                          "scored": 2, "questions": 5, "answered": 5, "skipped": 0}
+  assert r["seed_image"] == {"accuracy": 0.5, "by_category": {"Instance Attributes": 1.0, "Scene Understanding": 0.0},
+                             "scored": 2, "questions": 2, "answered": 2, "skipped": 0}
+  assert r["vqav2"] == r["llava_bench"] == r["mm_vet"] == {"questions": 1, "answered": 1, "skipped": 0}
+  assert json.loads((out / "vqav2" / "submission.json").read_text()) == [{"question_id": 7, "answer": "2"}]
+  assert json.loads((out / "vizwiz" / "submission.json").read_text()) == [
+      {"image": "VizWiz_val_1.png", "answer": "unanswerable"}]
+  assert json.loads((out / "mm_vet" / "submission.json").read_text()) == {"v1_0": "Hello."}
+  sheet = openpyxl.load_workbook(out / "mmbench" / "submission.xlsx").active
+  assert [[c or "" for c in row] for row in sheet.iter_rows(values_only=True)] == [
+      ["index", "question", "A", "B", "C", "D", "prediction", "answer"],
+      ["1", "Which animal barks?", "cat", "dog", "cow", "", "B", "B"],
+      ["2", "Pick the first.", "one", "two", "", "", "A", "A"]]
+  assert results["run"]["model"] == os.path.realpath(model) and results["run"]["config"]["model_type"] == "llava"
+  # The prompts: LLaVA-1.5's suffixes, added once.
+  assert "Is it sunny?\nAnswer the question using a single word or phrase." in scripted.texts
+  assert scripted.texts.count("Is there a tree in this image? Please answer yes or no.\n"
+                              "Answer the question using a single word or phrase.") == 1
+  assert ("Which animal barks?\nA. dog\nB. cow\nC. cat\nAnswer with the option's letter from the given choices "
+          "directly.") in scripted.texts
+  table = capsys.readouterr().out.splitlines()
+  assert table[0] == "| VQAv2 | GQA | VizWiz | SQA-IMG | TextVQA | POPE | MME | MMB | SEED-I | LLaVA-W | MM-Vet |"
+  assert table[2] == "| - | 33.3 | 100.0 | 50.0 | 80.0 | 33.3 | 200.0 | 50.0 | 50.0 | - | - |"
+
+
+def test_rerun_asks_nothing_and_extends_results(data, model, scripted, tmp_path):
+  out = tmp_path / "out"
+  first = runner.eval_command(str(model), "gqa", str(data), str(out), batch_size=2, limit=2)
+  assert first["gqa"]["questions"] == 2 and scripted.batches == [2]
+  again = runner.eval_command(str(model), "gqa,pope", str(data), str(out), batch_size=2, limit=2)
+  assert scripted.batches == [2, 2]  # only pope's two questions were asked
+  assert again["gqa"] == first["gqa"] and again["pope"]["answered"] == 2
+  lines = (out / "gqa" / "answers.jsonl").read_text().splitlines()
+  assert [json.loads(l)["question_id"] for l in lines] == ["g1", "g2"]
+
+
+def _cli_error(capsys, *args) -> str:
+  with pytest.raises(SystemExit) as e:
+    cli.main(["eval", *args])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  return err
+
+
+def test_bad_input_exits_2_naming_it(data, model, tmp_path, capsys):
+  common = ["--model", str(model), "--out", str(tmp_path / "out")]
+  assert "unknown task 'vqa3'" in _cli_error(capsys, *common, "--data", str(data), "--task", "pope,vqa3")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert f"{empty}/gqa/llava_gqa_testdev_balanced.jsonl: no such file" in _cli_error(
+      capsys, *common, "--data", str(empty), "--task", "gqa")
+  bad = tmp_path / "bad"
+  (bad / "pope").mkdir(parents=True)
+  (bad / "pope" / "llava_pope_test.jsonl").write_text(
+      '{"question_id": 1, "image": "a.png", "text": "q"}\n{"question_id": 2,\n')
+  assert f"{bad}/pope/llava_pope_test.jsonl:2: invalid JSON" in _cli_error(
+      capsys, *common, "--data", str(bad), "--task", "pope")
+  (bad / "pope" / "llava_pope_test.jsonl").write_text('{"question_id": 1, "image": "a.png"}\n')
+  assert "llava_pope_test.jsonl:1: missing key 'text'" in _cli_error(
+      capsys, *common, "--data", str(bad), "--task", "pope")
+
+
+def test_answers_of_another_model_or_task_are_refused(data, model, tmp_path, capsys):
+  out = tmp_path / "out"
+  answers = out / "pope" / "answers.jsonl"
+  answers.parent.mkdir(parents=True)
+  row = {"question_id": 0, "prompt": "p", "text": "yes", "task": "pope", "model_id": "/elsewhere/model"}
+  answers.write_text(json.dumps(row) + "\n")
+  args = ["--model", str(model), "--data", str(data), "--out", str(out), "--task", "pope"]
+  assert f"{answers}: answers of model /elsewhere/model" in _cli_error(capsys, *args)
+  answers.write_text(json.dumps(dict(row, task="gqa", model_id=os.path.realpath(model))) + "\n")
+  assert f"{answers}: answers of task 'gqa', not 'pope'" in _cli_error(capsys, *args)
+  answers.unlink()
+  (out / "results.json").write_text(json.dumps({"run": {"model": "/elsewhere/model"}}))
+  assert f"{out}/results.json: results of model /elsewhere/model" in _cli_error(capsys, *args)
+
+
+def test_vqav2_scored_when_annotations_exist(tmp_path):
+  (tmp_path / "vqav2").mkdir()
+  (tmp_path / "vqav2" / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": [
+      {"question_id": 1, "answers": [{"answer": "2"}] * 3 + [{"answer": "3"}] * 7},
+      {"question_id": 2, "answers": [{"answer": "yes"}] * 10}]}))
+  task = TASKS["vqav2"]
+  questions = [Question("1", "How many?", "a.png"), Question("2", "Is it?", "a.png"), Question("3", "Why?", "a.png")]
+  # Question 1: 3 humans said "2" (leaving one of them out: 2/3; leaving out another: 1); question 3 has no annotation.
+  expected = (3 * (2 / 3) + 7 * 1) / 10
+  assert task.score(str(tmp_path), questions, {"1": "two", "2": "no", "3": "because"}) == {
+      "accuracy": pytest.approx((expected + 0.0) / 2), "scored": 2}
+
+
+# ---- the real tiny model ----------------------------------------------------------------------
+
+MAX_NEW = 4
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def pope16(tmp_path_factory):
+  """A POPE folder of 16 questions on 2 images."""
+  root = tmp_path_factory.mktemp("pope16")
+  objects = ["dog", "cat", "car", "bus", "cup", "tree", "boat", "bird"]
+  rows = [{"question_id": i, "image": f"{i % 2}.png", "text": f"Is there a {o} in the image?",
+           "category": "random"} for i, o in enumerate(objects * 2)]
+  (root / "pope" / "val2014").mkdir(parents=True)
+  (root / "pope" / "coco").mkdir()
+  (root / "pope" / "llava_pope_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (root / "pope" / "coco" / "coco_pope_random.json").write_text(
+      "".join(json.dumps({"label": "yes" if i % 3 else "no"}) + "\n" for i in range(16)))
+  for i in range(2):
+    (root / "pope" / "val2014" / f"{i}.png").write_bytes(eval_fixtures.png(i + 1))
+  return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model, pope16, tmp_path_factory):
+  out = tmp_path_factory.mktemp("ref") / "out"
+  runner.eval_command(str(model), "pope", str(pope16), str(out), batch_size=BATCH, max_new_tokens=MAX_NEW)
+  return out
+
+
+def test_batched_answers_equal_one_by_one(model, pope16, uninterrupted):
+  from PIL import Image
+  from llava_jax.infer.generate import Prompt
+  from llava_jax.infer.run import load_session
+  from llava_jax.infer.sampling import SamplingParams
+  session = load_session(str(model))
+  rows = [json.loads(l) for l in (uninterrupted / "pope" / "answers.jsonl").read_text().splitlines()]
+  assert [r["question_id"] for r in rows] == [str(i) for i in range(16)]
+  for r in rows[:2]:  # one of each image
+    image = Image.open(pope16 / "pope" / "val2014" / f"{int(r['question_id']) % 2}.png")
+    prompt = Prompt.of(session.processor.prepare(r["prompt"], [image]))
+    alone = session.engine.generate([prompt], MAX_NEW, SamplingParams())[0]
+    assert session.processor.decode(alone.tokens).strip() == r["text"]
+  assert any(r["text"] for r in rows)  # the comparison means something only if text was produced
+
+
+def test_rerun_after_sigkill_gives_the_same_results(model, pope16, uninterrupted, tmp_path):
+  out = tmp_path / "out"
+  answers = out / "pope" / "answers.jsonl"
+  # The same flags (and XLA flags) as the uninterrupted run: its compiled programs come from the persistent cache.
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "llava_jax", "eval", "--model", str(model), "--task", "pope", "--data", str(pope16),
+       "--out", str(out), "--batch-size", str(BATCH), "--max-new-tokens", str(MAX_NEW)],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 120
+  while not (answers.exists() and answers.read_text().count("\n") >= 1) and proc.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  written = answers.read_text().count("\n")
+  assert 1 <= written < 16, f"the run was not killed mid-task ({written} answers)"
+  resumed = runner.eval_command(str(model), "pope", str(pope16), str(out), batch_size=BATCH, max_new_tokens=MAX_NEW)
+  rows = [json.loads(l) for l in answers.read_text().splitlines()]
+  assert sorted(int(r["question_id"]) for r in rows) == list(range(16))  # none asked twice
+  assert resumed == json.loads((uninterrupted / "results.json").read_text())
+  assert (out / "results.json").read_text() == (uninterrupted / "results.json").read_text()
+
+
+def test_answers_file_drops_a_torn_last_line_and_refuses_a_bad_one(tmp_path):
+  from llava_jax.errors import LlavaJaxError
+  from llava_jax.eval.answers import AnswersFile
+  answers = AnswersFile(str(tmp_path / "pope" / "answers.jsonl"), "pope", "/m")
+  answers.append([("1", "p1", "yes"), ("2", "p2", "no")])
+  with open(answers.path, "a") as f:
+    f.write('{"question_id": "3", "prompt": "p3", "te')  # a write cut by SIGKILL
+  assert answers.load() == {"1": "yes", "2": "no"}
+  answers.append([("3", "p3", "yes")])
+  assert answers.load() == {"1": "yes", "2": "no", "3": "yes"}
+  with open(answers.path, "a") as f:
+    f.write("garbage\n")
+  with pytest.raises(LlavaJaxError, match="answers.jsonl:4: not an answers line"):
+    answers.load()
