@@ -31,7 +31,7 @@ MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
                "llava_next_video": "LlavaNextVideoForConditionalGeneration"}
 ANYRES_TYPES = ("llava_next", "llava_onevision", "llava_next_video")  # with image_grid_pinpoints and image_newline
 VIDEO_TYPES = ("llava_onevision", "llava_next_video")  # the types with a video_token_index
-SPATIAL_POOL_MODES = ("average", "max")  # llava_next_video's spatial_pool_mode values we compute
+SPATIAL_POOL_MODES = ("average", "max", "conv")  # llava_next_video's spatial_pool_mode values
 # transformers' top-level defaults of each type, for the keys a config.json leaves out.
 _TYPE_DEFAULTS = {
     "llava": dict(image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default"),
@@ -254,6 +254,9 @@ class LlavaConfig:
                           f"only, and they need one (model_type {self.model_type!r})")
     if self.spatial_pool_mode is not None:
       _check_spatial_pool(self.spatial_pool_mode, self.spatial_pool_stride, self.vision, "config")
+    if self.spatial_pool_mode == "conv" and self.vision_feature_size != self.vision.hidden_size:
+      raise LlavaJaxError("config: spatial_pool_mode 'conv' takes the vision tower's hidden size, not the features "
+                          f"of {len(self.feature_layers)} vision_feature_layer(s) (transformers fails on them)")
 
   @property
   def anyres_max_tiles(self) -> int:

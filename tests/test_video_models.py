@@ -129,7 +129,7 @@ def processor(kind, mode=None):
 # ---- config ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["average", "max"])
+@pytest.mark.parametrize("mode", ["average", "max", "conv"])
 def test_next_video_config_round_trips_exactly(mode):
   d = next_video_model(mode).config.to_dict()
   config = LlavaConfig.from_hf_dict(d)
@@ -152,11 +152,12 @@ def test_next_video_defaults_are_transformers():
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("spatial_pool_mode", "conv", "spatial_pool_mode 'conv' is not supported"),
+    ("spatial_pool_mode", "mean", "spatial_pool_mode 'mean' is not supported"),
+    ("vision_feature_layer", [-2, -1], "spatial_pool_mode 'conv' takes the vision tower's hidden size"),
     ("spatial_pool_stride", 0, "spatial_pool_stride 0 is not a positive int of at most the 4 patches per side")])
 def test_bad_pooling_is_named(key, value, message):
-  with pytest.raises(LlavaJaxError, match=f"config.json: {message}"):
-    LlavaConfig.from_hf_dict(dict(next_video_model().config.to_dict(), **{key: value}))
+  with pytest.raises(LlavaJaxError, match=message):
+    LlavaConfig.from_hf_dict(dict(next_video_model("conv").config.to_dict(), **{key: value}))
 
 
 # ---- pixels and token ids ----------------------------------------------------------------------
@@ -215,7 +216,8 @@ def _assert_equal(engine, hf_model, rows):
     np.testing.assert_array_equal(generated[row].tokens, tokens[0, len(prompt.input_ids):].numpy())
 
 
-@pytest.mark.parametrize("kind,mode", [("onevision", None), ("next_video", "average"), ("next_video", "max")])
+@pytest.mark.parametrize("kind,mode", [("onevision", None), ("next_video", "average"), ("next_video", "max"),
+                                       ("next_video", "conv")])
 def test_logits_and_generations_equal_transformers(kind, mode):
   """The 8-frame video row (transformers runs each row alone) in a batch with an image row; NeXT-Video's image
   row alone too."""
@@ -243,7 +245,8 @@ def test_spatial_pool_is_next_videos_pooler(mode):
 
 
 def test_next_video_hf_folder_round_trips_bit_for_bit(tmp_path):
-  hf_model = next_video_model("max")
+  """With `conv` pooling: its convolution's weights included."""
+  hf_model = next_video_model("conv")
   hf_model.save_pretrained(tmp_path / "hf")
   config, params, source = read_hf_llava(str(tmp_path / "hf"))
   assert config == _config(hf_model) and load_config(str(tmp_path / "hf")) == config

@@ -67,14 +67,20 @@ def _gather_features(features: jax.Array, index: jax.Array, weights: jax.Array |
   return total
 
 
+def as_grid(hidden: jax.Array) -> jax.Array:
+  """(N, side * side, D) features of square patch grids -> (N, side, side, D)."""
+  n, tokens, dim = hidden.shape
+  side = int(round(np.sqrt(tokens)))
+  return hidden.reshape(n, side, side, dim)
+
+
 def spatial_pool(hidden: jax.Array, mode: str, stride: int) -> jax.Array:
   """(N, side * side, D) features of square patch grids -> (N, (side // stride) ** 2, D): torch's AvgPool2d or
   MaxPool2d of kernel and stride `stride` (rows and columns past the last whole window dropped)."""
-  n, tokens, dim = hidden.shape
-  side = int(round(np.sqrt(tokens)))
+  grid = as_grid(hidden)
+  n, side, _, dim = grid.shape
   out = side // stride
-  grid = hidden.reshape(n, side, side, dim)[:, :out * stride, :out * stride]
-  windows = grid.reshape(n, out, stride, out, stride, dim)
+  windows = grid[:, :out * stride, :out * stride].reshape(n, out, stride, out, stride, dim)
   pooled = windows.mean(axis=(2, 4)) if mode == "average" else windows.max(axis=(2, 4))
   return pooled.reshape(n, out * out, dim)
 
@@ -151,6 +157,12 @@ class Llava(nn.Module):
       scale = 1 / np.sqrt(c.text.hidden_size)  # transformers' init: randn * 1/sqrt(hidden)
       self.image_newline = self.param("image_newline", logical(nn.initializers.normal(scale), ("embed",)),
                                       (c.text.hidden_size,), jnp.float32)
+    if c.spatial_pool_mode == "conv":  # NeXT-Video's learned pooling: a stride x stride convolution, stride apart
+      stride = (c.spatial_pool_stride,) * 2
+      self.vision_resampler = nn.Conv(
+          c.vision.hidden_size, stride, strides=stride, padding="VALID", dtype=dtype, param_dtype=jnp.float32,
+          kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+          bias_init=logical(nn.initializers.zeros, ("embed",)))
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N, tokens_per_tile, text_hidden). A model pooling video frames before the projector
@@ -164,8 +176,11 @@ class Llava(nn.Module):
     hidden = jnp.concatenate(hidden, axis=-1)
     if c.spatial_pool_mode is None:
       return self.projector(hidden)
-    tokens = hidden.shape[1]
-    pooled = spatial_pool(hidden, c.spatial_pool_mode, c.spatial_pool_stride)
+    n, tokens, dim = hidden.shape
+    if c.spatial_pool_mode == "conv":
+      pooled = self.vision_resampler(as_grid(hidden)).reshape(n, -1, dim)
+    else:
+      pooled = spatial_pool(hidden, c.spatial_pool_mode, c.spatial_pool_stride)
     projected = self.projector(jnp.concatenate([hidden, pooled], axis=1))
     return jnp.pad(projected, ((0, 0), (0, 2 * tokens - projected.shape[1]), (0, 0)))
 
