@@ -37,6 +37,7 @@ IMAGE_TOKEN, VIDEO_TOKEN = SPECIALS.index("<image>"), SPECIALS.index("<video>")
 PAD, NEW_TOKENS = 0, 20
 OV_TILE, PATCH = 35, 7  # OneVision: 5x5 patches per frame, pooled bilinearly to 3x3 (halves rounded up)
 VIDEO_TEXT, IMAGE_TEXT = "USER: <video> what happens here ? ASSISTANT:", "USER: <image> what is this ? ASSISTANT:"
+BOTH_TEXT = "USER: <image> two <video> what happens here ? ASSISTANT:"
 VIDEOS = [(8, (30, 45)), (3, (50, 20))]  # (frames, (height, width)): two videos of different sizes and lengths
 IMAGE_SIZE = (40, 60)
 
@@ -184,21 +185,21 @@ def test_two_videos_pixels_and_token_ids_equal_the_processors(kind):
 
 
 def _rows(kind, mode=None):
-  """Our prompts of a video row (8 frames) and an image row, with transformers' inputs for each."""
+  """Our prompts of a video row (8 frames), an image row and a row with an image then a video, with transformers'
+  inputs for each."""
   ours = processor(kind, mode)
-  frames = _frames(*VIDEOS[0])
-  video = ours.encode(VIDEO_TEXT, [], videos=[frames])
-  pixels_videos = torch.from_numpy(_reference_frames(kind, frames))[None]
-  theirs_video = dict(input_ids=torch.from_numpy(video.input_ids[None]).long(), pixel_values_videos=pixels_videos)
-  picture = _image(IMAGE_SIZE)
-  image = ours.encode(IMAGE_TEXT, [picture])
-  reference = (_ov_image_processor()([[picture]], return_tensors="pt") if kind == "onevision"
-               else next_image_processor()([picture], return_tensors="pt"))
-  theirs_image = dict(input_ids=torch.from_numpy(image.input_ids[None]).long(), pixel_values=reference["pixel_values"],
-                      image_sizes=reference["image_sizes"])
-  if kind == "onevision":
-    theirs_image["batch_num_images"] = reference["batch_num_images"]
-  return {"video": (Prompt.of(video), theirs_video), "image": (Prompt.of(image), theirs_image)}
+  frames, picture = _frames(*VIDEOS[0]), _image(IMAGE_SIZE)
+  video = {"pixel_values_videos": torch.from_numpy(_reference_frames(kind, frames))[None]}
+  image = (_ov_image_processor()([[picture]], return_tensors="pt") if kind == "onevision"
+           else next_image_processor()([picture], return_tensors="pt"))
+  image = {key: image[key] for key in ("pixel_values", "image_sizes", "batch_num_images") if key in image}
+  rows = {"video": (VIDEO_TEXT, [], [frames], video), "image": (IMAGE_TEXT, [picture], [], image),
+          "both": (BOTH_TEXT, [picture], [frames], dict(image, **video))}
+  out = {}
+  for name, (text, images, videos, theirs) in rows.items():
+    prompt = ours.encode(text, images, videos=videos)
+    out[name] = Prompt.of(prompt), dict(theirs, input_ids=torch.from_numpy(prompt.input_ids[None]).long())
+  return out
 
 
 def _assert_equal(engine, hf_model, rows):
@@ -219,13 +220,13 @@ def _assert_equal(engine, hf_model, rows):
 @pytest.mark.parametrize("kind,mode", [("onevision", None), ("next_video", "average"), ("next_video", "max"),
                                        ("next_video", "conv")])
 def test_logits_and_generations_equal_transformers(kind, mode):
-  """The 8-frame video row (transformers runs each row alone) in a batch with an image row; NeXT-Video's image
-  row alone too."""
+  """The 8-frame video row (transformers runs each row alone) in a batch with an image row and a row with both;
+  NeXT-Video's image row alone too."""
   hf_model = onevision_model() if kind == "onevision" else next_video_model(mode)
   config = _config(hf_model)
   engine = Engine(config, hf_to_params(hf_state(hf_model).__getitem__, config), eos_token_ids=[], pad_token_id=PAD)
   rows = _rows(kind, mode)
-  _assert_equal(engine, hf_model, [rows["image"], rows["video"]])
+  _assert_equal(engine, hf_model, [rows["image"], rows["video"], rows["both"]])
   if mode == "average":
     _assert_equal(engine, hf_model, [rows["image"]])
 
