@@ -1,10 +1,10 @@
 """Model configs (vision tower, language model, LLaVA) and their Hugging Face `config.json` form.
 
 The dataclasses hold what the Flax modules need; `from_hf_dict`/`to_hf_dict` translate the
-transformers 5 `llava`, `llava_next`, `llava_onevision` and `llava_next_video` configs (MODEL_TYPES). Its `vision_config` and
-`text_config` sections are read and written by their family's row of VISION_FAMILIES / TEXT_FAMILIES (keyed by
-the section's `model_type`): which keys the family's config.json carries, which it fixes by architecture and
-transformers' defaults for the keys a file leaves out. Keys we do not model are kept (the
+transformers 5 `llava`, `llava_next`, `llava_onevision` and `llava_next_video` configs (MODEL_TYPES). Its
+`vision_config` and `text_config` sections are read and written by their family's row of VISION_FAMILIES /
+TEXT_FAMILIES (keyed by the section's `model_type`): which keys the family's config.json carries, which it fixes by
+architecture and transformers' defaults for the keys a file leaves out. Keys we do not model are kept (the
 top level in `LlavaConfig.hf_extra`, each section's source dict in its own `hf_extra`), so a
 config.json as transformers writes it round-trips exactly.
 """

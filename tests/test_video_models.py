@@ -93,8 +93,9 @@ def _config(hf_model) -> LlavaConfig:
 # transformers' per-frame pixels: OneVision's image processor's whole-image resize (its first patch), and the
 # CLIP resize-and-crop of NeXT-Video's video processor; both as their video processors' default settings.
 def _ov_image_processor():
+  pinpoints = onevision_model().config.image_grid_pinpoints
   return transformers.LlavaOnevisionImageProcessorPil(size={"height": OV_TILE, "width": OV_TILE},
-                                                      image_grid_pinpoints=onevision_model().config.image_grid_pinpoints)
+                                                      image_grid_pinpoints=pinpoints)
 
 
 def _reference_frames(kind, frames):
@@ -234,9 +235,9 @@ def test_logits_and_generations_equal_transformers(kind, mode):
 @pytest.mark.parametrize("mode", ["average", "max"])
 def test_spatial_pool_is_next_videos_pooler(mode):
   """transformers' LlavaNextVideoPooler (AvgPool2d / MaxPool2d) on a 5x5 grid: the last row and column dropped."""
-  config = transformers.LlavaNextVideoConfig(vision_config={"model_type": "clip_vision_model", "image_size": 35,
-                                                            "patch_size": 7, "hidden_size": 8, "num_attention_heads": 2},
-                                             spatial_pool_mode=mode)
+  vision = {"model_type": "clip_vision_model", "image_size": 35, "patch_size": 7, "hidden_size": 8,
+            "num_attention_heads": 2}
+  config = transformers.LlavaNextVideoConfig(vision_config=vision, spatial_pool_mode=mode)
   features = np.random.default_rng(0).standard_normal((3, 25, 8)).astype(np.float32)
   want = LlavaNextVideoPooler(config)(torch.from_numpy(features)).numpy()
   np.testing.assert_allclose(np.asarray(spatial_pool(features, mode, 2)), want, rtol=1e-6, atol=1e-6)
