@@ -99,6 +99,14 @@ def _onevision(text: dict) -> dict:
   }
 
 
+def _next_video(text: dict) -> dict:
+  """LLaVA-NeXT-Video (llava-hf/LLaVA-NeXT-Video-7B-hf): LLaVA-NeXT's CLIP and AnyRes images, <video> (32000) and
+  <image> (32001) in Vicuna's vocabulary, each frame's features average-pooled 2x2 before the projector."""
+  return dict(_next(text, 32001), architectures=["LlavaNextVideoForConditionalGeneration"],
+              model_type="llava_next_video", video_token_index=32000, spatial_pool_mode="average",
+              spatial_pool_stride=2, video_seq_length=288)
+
+
 MODELS = {
     "llava-1.5-7b": _llava(_vicuna(4096, 11008, 32, 32, "lmsys/vicuna-7b-v1.5"), _CLIP_L14_336, 32000, 32001),
     "llava-1.5-13b": _llava(_vicuna(5120, 13824, 40, 40, "lmsys/vicuna-13b-v1.5"), _CLIP_L14_336, 32000, 32001),
@@ -144,6 +152,7 @@ MODELS = {
         _qwen2("Qwen/Qwen2-7B-Instruct", 152128, 3584, 18944, 28, 28, 4, tie=False)),
     "llava-onevision-qwen2-72b-ov": _onevision(
         _qwen2("Qwen/Qwen2-72B-Instruct", 152128, 8192, 29568, 80, 64, 8, tie=False)),
+    "llava-next-video-7b": _next_video(_vicuna(4096, 11008, 32, 32, "lmsys/vicuna-7b-v1.5")),
 }
 # LLaVA-NeXT at toy size: tiny's towers, AnyRes over its 28-px tiles (1x2, 2x1, 2x2, 1x3 and 3x1 tiles).
 MODELS["tiny-next"] = dict(copy.deepcopy(MODELS["tiny"]), architectures=["LlavaNextForConditionalGeneration"],

@@ -1,10 +1,10 @@
 """Model configs (vision tower, language model, LLaVA) and their Hugging Face `config.json` form.
 
 The dataclasses hold what the Flax modules need; `from_hf_dict`/`to_hf_dict` translate the
-transformers 5 `llava`, `llava_next` and `llava_onevision` configs (MODEL_TYPES). Its `vision_config` and
-`text_config` sections are read and written by their family's row of VISION_FAMILIES / TEXT_FAMILIES (keyed by
-the section's `model_type`): which keys the family's config.json carries, which it fixes by architecture and
-transformers' defaults for the keys a file leaves out. Keys we do not model are kept (the
+transformers 5 `llava`, `llava_next`, `llava_onevision` and `llava_next_video` configs (MODEL_TYPES). Its
+`vision_config` and `text_config` sections are read and written by their family's row of VISION_FAMILIES /
+TEXT_FAMILIES (keyed by the section's `model_type`): which keys the family's config.json carries, which it fixes by
+architecture and transformers' defaults for the keys a file leaves out. Keys we do not model are kept (the
 top level in `LlavaConfig.hf_extra`, each section's source dict in its own `hf_extra`), so a
 config.json as transformers writes it round-trips exactly.
 """
@@ -24,16 +24,23 @@ if TYPE_CHECKING:
 
 # config.json model_type -> the architecture transformers writes for it. `llava_next` adds AnyRes
 # (image_grid_pinpoints, image_newline), `llava_onevision` its anyres_max downscaling and several images per
-# prompt; how each type lays out an image's tokens is data/layouts.py's table.
+# prompt and videos, `llava_next_video` NeXT's videos (frame features pooled before the projector); how each type
+# lays out an image's tokens is data/layouts.py's table, a video's data/video.py's.
 MODEL_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-               "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
-ANYRES_TYPES = ("llava_next", "llava_onevision")  # the types with image_grid_pinpoints and an image_newline
+               "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+               "llava_next_video": "LlavaNextVideoForConditionalGeneration"}
+ANYRES_TYPES = ("llava_next", "llava_onevision", "llava_next_video")  # with image_grid_pinpoints and image_newline
+VIDEO_TYPES = ("llava_onevision", "llava_next_video")  # the types with a video_token_index
+SPATIAL_POOL_MODES = ("average", "max", "conv")  # llava_next_video's spatial_pool_mode values
 # transformers' top-level defaults of each type, for the keys a config.json leaves out.
 _TYPE_DEFAULTS = {
     "llava": dict(image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default"),
     "llava_next": dict(image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default"),
-    "llava_onevision": dict(image_token_index=151646, vision_feature_layer=-1, vision_feature_select_strategy="full",
-                            vision_aspect_ratio="anyres_max_9"),
+    "llava_onevision": dict(image_token_index=151646, video_token_index=151647, vision_feature_layer=-1,
+                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9"),
+    "llava_next_video": dict(image_token_index=32001, video_token_index=32000, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", spatial_pool_mode="average",
+                             spatial_pool_stride=2),
 }
 ANYRES_MAX_PREFIX = "anyres_max_"
 # transformers' LlavaNextConfig default (llava-v1.6's), and LlavaOnevisionConfig's: 1 to 6 tiles of 384 each way.
@@ -205,6 +212,10 @@ class LlavaConfig:
   vision_feature_select_strategy: str = "default"
   # llava_onevision's "anyres_max_N": an image's feature grid larger than N tiles' is downscaled (data/onevision.py).
   vision_aspect_ratio: str | None = None
+  video_token_index: int | None = None  # the VIDEO_TYPES' <video> token
+  # llava_next_video's pooling of each frame's tower features (before the projector): mode and stride.
+  spatial_pool_mode: str | None = None
+  spatial_pool_stride: int = 2
   pad_token_id: int | None = None
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
@@ -235,6 +246,17 @@ class LlavaConfig:
                           f"only, and they need one (model_type {self.model_type!r})")
     if self.vision_aspect_ratio is not None:
       _anyres_max(self.vision_aspect_ratio, "config")
+    if (self.video_token_index is not None) != (self.model_type in VIDEO_TYPES):
+      raise LlavaJaxError(f"config: video_token_index {self.video_token_index!r} is for {' and '.join(VIDEO_TYPES)} "
+                          f"models only, and they need one (model_type {self.model_type!r})")
+    if (self.spatial_pool_mode is not None) != (self.model_type == "llava_next_video"):
+      raise LlavaJaxError(f"config: spatial_pool_mode {self.spatial_pool_mode!r} is for llava_next_video models "
+                          f"only, and they need one (model_type {self.model_type!r})")
+    if self.spatial_pool_mode is not None:
+      _check_spatial_pool(self.spatial_pool_mode, self.spatial_pool_stride, self.vision, "config")
+    if self.spatial_pool_mode == "conv" and self.vision_feature_size != self.vision.hidden_size:
+      raise LlavaJaxError("config: spatial_pool_mode 'conv' takes the vision tower's hidden size, not the features "
+                          f"of {len(self.feature_layers)} vision_feature_layer(s) (transformers fails on them)")
 
   @property
   def anyres_max_tiles(self) -> int:
@@ -267,6 +289,18 @@ class LlavaConfig:
   def has_image_newline(self) -> bool:
     """LLaVA-NeXT's learned embedding closing each row of an image's AnyRes feature grid."""
     return self.model_type in ANYRES_TYPES
+
+  @property
+  def media_token_ids(self) -> tuple[int, ...]:
+    """The tokens that take image or video features: <image>, and <video> where the model has one."""
+    video = () if self.video_token_index is None else (self.video_token_index,)
+    return (self.image_token_index,) + video
+
+  @property
+  def pooled_tokens_per_frame(self) -> int:
+    """llava_next_video: features of one frame after its spatial pooling (floor, as torch's pooling layers)."""
+    side = self.vision.image_size // self.vision.patch_size // self.spatial_pool_stride
+    return side * side
 
   @property
   def vision_feature_size(self) -> int:
@@ -311,6 +345,12 @@ class LlavaConfig:
         pinpoints = ONEVISION_GRID_PINPOINTS if model_type == "llava_onevision" else DEFAULT_GRID_PINPOINTS
       kwargs["image_grid_pinpoints"] = _grid_pinpoints(pinpoints, vision.image_size, source)
       _check_anyres_strategy(kwargs["vision_feature_select_strategy"], vision, source)
+    if model_type in VIDEO_TYPES:
+      kwargs["video_token_index"] = d.get("video_token_index", d.get("video_token_id", top["video_token_index"]))
+    if model_type == "llava_next_video":
+      kwargs["spatial_pool_mode"] = d.get("spatial_pool_mode", top["spatial_pool_mode"])
+      kwargs["spatial_pool_stride"] = d.get("spatial_pool_stride", top["spatial_pool_stride"])
+      _check_spatial_pool(kwargs["spatial_pool_mode"], kwargs["spatial_pool_stride"], vision, source)
     if model_type == "llava_onevision":
       kwargs["vision_aspect_ratio"] = d.get("vision_aspect_ratio", top["vision_aspect_ratio"])
       _anyres_max(kwargs["vision_aspect_ratio"], source)
@@ -357,6 +397,10 @@ class LlavaConfig:
       d["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
     if self.vision_aspect_ratio is not None:
       d["vision_aspect_ratio"] = self.vision_aspect_ratio
+    if self.video_token_index is not None:
+      d["video_token_index"] = self.video_token_index
+    if self.spatial_pool_mode is not None:
+      d.update(spatial_pool_mode=self.spatial_pool_mode, spatial_pool_stride=self.spatial_pool_stride)
     if self.pad_token_id != text["pad_token_id"]:  # LLaVA's own pad token, e.g. one added beside the text model's
       d["pad_token_id"] = self.pad_token_id
     if self.projector_type != "mlp2x":
@@ -380,6 +424,7 @@ _LLAVA_KEYS = {
     "model_type", "vision_config", "text_config", "image_token_index", "image_token_id", "image_seq_length",
     "projector_hidden_act", "multimodal_projector_bias", "vision_feature_layer", "vision_feature_select_strategy",
     "pad_token_id", "tie_word_embeddings", "llava_jax", "image_grid_pinpoints", "vision_aspect_ratio",
+    "video_token_index", "video_token_id", "spatial_pool_mode", "spatial_pool_stride",
 }
 _ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")  # v5 and v4 spellings; written back as v5
 
@@ -450,6 +495,17 @@ def _check_anyres_strategy(strategy: str, vision: VisionConfig, source: str) -> 
     raise LlavaJaxError(f"{source}: vision_feature_select_strategy 'default' drops the first token, and "
                         f"{vision.model_type} has no class token: a patch the AnyRes feature grid of llava_next "
                         "needs (use 'full')")
+
+
+def _check_spatial_pool(mode, stride, vision: VisionConfig, source: str) -> None:
+  """llava_next_video's frame pooling: a mode we compute and a stride that leaves the patch grid a feature."""
+  if mode not in SPATIAL_POOL_MODES:
+    raise LlavaJaxError(f"{source}: spatial_pool_mode {mode!r} is not supported (supported: "
+                        f"{', '.join(SPATIAL_POOL_MODES)})")
+  side = vision.image_size // vision.patch_size
+  if not (isinstance(stride, int) and 0 < stride <= side):
+    raise LlavaJaxError(f"{source}: spatial_pool_stride {stride!r} is not a positive int of at most the "
+                        f"{side} patches per side")
 
 
 def _anyres_max(value, source: str) -> int:

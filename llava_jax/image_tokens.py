@@ -3,19 +3,33 @@ side (processor, training pipeline, generation engine) and the model's own host-
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from llava_jax.errors import LlavaJaxError
 
 
-def check_image_tokens(input_ids, image_token_id: int, num_features: int, where: str, images: str = "images") -> None:
+def check_image_tokens(input_ids, image_token_id: int | Sequence[int], num_features: int, where: str,
+                       images: str = "images") -> None:
   """The one rule between a row's tokens and its images: each image token takes one of the features its images
-  give (by the row's feature index, or in order), so there are exactly as many image tokens as features."""
-  found = int(np.sum(np.asarray(input_ids) == image_token_id))
+  give (by the row's feature index, or in order), so there are exactly as many image tokens as features. With
+  several ids (a model's <image> and <video>, LlavaConfig.media_token_ids) a token of either kind counts."""
+  found = int(np.sum(np.isin(np.asarray(input_ids), image_token_id)))
   if found != num_features:
     raise LlavaJaxError(f"{where}: {found} image tokens but its {images} give {num_features} image features")
+
+
+# A feature index's entries: i >= 0 is feature i of the row's tower inputs' features (tokens_per_tile each), -1
+# the image_newline embedding, and -2 - i the tower-pooled feature i (llava_next_video: tower input i //
+# tokens_per_tile's spatially pooled feature i % tokens_per_tile, pooled before the projector; models/llava.py).
+# Negative entries keep their meaning whatever the row's number of tower inputs.
+POOLED_BASE = -2
+
+
+def pooled_index(index):
+  """The entries that take the tower-pooled features at `index` (numbered as plain features are)."""
+  return (POOLED_BASE - np.asarray(index)).astype(np.int32)
 
 
 # Features one image token of a FeatureMix can blend: bilinear interpolation's 2x2 neighbours.

@@ -1,5 +1,5 @@
-"""Parameter counts of the configs/models.py architectures (LLaVA-1.5, the released LLaVA-NeXT and OneVision
-models) equal transformers', without allocating either model."""
+"""Parameter counts of the configs/models.py architectures (LLaVA-1.5, the released LLaVA-NeXT, OneVision and
+NeXT-Video models) equal transformers', without allocating either model."""
 
 import importlib.util
 import os
@@ -32,7 +32,9 @@ def _theirs(hf_dict) -> int:
   classes = {"llava": (transformers.LlavaConfig, transformers.LlavaForConditionalGeneration),
              "llava_next": (transformers.LlavaNextConfig, transformers.LlavaNextForConditionalGeneration),
              "llava_onevision": (transformers.LlavaOnevisionConfig,
-                                 transformers.LlavaOnevisionForConditionalGeneration)}
+                                 transformers.LlavaOnevisionForConditionalGeneration),
+             "llava_next_video": (transformers.LlavaNextVideoConfig,
+                                  transformers.LlavaNextVideoForConditionalGeneration)}
   config_class, model_class = classes[hf_dict["model_type"]]
   with torch.device("meta"):
     model = model_class(config_class(**hf_dict))
@@ -44,7 +46,8 @@ SIZES = {"llava-1.5-7b": 7.06e9, "llava-1.5-13b": 13.35e9, "tiny": None, "tiny-n
          "llava-v1.6-vicuna-7b": 7.06e9, "llava-v1.6-vicuna-13b": 13.35e9,
          "llava-v1.6-mistral-7b": 7.57e9, "llava-v1.6-34b": 34.76e9, "llava-next-llama3-8b": 8.36e9,
          "llava-next-72b": 72.7e9, "llava-next-110b": 111.5e9, "llava-onevision-qwen2-0.5b-ov": 0.894e9,
-         "llava-onevision-qwen2-7b-ov": 8.03e9, "llava-onevision-qwen2-72b-ov": 73.2e9}
+         "llava-onevision-qwen2-7b-ov": 8.03e9, "llava-onevision-qwen2-72b-ov": 73.2e9,
+         "llava-next-video-7b": 7.06e9}
 
 
 def test_every_model_is_counted():

@@ -73,6 +73,7 @@ def _anyres(config: LlavaConfig) -> AnyResLayout:
 IMAGE_LAYOUTS: dict[str, Callable[[LlavaConfig], Union[FixedLayout, AnyResLayout, OneVisionLayout]]] = {
     "llava": lambda config: FixedLayout(config.tokens_per_tile),
     "llava_next": _anyres,
+    "llava_next_video": _anyres,  # its images are LLaVA-NeXT's
     "llava_onevision": lambda config: OneVisionLayout(_anyres(config), config.anyres_max_tiles),
 }
 
@@ -98,11 +99,19 @@ def images_feature_index(layout: ImageLayout, sizes: Sequence[Sequence[int]],
   before it, so that it indexes the features of all the images' tiles in order (what a prompt row feeds the
   model with its image tokens: the row's k-th image token takes feature index[k]); a FeatureMix where an
   image's index is one. `layout` is the prompt's (see prompt_layout)."""
-  parts, tiles = [np.zeros(0, np.int32)], 0
   names = names or image_labels([None] * len(sizes))
-  for size, name in zip(sizes, names):
-    parts.append(shift_feature_index(layout.feature_index(size, name), tiles, layout.tokens_per_tile))
-    tiles += layout.tiles(size, name)
+  return join_feature_indexes([layout.feature_index(size, name) for size, name in zip(sizes, names)],
+                              [layout.tiles(size, name) for size, name in zip(sizes, names)], layout.tokens_per_tile)
+
+
+def join_feature_indexes(indexes: Sequence[np.ndarray | FeatureMix], tiles: Sequence[int],
+                         tokens_per_tile: int) -> np.ndarray | FeatureMix:
+  """The feature indexes of a row's images and videos (in prompt order, the i-th taking tiles[i] tower inputs)
+  as one index into all their tower inputs' features; a FeatureMix where any of them is one."""
+  parts, before = [np.zeros(0, np.int32)], 0
+  for index, count in zip(indexes, tiles):
+    parts.append(shift_feature_index(index, before, tokens_per_tile))
+    before += count
   if any(isinstance(part, FeatureMix) for part in parts):
     mixes = [as_mix(part) for part in parts]
     return FeatureMix(np.concatenate([m.index for m in mixes]), np.concatenate([m.weights for m in mixes]))
@@ -112,10 +121,11 @@ def images_feature_index(layout: ImageLayout, sizes: Sequence[Sequence[int]],
 def shift_feature_index(index: np.ndarray | FeatureMix, tiles_before: int,
                         tokens_per_tile: int) -> np.ndarray | FeatureMix:
   """int32 `index` into the features of some tiles, made an index into the features of `tiles_before` other tiles
-  followed by those (NEWLINE entries stay)."""
+  followed by those (NEWLINE entries stay; pooled ones, image_tokens.POOLED_BASE, shift the other way)."""
   if isinstance(index, FeatureMix):
     return index._replace(index=shift_feature_index(index.index, tiles_before, tokens_per_tile))
-  return np.where(index == NEWLINE, NEWLINE, index + tiles_before * tokens_per_tile).astype(np.int32)
+  shift = tiles_before * tokens_per_tile
+  return np.where(index >= 0, index + shift, np.where(index == NEWLINE, NEWLINE, index - shift)).astype(np.int32)
 
 
 def images_pixels(layout: ImageLayout, images: Sequence[Image.Image], processor: ImageProcessor,

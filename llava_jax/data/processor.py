@@ -1,14 +1,16 @@
-"""Inference-side processor: (prompt text, images) -> model inputs, as transformers' LlavaProcessor
-and LlavaNextProcessor.
+"""Inference-side processor: (prompt text, images, videos) -> model inputs, as transformers' LlavaProcessor,
+LlavaNextProcessor, LlavaOnevisionProcessor and LlavaNextVideoProcessor.
 
 `Processor.prepare` is what `llava-jax generate` calls: render the user's message (conversation.py:
 chat template of the folder, else a named fallback template), expand each `<image>` to the number of
-image tokens its image gives under the model's image layout (data/layouts.py), tokenize with the
+image tokens its image gives under the model's image layout (data/layouts.py), each `<video>` to its video tokens
+(data/video.py; videos given as decoded frames), tokenize with the
 folder's tokenizer and preprocess the images into tower inputs (NHWC) with the feature index.
 """
 
 import dataclasses
 import os
+import re
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -17,8 +19,8 @@ from PIL import Image
 from llava_jax.data import conversation
 from llava_jax.data import images as images_lib
 from llava_jax.data import templates
-from llava_jax.data.layouts import (ImageLayout, expand_image_tags, image_labels, images_feature_index, images_pixels,
-                                    prompt_layout)
+from llava_jax.data.layouts import ImageLayout, image_labels, join_feature_indexes, prompt_layout
+from llava_jax.data.video import Frames, VideoLayout
 from llava_jax.errors import LlavaJaxError
 from llava_jax.image_tokens import FeatureMix, check_image_tokens
 from llava_jax.fileio import read_json
@@ -28,6 +30,7 @@ CHAT_TEMPLATE_JSON = "chat_template.json"
 
 ImageLike = Union[Image.Image, images_lib.ImageSource]
 PathLike = Union[str, os.PathLike]
+VIDEO_TAG = "<video>"  # transformers' video processors' default video_token
 
 
 # tokenizer_config.json classes that are plain `tokenizer.json` wrappers: loaded directly, they
@@ -91,7 +94,7 @@ def _default_template(template, where: str) -> str:
 @dataclasses.dataclass
 class LlavaInputs:
   """Model inputs. input_ids int32 (S,) or (B, S); pixel_values float32 (N, H, W, 3), the tower inputs
-  (images, or AnyRes tiles) of all rows in order; image_feature_index int32 (image tokens,): the
+  (images, AnyRes tiles, video frames) of all rows in order; image_feature_index int32 (image tokens,): the
   feature each image token takes (see layouts.images_feature_index; a FeatureMix for OneVision's lone images),
   one per row when batched;
   attention_mask int32 like input_ids (batched only)."""
@@ -106,38 +109,43 @@ class Processor:
 
   def __init__(self, tokenizer, image_processor: images_lib.ImageProcessor, layout: ImageLayout,
                chat_template: Optional[str] = None, image_token: Optional[str] = None,
-               fallback_template: str = "vicuna_v1"):
+               fallback_template: str = "vicuna_v1", video_layout: Optional[VideoLayout] = None,
+               video_token: Optional[str] = None):
     self.tokenizer = tokenizer
     self.image_processor = image_processor
     self.layout = layout
+    self.video_layout = video_layout  # None: the model takes no videos
     self.chat_template = chat_template
-    # LlavaProcessor's rule: the tokenizer's own image_token wins over the configured one.
+    # LlavaProcessor's rule: the tokenizer's own image_token wins over the configured one (video_token alike).
     self.image_token = getattr(tokenizer, "image_token", None) or image_token or templates.IMAGE_TAG
+    self.video_token = getattr(tokenizer, "video_token", None) or video_token or VIDEO_TAG
     self.fallback_template = fallback_template
 
   @classmethod
   def from_folder(cls, folder: PathLike, layout: ImageLayout, image_size: Optional[int] = None,
-                  fallback_template: str = "vicuna_v1",
-                  image_aspect_ratio: Optional[str] = None) -> "Processor":
+                  fallback_template: str = "vicuna_v1", image_aspect_ratio: Optional[str] = None,
+                  video_layout: Optional[VideoLayout] = None) -> "Processor":
     """Loads a model folder's tokenizer, image processor (default CLIP one of `image_size` when
-    the folder has none) and chat template; its processor files must agree with the model's `layout`."""
+    the folder has none) and chat template; its processor files must agree with the model's `layout`.
+    `video_layout`: a video model's (data/video.video_layout_for)."""
     if not os.path.isdir(folder):
       raise LlavaJaxError(f"{os.fspath(folder)}: model folder not found")
     tokenizer = load_tokenizer(folder)
     image_processor = images_lib.ImageProcessor.from_folder(folder, image_size, image_aspect_ratio)
     processor_config = os.path.join(folder, images_lib.PROCESSOR_CONFIG)
-    image_token = None
-    if os.path.isfile(processor_config):
-      image_token = read_json(processor_config).get("image_token")
+    settings = read_json(processor_config) if os.path.isfile(processor_config) else {}
     layout.check_processor_files(folder)
-    return cls(tokenizer, image_processor, layout, load_chat_template(folder, tokenizer), image_token,
-               fallback_template)
+    return cls(tokenizer, image_processor, layout, load_chat_template(folder, tokenizer), settings.get("image_token"),
+               fallback_template, video_layout, settings.get("video_token"))
 
   @property
   def image_token_id(self) -> int:
-    ids = self.tokenizer.encode(self.image_token, add_special_tokens=False)
+    return self._token_id(self.image_token, "image")
+
+  def _token_id(self, token: str, kind: str) -> int:
+    ids = self.tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
-      raise LlavaJaxError(f"tokenizer encodes image token {self.image_token!r} as {len(ids)} "
+      raise LlavaJaxError(f"tokenizer encodes {kind} token {token!r} as {len(ids)} "
                           "tokens, expected one (add it as a special token)")
     return ids[0]
 
@@ -177,24 +185,46 @@ class Processor:
     return not (bos is not None and formatted_prompt.startswith(bos))
 
   def encode(self, prompt_text: str, images: Sequence[ImageLike], image_token: Optional[str] = None,
-             add_special_tokens: bool = True, names: Optional[Sequence[str]] = None) -> LlavaInputs:
-    """Expands the i-th `<image>` to the tokens of the i-th image and tokenizes (LlavaProcessor's way)."""
+             add_special_tokens: bool = True, names: Optional[Sequence[str]] = None,
+             videos: Sequence[Frames] = ()) -> LlavaInputs:
+    """Expands the i-th `<image>` to the tokens of the i-th image, the i-th `<video>` to those of the i-th video
+    (its decoded frames), and tokenizes (LlavaProcessor's way); tower inputs and feature index in prompt order."""
     image_token = image_token or self.image_token
-    num_tags = prompt_text.count(image_token)
-    if num_tags != len(images):
-      raise LlavaJaxError(f"prompt has {num_tags} {image_token} tag(s) but {len(images)} "
-                          "image(s) were given; they must match")
-    pictures = [_as_pil(img) for img in images]
+    if videos and self.video_layout is None:
+      raise LlavaJaxError("this model takes no videos")
+    tags = [image_token] + ([self.video_token] if self.video_layout is not None else [])
+    found = re.findall("|".join(map(re.escape, tags)), prompt_text)
+    for tag, given, kind in zip(tags, (images, videos), ("image", "video")):
+      if found.count(tag) != len(given):
+        raise LlavaJaxError(f"prompt has {found.count(tag)} {tag} tag(s) but {len(given)} "
+                            f"{kind}(s) were given; they must match")
     names = list(names) if names is not None else image_labels(images)
-    sizes = [(p.height, p.width) for p in pictures]
     layout = prompt_layout(self.layout, len(images))
-    counts = [layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
-    pixel_values = images_pixels(layout, pictures, self.image_processor, names)
-    expanded = expand_image_tags(prompt_text, image_token, image_token, counts)
+    media = {image_token: iter([self._image_part(layout, _as_pil(img), name) for img, name in zip(images, names)]),
+             self.video_token: iter([self._video_part(frames, f"video {i + 1}") for i, frames in enumerate(videos)])}
+    parts = [(tag,) + next(media[tag]) for tag in found]  # (tag, tokens, pixels, index, tiles) in prompt order
+    pieces = re.split("|".join(map(re.escape, tags)), prompt_text)
+    expanded = pieces[0] + "".join(tag * n + piece for (tag, n, *_), piece in zip(parts, pieces[1:]))
     ids = self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
-    if images:  # (a text-only prompt needs no image token in the tokenizer)
-      check_image_tokens(ids, self.image_token_id, sum(counts), "tokenized prompt")
-    return LlavaInputs(np.asarray(ids, np.int32), pixel_values, images_feature_index(layout, sizes, names))
+    for tag, kind in zip(tags, ("image", "video")):
+      count = sum(n for t, n, *_ in parts if t == tag)
+      if count:  # (a prompt without images needs no image token in the tokenizer)
+        check_image_tokens(ids, self._token_id(tag, kind), count, "tokenized prompt", f"{kind}s")
+    pixel_values = (np.concatenate([pixels for _, _, pixels, _, _ in parts]) if parts
+                    else self.image_processor([]))
+    index = join_feature_indexes([p[3] for p in parts], [p[4] for p in parts], layout.tokens_per_tile)
+    return LlavaInputs(np.asarray(ids, np.int32), pixel_values, index)
+
+  def _image_part(self, layout: ImageLayout, picture: Image.Image, name: str) -> tuple:
+    size = (picture.height, picture.width)
+    return (layout.num_image_tokens(size, name), layout.pixels(picture, self.image_processor, name),
+            layout.feature_index(size, name), layout.tiles(size, name))
+
+  def _video_part(self, frames: Frames, name: str) -> tuple:
+    pixels = self.video_layout.pixels(frames, self.image_processor, name)
+    count = len(pixels)
+    return (self.video_layout.num_video_tokens(count), pixels, self.video_layout.feature_index(count),
+            self.video_layout.tiles(count))
 
   def encode_batch(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],
                    add_special_tokens: bool = True, length: Optional[int] = None) -> LlavaInputs:

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
 from llava_jax.config import LlavaConfig
-from llava_jax.image_tokens import FeatureMix, as_mix, check_image_tokens
+from llava_jax.image_tokens import POOLED_BASE, FeatureMix, as_mix, check_image_tokens
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer import sampling
 from llava_jax.infer.backend import InferenceLayout, resolve_layout
@@ -69,7 +69,8 @@ def bucket_batch(n: int) -> int:
 class Prompt:
   """One prompt: token ids (S,) with image tokens already expanded, its tower inputs (M, H, W, 3): images,
   or AnyRes tiles, and image_feature_index (image tokens,): the feature of the M inputs' flattened features
-  each image token takes (-1: image_newline; a FeatureMix: weighted features; see models/llava.Llava.embed).
+  each image token takes (-1: image_newline, -2 - i: pooled feature i; a FeatureMix: weighted features; see
+  models/llava.Llava.embed). Video frames are tower inputs as tiles are; <video> tokens count as image tokens.
   Without an index the k-th image
   token takes feature k (the fixed layout); llava_next prompts need one."""
   input_ids: np.ndarray
@@ -282,8 +283,10 @@ class Engine:
     else:
       index = np.asarray(p.image_feature_index, np.int32)
     entries = index.index if isinstance(index, FeatureMix) else index
-    check_image_tokens(p.input_ids, c.image_token_index, len(entries), f"prompt {i}", f"{p.num_tiles} image tile(s)")
-    if len(entries) and (entries.max() >= features or entries.min() < (-1 if c.has_image_newline else 0)):
+    check_image_tokens(p.input_ids, c.media_token_ids, len(entries), f"prompt {i}", f"{p.num_tiles} image tile(s)")
+    # negative entries: the newline, then (models pooling frames in the tower) one pooled feature per feature
+    lowest = 0 if not c.has_image_newline else -1 if c.spatial_pool_mode is None else POOLED_BASE - (features - 1)
+    if len(entries) and (entries.max() >= features or entries.min() < lowest):
       raise LlavaJaxError(f"prompt {i}: image_feature_index outside the {features} features of its image tiles")
     return index
 

@@ -51,7 +51,7 @@ def check_image_token_count(input_ids, pixel_values, image_feature_index, config
     return
   tiles = pixel_values.shape[1]
   for row, ids in enumerate(np.asarray(input_ids)):
-    check_image_tokens(ids, config.image_token_index, tiles * config.tokens_per_tile, f"row {row}",
+    check_image_tokens(ids, config.media_token_ids, tiles * config.tokens_per_tile, f"row {row}",
                        f"{tiles} image tile(s)")
 
 
@@ -65,6 +65,24 @@ def _gather_features(features: jax.Array, index: jax.Array, weights: jax.Array |
     term = jnp.take_along_axis(features, index[..., tap, None], axis=1) * weights[..., tap, None].astype(features.dtype)
     total = term if total is None else total + term
   return total
+
+
+def as_grid(hidden: jax.Array) -> jax.Array:
+  """(N, side * side, D) features of square patch grids -> (N, side, side, D)."""
+  n, tokens, dim = hidden.shape
+  side = int(round(np.sqrt(tokens)))
+  return hidden.reshape(n, side, side, dim)
+
+
+def spatial_pool(hidden: jax.Array, mode: str, stride: int) -> jax.Array:
+  """(N, side * side, D) features of square patch grids -> (N, (side // stride) ** 2, D): torch's AvgPool2d or
+  MaxPool2d of kernel and stride `stride` (rows and columns past the last whole window dropped)."""
+  grid = as_grid(hidden)
+  n, side, _, dim = grid.shape
+  out = side // stride
+  windows = grid[:, :out * stride, :out * stride].reshape(n, out, stride, out, stride, dim)
+  pooled = windows.mean(axis=(2, 4)) if mode == "average" else windows.max(axis=(2, 4))
+  return pooled.reshape(n, out * out, dim)
 
 
 def attention_layout(segment_ids: jax.Array, num_queries: int, cache_index, sliding_window: int | None = None):
@@ -139,22 +157,42 @@ class Llava(nn.Module):
       scale = 1 / np.sqrt(c.text.hidden_size)  # transformers' init: randn * 1/sqrt(hidden)
       self.image_newline = self.param("image_newline", logical(nn.initializers.normal(scale), ("embed",)),
                                       (c.text.hidden_size,), jnp.float32)
+    if c.spatial_pool_mode == "conv":  # NeXT-Video's learned pooling: a stride x stride convolution, stride apart
+      stride = (c.spatial_pool_stride,) * 2
+      self.vision_resampler = nn.Conv(
+          c.vision.hidden_size, stride, strides=stride, padding="VALID", dtype=dtype, param_dtype=jnp.float32,
+          kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+          bias_init=logical(nn.initializers.zeros, ("embed",)))
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
-    """(N, H, W, C) -> (N, tokens_per_tile, text_hidden)."""
+    """(N, H, W, C) -> (N, tokens_per_tile, text_hidden). A model pooling video frames before the projector
+    (llava_next_video) does not know which inputs are frames, so it pools every one: (N, 2 * tokens_per_tile,
+    text_hidden), each input's features then its pooled ones, padded to tokens_per_tile (image_tokens.POOLED_BASE
+    says how an index takes them)."""
+    c = self.config
     hidden = self.vision_tower(pixel_values)
-    if self.config.vision_feature_select_strategy == "default":
+    if c.vision_feature_select_strategy == "default":
       hidden = tuple(h[:, 1:] for h in hidden)  # drop the first token (see LlavaConfig.tokens_per_tile)
-    return self.projector(jnp.concatenate(hidden, axis=-1))
+    hidden = jnp.concatenate(hidden, axis=-1)
+    if c.spatial_pool_mode is None:
+      return self.projector(hidden)
+    n, tokens, dim = hidden.shape
+    if c.spatial_pool_mode == "conv":
+      pooled = self.vision_resampler(as_grid(hidden)).reshape(n, -1, dim)
+    else:
+      pooled = spatial_pool(hidden, c.spatial_pool_mode, c.spatial_pool_stride)
+    projected = self.projector(jnp.concatenate([hidden, pooled], axis=1))
+    return jnp.pad(projected, ((0, 0), (0, 2 * tokens - projected.shape[1]), (0, 0)))
 
   def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
             image_feature_index: jax.Array | None = None) -> jax.Array:
     """Token embeddings with each row's image features written at its image tokens.
 
-    pixel_values (B, M, H, W, C): row b's M tower inputs (images, or AnyRes tiles), whose features,
+    pixel_values (B, M, H, W, C): row b's M tower inputs (images, AnyRes tiles, video frames), whose features,
     flattened (M * tokens_per_tile), the row's image tokens take. image_feature_index (B, K) int32:
     the row's k-th image token takes feature image_feature_index[b, k], or the image_newline embedding
-    where it is -1 (data/layouts.py builds it); a FeatureMix ((B, K, MIX_TAPS) index and weights): the
+    where it is -1, or the tower-pooled feature -2 - i (image_tokens.POOLED_BASE; data/layouts.py and
+    data/video.py build it); a FeatureMix ((B, K, MIX_TAPS) index and weights): the
     weighted sum of those features (OneVision's downscaled grids); None: the k-th takes feature k (the fixed
     layout's order). Tower inputs no image token takes (padding tiles) are computed and ignored.
     """
@@ -163,8 +201,13 @@ class Llava(nn.Module):
       return embeds
     b, m = pixel_values.shape[:2]
     features = self.encode_images(pixel_values.reshape((b * m,) + pixel_values.shape[2:]))
+    pooled = None
+    if self.config.spatial_pool_mode is not None:
+      features, pooled = jnp.split(features, 2, axis=1)
+      pooled = pooled.reshape(b, -1, pooled.shape[-1]).astype(embeds.dtype)
     features = features.reshape(b, -1, features.shape[-1]).astype(embeds.dtype)
-    is_image = input_ids == self.config.image_token_index
+    num_features = features.shape[1]
+    is_image = jnp.isin(input_ids, jnp.asarray(self.config.media_token_ids))
     index = jnp.cumsum(is_image, axis=1) - 1  # which image token of its row each one is
     weights = None
     if image_feature_index is not None:
@@ -174,10 +217,10 @@ class Llava(nn.Module):
       take_row = lambda x: jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1)
       index = take_row(table)
       weights = None if mix is None else take_row(mix.weights)
-    if self.config.has_image_newline:  # the newline embedding goes after the features; -1 picks it
+    if self.config.has_image_newline:  # the newline embedding, then any pooled features, go after the features
       newline = jnp.broadcast_to(self.image_newline.astype(embeds.dtype), (b, 1, features.shape[-1]))
-      features = jnp.concatenate([features, newline], axis=1)
-      index = jnp.where(index < 0, features.shape[1] - 1, index)
+      features = jnp.concatenate([features, newline] + ([] if pooled is None else [pooled]), axis=1)
+      index = jnp.where(index < 0, num_features - 1 - index, index)  # -1: the newline, -2 - i: pooled feature i
     index = jnp.clip(index, 0, features.shape[1] - 1)
     gathered = _gather_features(features, index, weights)
     return jnp.where(is_image[..., None], gathered, embeds)

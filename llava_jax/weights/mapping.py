@@ -182,10 +182,22 @@ def _newline_rules(config: LlavaConfig) -> list[Rule]:
   return [Rule("image_newline", "image_newline", "copy", (config.text.hidden_size,))]
 
 
+def _resampler_rules(config: LlavaConfig) -> list[Rule]:
+  """NeXT-Video's `conv` pooling of frame features (its average and max pooling have no weights); transformers 5
+  names it as in memory, under `model.`, in every layout."""
+  if config.spatial_pool_mode != "conv":
+    return []
+  hidden, stride = config.vision.hidden_size, config.spatial_pool_stride
+  hf = "model.vision_resampler.pool."
+  return [Rule(hf + "weight", "vision_resampler/kernel", "conv", (stride, stride, hidden, hidden)),
+          Rule(hf + "bias", "vision_resampler/bias", "copy", (hidden,))]
+
+
 def rules(config: LlavaConfig) -> list[Rule]:
-  """Every tensor of the model: the tower's rows, the projector's, LLaVA-NeXT's image_newline, the decoder's."""
+  """Every tensor of the model: the tower's rows, the projector's, LLaVA-NeXT's image_newline and NeXT-Video's
+  pooling convolution, the decoder's."""
   return (VISION_RULES[config.vision.model_type](config.vision) + _projector_rules(config) + _newline_rules(config)
-          + TEXT_RULES[config.text.model_type](config.text))
+          + _resampler_rules(config) + TEXT_RULES[config.text.model_type](config.text))
 
 
 def layer_count(rule: Rule, config: LlavaConfig) -> int:
