@@ -49,6 +49,8 @@ GOOD = [_record("small", ["small.png"], "<image>\nWhat is in the image?", "A red
                 "A green star."),
         _record("text", [], "What is in the image?", "A yellow triangle.")]
 BAD = [_record("extra_image", ["small.png", "a.png"], "<image>\nWhat is in the image?", "A red star."),  # 2 > 1 tag
+       _record("four", ["a.png", "b.png", "c.png", "small.png"], "<image>\n" * 4 + "What is in the image?",
+               "A red star."),  # 4 images > data.max_images 3
        dict(_record("clip", [], "<video>\nWhat is in the image?", "A red star."), video="clip.mp4")]
 
 
@@ -95,8 +97,8 @@ def _pictures(world, record):
 def batch(world, config):
   it = _pipeline(world, config, world["mixed"]).iterator()
   out = next(it)
-  assert dict(it.skip_counts) == {"image_count_mismatch": 1, "video_not_supported": 1}
-  assert int(out["skipped"]) == 2
+  assert dict(it.skip_counts) == {"image_count_mismatch": 1, "too_many_images": 1, "video_not_supported": 1}
+  assert int(out["skipped"]) == 3
   return out
 
 
