@@ -4,6 +4,7 @@ token counting and model (logits), packed rows against the same samples unpacked
 stage of the recipe on the tiny model: frozen parameters bit-identical, SIGKILL + rerun equal to an uninterrupted
 run."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -203,3 +204,26 @@ def test_onevision_stage_sigkill_then_rerun_equals_uninterrupted(world, tmp_path
   command = lambda workdir: [sys.executable, "-m", "llava_jax", "train",
                              *_stage_args(world, workdir, "onevision", total_steps=4, checkpoint_every=2)]
   assert_sigkill_then_rerun_equals_uninterrupted(command, tmp_path)
+
+
+@pytest.mark.parametrize("size", ["0.5b", "7b", "72b"])
+def test_recipe_carries_onevisions_hyperparameters(size):
+  """Stage 1: projector and image_newline at 1e-3; the later stages: the whole model at 1e-5, the vision tower at
+  2e-6; each size's architecture is its configs/models.py OneVision model, every stage in chatml but stage 1."""
+  spec = importlib.util.spec_from_file_location("llava_onevision_recipe", OV_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  recipe = lambda stage: module.get_config(f"stage={stage},size={size}")
+  pretrain = recipe("pretrain")
+  assert (pretrain.lr, pretrain.data.template, list(pretrain.trainable)) == (
+      1e-3, "plain", build.STAGE_TRAINABLE["pretrain"])
+  for stage in ("knowledge", "single_image", "onevision"):
+    c = recipe(stage)
+    multipliers = dict(c.lr_multipliers)
+    assert (c.lr, c.data.template, list(c.trainable)) == (1e-5, "chatml", [(".*", True)]), stage
+    assert multipliers["vision_tower/.*"] * c.lr == pytest.approx(2e-6) and multipliers[".*"] == 1.0, stage
+    assert c.data.max_images == (12 if stage == "onevision" else 1), stage
+  model = build.named_model(pretrain.model)
+  assert (model.model_type, model.vision.model_type, model.text.model_type) == (
+      "llava_onevision", "siglip_vision_model", "qwen2")
+  assert model.text.num_hidden_layers == {"0.5b": 24, "7b": 28, "72b": 80}[size]
