@@ -1,8 +1,8 @@
 """Training LLaVA-OneVision (configs/llava_onevision.py): the pipeline's rows of a lone image (tiled, its features
 downscaled past anyres_max_2), of three images and of text only against transformers' OneVision image processor,
-token counting and model (logits), packed rows against the same samples unpacked, bad samples counted, and every
-stage of the recipe on the tiny model: frozen parameters bit-identical, SIGKILL + rerun equal to an uninterrupted
-run."""
+token counting and model (logits), packed rows against the same samples unpacked, bad samples counted; every stage
+of the recipe on the tiny model with its frozen parameters bit-identical, and the onevision stage's SIGKILL + rerun
+equal to an uninterrupted run (one stage: each such run takes three processes)."""
 
 import importlib.util
 import json
