@@ -10,7 +10,8 @@ stages over SigLIP + Qwen2 models, each from the workdir of the one before:
         --config.init=gs://.../si
 
 pretrain (stage 1, language-image alignment): the projector and image_newline train, lr 1e-3, global batch 512,
-template `plain` (its images take the layout of the later stages; the paper's stage 1 saw the base resolution). knowledge (the paper's stage 1.5, high-quality knowledge learning), single_image (stage 2's
+template `plain` (its images take the layout of the later stages; the paper's stage 1 saw the base resolution).
+knowledge (the paper's stage 1.5, high-quality knowledge learning), single_image (stage 2's
 single-image instruction tuning) and onevision (stage 2's mix of single-image, multi-image and video samples): the
 whole model trains, the vision tower at its own learning rate, 2e-6 against 1e-5 for the rest (an lr multiplier of
 0.2), global batch 256, template `chatml` (Qwen2's). All stages: one epoch, cosine decay after 3% warmup, no weight

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("direction", choices=["hf-to-jax", "jax-to-hf", "llava-to-hf"])
   p.add_argument("src", help="input folder (HF folder, llava-jax checkpoint or training workdir, or original LLaVA)")
   p.add_argument("out", help="output folder (must not exist)")
-  p.add_argument("--vision-tower", help="llava-to-hf: the CLIP or SigLIP vision model folder the original release names")
+  p.add_argument("--vision-tower", help="llava-to-hf: the CLIP or SigLIP vision model folder the release names")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                  help="jax-to-hf: tensor dtype to write (default: as stored)")
   p.add_argument("--max-shard-size", default="5GB", help="jax-to-hf: largest safetensors shard (default 5GB)")

@@ -349,7 +349,8 @@ def convert(src: str, out: str, vision_tower: str | None = None, max_shard_bytes
                         f"{vocab} rows but {cfg_path} says vocab_size {orig['vocab_size']}")
   rows = _padded(vocab)
   placeholder = {token: vocab + i for i, token in enumerate(release.tokens)}
-  build_config(orig, vision, cfg_path, placeholder, vocab + len(placeholder), rows, release)  # fails before the tokenizer
+  # A bad config fails before the tokenizer loads.
+  build_config(orig, vision, cfg_path, placeholder, vocab + len(placeholder), rows, release)
   token_ids, pad_token, has_tokenizer = _add_tokens(src, out, vocab, release)
   added = dict(token_ids, **({PAD_TOKEN: pad_token} if pad_token is not None else {}))
   if max(added.values()) >= rows:
