@@ -64,8 +64,8 @@ def parse_args(arg: str, stages: dict, sizes: dict) -> dict:
 
 
 def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_collections.ConfigDict:
-  """The training config of one stage and size; `stage` may set trainable, lr_multipliers, max_len, lora and
-  image_aspect_ratio beyond LLaVA-1.5's lr, batch_size and template."""
+  """The training config of one stage and size; `stage` may set trainable, lr_multipliers, max_len, max_images,
+  max_tiles, lora and image_aspect_ratio beyond LLaVA-1.5's lr, batch_size and template."""
   c = ml_collections.ConfigDict()
   c.stage = stage_name
   c.size = size_name
@@ -86,9 +86,10 @@ def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_colle
   c.data.image_folder = ""
   c.data.template = stage["template"]
   c.data.max_len = stage.get("max_len", 2048)
-  c.data.max_images = 1
-  c.data.max_tiles = 0              # tower inputs per row; 0 = max_images x the image layout's most per image
-  #                                   (packed: at least max_len // image tokens per tile)
+  c.data.max_images = stage.get("max_images", 1)
+  # Tower inputs per row; 0 = max_images x the image layout's most per image (packed: at least max_len // image
+  # tokens per tile).
+  c.data.max_tiles = stage.get("max_tiles", 0)
   c.data.packing = False            # several samples per row (segment ids), first fit in data order
   c.data.buckets = ()               # padded lengths; () = a quarter, half and all of max_len
   c.data.source = "json"            # json | tfds

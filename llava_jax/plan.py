@@ -120,15 +120,19 @@ def batch_shapes(cfg, model_config, mesh) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from llava_jax import sharding  # pylint: disable=import-outside-toplevel
   from llava_jax.data import layouts  # pylint: disable=import-outside-toplevel
-  from llava_jax.data.pipeline import FEATURE_INDEX  # pylint: disable=import-outside-toplevel
+  from llava_jax.data.pipeline import FEATURE_INDEX, FEATURE_WEIGHTS  # pylint: disable=import-outside-toplevel
+  from llava_jax.image_tokens import MIX_TAPS  # pylint: disable=import-outside-toplevel
   layout = layouts.layout_for(model_config)
   rows, length = cfg.batch_size, cfg.data.max_len
   tiles = cfg.data.max_tiles or cfg.data.max_images * layouts.max_tiles_per_image(layout)
   size = model_config.vision.image_size
   shapes = {"input_ids": ((rows, length), np.int32), "attention_mask": ((rows, length), np.int32),
             "loss_mask": ((rows, length), np.float32), "pixel_values": ((rows, tiles, size, size, 3), np.float32)}
+  taps = (MIX_TAPS,) if layouts.mixes_features(layout) else ()
   if layouts.orders_features_by_size(layout):
-    shapes[FEATURE_INDEX] = ((rows, length), np.int32)
+    shapes[FEATURE_INDEX] = ((rows, length) + taps, np.int32)
+  if taps:
+    shapes[FEATURE_WEIGHTS] = ((rows, length) + taps, np.float32)
   return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
           for key, (shape, dtype) in shapes.items()}
 

@@ -277,7 +277,7 @@ def test_bad_lora_config_exits_2_with_one_line(world, tmp_path, capsys, override
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("config_file", ["llava_v1_5.py", "llava_next.py"])
+@pytest.mark.parametrize("config_file", ["llava_v1_5.py", "llava_next.py", "llava_onevision.py"])
 @pytest.mark.parametrize("stage", ["finetune_lora", "finetune_qlora"])
 def test_lora_recipes_carry_llavas_hyperparameters(config_file, stage):
   spec = importlib.util.spec_from_file_location("cfg", os.path.join(F.REPO, "configs", config_file))

@@ -34,6 +34,7 @@ class SkipReason(str, enum.Enum):
   IMAGE_COUNT = "image_count_mismatch"
   TOO_LONG = "too_long"
   TOO_MANY_IMAGES = "too_many_images"
+  VIDEO = "video_not_supported"  # a `video` sample (LLaVA-Video format): no video decoding in the pipeline yet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +188,8 @@ def parse_sample(record, index: int, image_folder: str = "",
 
   if not isinstance(record, dict):
     return skip(SkipReason.MALFORMED, f"record is {type(record).__name__}, expected an object")
+  if "video" in record:
+    return skip(SkipReason.VIDEO, f"'video' {record['video']!r:.80}: video samples are not supported yet")
   names = image_names(record)
   if names is None:
     return skip(SkipReason.MALFORMED, f"'image' must be a path or a list of paths, got {record['image']!r:.80}")

@@ -19,6 +19,10 @@ STAGE_TRAINABLE = {
     "finetune": [("vision_tower/.*", False), (".*", True)],
     "finetune_lora": _LORA_TRAINABLE,
     "finetune_qlora": _LORA_TRAINABLE,
+    # LLaVA-OneVision's stages after the first (configs/llava_onevision.py): the whole model, vision tower included.
+    "knowledge": [(".*", True)],
+    "single_image": [(".*", True)],
+    "onevision": [(".*", True)],
 }
 DTYPES = ("float32", "bfloat16")
 

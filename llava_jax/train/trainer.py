@@ -20,8 +20,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
-from llava_jax.data.pipeline import FEATURE_INDEX
+from llava_jax.data.pipeline import FEATURE_INDEX, FEATURE_WEIGHTS
 from llava_jax.errors import LlavaJaxError
+from llava_jax.image_tokens import FeatureMix
 from llava_jax.models import lora
 from llava_jax.train import hosts
 
@@ -38,6 +39,13 @@ def masked_ce_sum(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array)
   weights = loss_mask[:, 1:].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), input_ids[:, 1:])
   return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def feature_index(batch: dict):
+  """The batch's image_feature_index for the model: a FeatureMix where the batch has weights (OneVision)."""
+  if FEATURE_WEIGHTS in batch:
+    return FeatureMix(batch[FEATURE_INDEX], batch[FEATURE_WEIGHTS])
+  return batch.get(FEATURE_INDEX)
 
 
 def split_trainable(params: Any, mask: Any) -> tuple[Any, Any]:
@@ -69,7 +77,7 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, mask: Any, 
   def loss_sum(trainable, frozen, mb, dropout_key):
     params = merge_trainable(mask, trainable, frozen)
     logits, _ = model.apply({"params": params}, mb["input_ids"], mb["pixel_values"], mb["attention_mask"],
-                            image_feature_index=mb.get(FEATURE_INDEX), rngs={"dropout": dropout_key})
+                            image_feature_index=feature_index(mb), rngs={"dropout": dropout_key})
     total, count = masked_ce_sum(logits, mb["input_ids"], mb["loss_mask"])
     return total, count
 
