@@ -249,6 +249,7 @@ def test_qlora_sigkill_then_rerun_equals_uninterrupted(world, tmp_path):
     ({"lora.quantize": "int3"}, "lora.quantize must be one of ('none', 'int8', 'nf4'), got 'int3'"),
     ({"lora.group_size": 32}, "lora.group_size 32 does not divide the 48 inputs of"),
     ({"trainable": "(('.*', True),)"}, "is a quantized frozen kernel"),
+    ({"frozen_dtype": "float16"}, "frozen_dtype must be one of ('float32', 'bfloat16'), got 'float16'"),
 ])
 def test_bad_lora_config_exits_2_with_one_line(world, tmp_path, capsys, override, message):
   workdir = tmp_path / "run"

@@ -128,7 +128,8 @@ def store_frozen(abstract_params: Any, mask: Any, dtype: str) -> Any:
 class Trainer:
   """Everything the step needs, compiled once for one mesh.
 
-  `abstract_params` is the boxed tree from `jax.eval_shape(model.init, ...)["params"]`.
+  `abstract_params` is the boxed tree from `jax.eval_shape(model.init, ...)["params"]`, in the dtypes the state
+  stores (`store_frozen`).
   """
   model: nn.Module
   tx: optax.GradientTransformation
@@ -190,7 +191,7 @@ class Trainer:
     stored = nn.unbox(self.abstract_params)
     if jax.tree.structure(params) != jax.tree.structure(stored):
       raise LlavaJaxError("init: the checkpoint's parameter tree does not match the model built from its config")
-    return sharding.place(jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype), params, stored),
+    return sharding.place(jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype, copy=False), params, stored),
                           self.param_shardings)
 
   def compile(self, state: TrainState, global_batch: dict):
