@@ -89,7 +89,8 @@ def lora_search(size: str, stage: str, folder: str) -> list:
 
 
 def lora_markdown(results: dict) -> str:
-  lines = ["| model, stage 2 (16 x 2048 tokens) | target | mesh | rows per microbatch x accumulation | per device | fits |",
+  lines = ["| model, stage 2 (16 x 2048 tokens) | target | mesh | rows per microbatch x accumulation | per device "
+           "| fits |",
            "|---|---|---|---|---|---|"]
   for (size, stage), rows in results.items():
     target = LORA_CASES[(size, stage)]

@@ -20,8 +20,8 @@ figures leave these copies out (`xla_cpu.bf16_argument_upcasts`, found in the co
 LLaVA-1.5-7B LoRA over a bf16 base (16 x 2048 tokens, remat full) they were 28.2 GB, and without them the
 LoRA and QLoRA plans (QLoRA's quantized kernels are dequantized layer by layer, inside the loop) have the same
 activations at 1, 4 and 16 rows per microbatch, as they should: the two differ only in how the frozen kernels
-are stored. Not yet checked on a GPU. Also, the optimizer's elementwise work on the gradients (the division by the target
-token count, the clipping scale, AdamW) is fused into the update of each parameter on a GPU or TPU, so
+are stored. Not yet checked on a GPU. Also, the optimizer's elementwise work on the gradients (the division by
+the target token count, the clipping scale, AdamW) is fused into the update of each parameter on a GPU or TPU, so
 the gradients exist once; XLA:CPU materializes the scaled gradients as a second full copy beside the
 raw ones. For LLaVA-1.5-7B stage 2 (batch 4 x 1024, remat full, one device) XLA's memory analysis on an
 H200 gave 29.09 GB of temporaries (the 27.05 GB of gradients and 2.0 GB of activations), exactly the
