@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8, help="questions per compiled batch (default 8)")
   p.add_argument("--limit", type=int, help="only the first N questions of each task")
   p.add_argument("--max-new-tokens", type=int, help="default per task: 128 (LLaVA's), 1024 for llava_bench, mm_vet")
-  p.add_argument("--judge-url", metavar="URL", help="llava_bench, mm_vet: judge the answers with this OpenAI-compatible "
-                                                    "endpoint (e.g. https://api.openai.com/v1)")
+  p.add_argument("--judge-url", metavar="URL",
+                 help="llava_bench, mm_vet: judge the answers with this OpenAI-compatible endpoint "
+                      "(e.g. https://api.openai.com/v1)")
   p.add_argument("--judge-model", metavar="NAME", help="the judge's model (the papers used GPT-4)")
   p.add_argument("--judge-key-env", metavar="VAR",
                  help="environment variable holding the judge's API key (default: OPENAI_API_KEY, if set)")

@@ -109,7 +109,8 @@ def test_judged_scores_by_hand_and_a_rerun_asks_nothing(data, model, scripted, j
   assert bench["relative_score"] == pytest.approx((6 + 9) / (8 + 9) * 100)
   assert bench["by_category"] == {"conv": pytest.approx(100.0), "detail": pytest.approx(75.0)}
   assert (bench["reference_mean"], bench["model_mean"]) == (pytest.approx(8.5), pytest.approx(7.5))
-  assert (bench["judge"], bench["judged"], bench["judge_failures"], bench["judge_failure_ids"]) == ("judge-1", 3, 1, ["2"])
+  assert bench["judge"] == "judge-1"
+  assert (bench["judged"], bench["judge_failures"], bench["judge_failure_ids"]) == (3, 1, ["2"])
   # MM-Vet: v1_0 (ocr, rec) 0.8; v1_1 (ocr, math): 5 unreadable replies, 0.0 as MM-Vet's evaluator gives.
   vet = results["mm_vet"]
   assert vet["total"] == pytest.approx(40.0)
@@ -183,3 +184,17 @@ def test_an_unreachable_or_failing_judge_exits_2_with_one_line(data, model, scri
   assert "environment variable NOPE is not set" in _cli_error(capsys, *args, "--judge-url", judge_server.url,
                                                                "--judge-key-env", "NOPE")
   assert not (out / "results.json").exists()
+  assert "--judge-model/--judge-key-env: also give --judge-url" in _cli_error(capsys, *args)
+
+
+def test_the_judges_files_are_checked_before_the_model_is_asked(model, scripted, judge_server, tmp_path, capsys):
+  bench = tmp_path / "data" / "llava-bench-in-the-wild"
+  bench.mkdir(parents=True)
+  (bench / "questions.jsonl").write_text(json.dumps({"question_id": 0, "image": "w.png", "text": "Describe it.",
+                                                     "category": "detail"}) + "\n")
+  args = ["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+          "--task", "llava_bench", "--judge-url", judge_server.url, "--judge-model", "j"]
+  assert f"{bench}/answers_gpt4.jsonl: no such file" in _cli_error(capsys, *args)
+  (bench / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 0, "text": "A photo."}) + "\n")
+  assert f"{bench}/context.jsonl: no such file" in _cli_error(capsys, *args)
+  assert scripted.batches == [] and judge_server.requests == []

@@ -85,7 +85,8 @@ class LlavaBench(Task, JudgedTask):
     if not pairs:
       return {}
     return {"relative_score": _relative(pairs), "by_category": by_category,
-            "reference_mean": statistics.fmean(p[0] for p in pairs), "model_mean": statistics.fmean(p[1] for p in pairs)}
+            "reference_mean": statistics.fmean(p[0] for p in pairs),
+            "model_mean": statistics.fmean(p[1] for p in pairs)}
 
 
 def _relative(pairs) -> float | None:
