@@ -77,8 +77,10 @@ def _serve(args) -> None:
 def _eval(args) -> None:
   from llava_jax.eval import runner
   mesh = _mesh(args.mesh)
+  from llava_jax.eval.judge import JudgeClient
+  judge = JudgeClient.from_flags(args.judge_url, args.judge_model, args.judge_key_env)
   runner.eval_command(model=args.model, task_names=args.task, data=args.data, out=args.out, batch_size=args.batch_size,
-                      limit=args.limit, max_new_tokens=args.max_new_tokens, mesh=mesh)
+                      limit=args.limit, max_new_tokens=args.max_new_tokens, mesh=mesh, judge=judge)
 
 
 def _demo(args) -> None:
@@ -166,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8, help="questions per compiled batch (default 8)")
   p.add_argument("--limit", type=int, help="only the first N questions of each task")
   p.add_argument("--max-new-tokens", type=int, help="default per task: 128 (LLaVA's), 1024 for llava_bench, mm_vet")
+  p.add_argument("--judge-url", metavar="URL",
+                 help="llava_bench, mm_vet: judge the answers with this OpenAI-compatible endpoint "
+                      "(e.g. https://api.openai.com/v1)")
+  p.add_argument("--judge-model", metavar="NAME", help="the judge's model (the papers used GPT-4)")
+  p.add_argument("--judge-key-env", metavar="VAR",
+                 help="environment variable holding the judge's API key (default: OPENAI_API_KEY, if set)")
   add_mesh(p)
   p.set_defaults(func=_eval)
 

@@ -1,12 +1,14 @@
-"""A tiny copy of LLaVA's playground/data/eval layout for every task, and the replies a scripted model gives.
+"""A tiny copy of LLaVA's playground/data/eval layout for every task, and a scripted model's replies to it.
 
 `REPLIES` maps a question's first line to the reply; expected scores in the tests are computed by hand
-from them. MMBench replies are computed from the rotated options (`mmbench_reply`).
+from them. MMBench replies are computed from the rotated options (`mmbench_reply`). `ScriptedSession` stands in
+for the model and gives these replies.
 """
 
 import base64
 import io
 import json
+import types
 
 import numpy as np
 from PIL import Image
@@ -49,7 +51,9 @@ REPLIES = {
     "Context: none\nQuestion: Which is a mammal?": "The answer is (B).", "Context: none\nQuestion: Which is hot?": "B.",
     # seed: answers A, C
     "Which object is round?": "A", "What is the weather?": "B",
-    "Describe the image.": "A picture.", "What is written here?": "Hello.",  # llava_bench, mm_vet
+    # llava_bench, mm_vet
+    "Describe the image.": "A picture.", "What is the man doing?": "He is ironing.", "Why is it funny?": "It is odd.",
+    "What is written here?": "Hello.", "What is x in the equation?": "x = -1",
 }
 
 
@@ -157,10 +161,46 @@ def build(root):
       {"question_id": "102", "answer": "C", "data_type": "image"},
       {"question_id": "103", "answer": "B", "data_type": "video"}]}))
 
-  _write(root / "llava-bench-in-the-wild" / "questions.jsonl",
-         _jsonl([{"question_id": 0, "image": "w.png", "text": "Describe the image.", "category": "detail"}]))
-  _write(root / "llava-bench-in-the-wild" / "images" / "w.png", image)
-  _write(root / "mm-vet" / "llava-mm-vet.jsonl", _jsonl([{"question_id": "v1_0", "image": "v1_0.png",
-                                                          "text": "What is written here?"}]))
+  bench = root / "llava-bench-in-the-wild"
+  _write(bench / "questions.jsonl", _jsonl([
+      {"question_id": 0, "image": "w.png", "text": "Describe the image.", "category": "detail"},
+      {"question_id": 1, "image": "w.png", "text": "What is the man doing?", "category": "conv"},
+      {"question_id": 2, "image": "x.png", "text": "Why is it funny?", "category": "complex",
+       "caption": "A cat wears a hat."}]))  # its caption in the question file; the others' in context.jsonl
+  _write(bench / "images" / "w.png", image)
+  _write(bench / "images" / "x.png", image)
+  _write(bench / "context.jsonl", _jsonl([{"id": "w", "image": "w.png",
+                                           "caption": ["A man irons on a taxi.", "The street is busy."]}]))
+  _write(bench / "answers_gpt4.jsonl", _jsonl([
+      {"question_id": 0, "text": "A man irons clothes on the back of a taxi."},
+      {"question_id": 1, "text": "He is ironing a shirt."}, {"question_id": 2, "text": "Cats do not wear hats."}]))
+  _write(root / "mm-vet" / "llava-mm-vet.jsonl", _jsonl([
+      {"question_id": "v1_0", "image": "v1_0.png", "text": "What is written here?"},
+      {"question_id": "v1_1", "image": "v1_0.png", "text": "What is x in the equation?"}]))
   _write(root / "mm-vet" / "images" / "v1_0.png", image)
+  _write(root / "mm-vet" / "mm-vet.json", json.dumps({  # MM-Vet's ground truth and capabilities
+      "v1_0": {"imagename": "v1_0.png", "capability": ["ocr", "rec"], "question": "What is written here?",
+               "answer": "Hello"},
+      "v1_1": {"imagename": "v1_0.png", "capability": ["ocr", "math"], "question": "What is x in the equation?",
+               "answer": "-1<AND>-5"}}))
   return root
+
+
+class ScriptedSession:
+  """Stands in for infer.run.Session: the reply to a prompt is reply(its text)."""
+
+  def __init__(self):
+    self.texts, self.batches = [], []
+    decode = lambda tokens: reply(self.texts[tokens[0]])
+    self.processor = types.SimpleNamespace(prepare=self._prepare, decode=decode)
+    self.engine = types.SimpleNamespace(generate=self._generate)
+
+  def _prepare(self, text, images, names=None):
+    assert len(images) == 1 and images[0].size == (28, 28)
+    self.texts.append(text)
+    return types.SimpleNamespace(input_ids=np.array([len(self.texts) - 1]), pixel_values=[], image_feature_index=None)
+
+  def _generate(self, prompts, max_new_tokens, params):
+    assert params.temperature == 0  # greedy
+    self.batches.append(len(prompts))
+    return [types.SimpleNamespace(tokens=p.input_ids) for p in prompts]

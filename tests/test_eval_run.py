@@ -7,39 +7,18 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
-import numpy as np
 import openpyxl
 import pytest
 
 import eval_fixtures
+from eval_fixtures import ScriptedSession
 from hf_fixtures import save_tiny_hf_folder
 from llava_jax import cli
 from llava_jax.eval import runner
 from llava_jax.eval.tasks import TASKS, Question
 
 ALL = ",".join(TASKS)
-
-
-class ScriptedSession:
-  """Stands in for infer.run.Session: the reply to a prompt is eval_fixtures.reply(its text)."""
-
-  def __init__(self):
-    self.texts, self.batches = [], []
-    decode = lambda tokens: eval_fixtures.reply(self.texts[tokens[0]])
-    self.processor = types.SimpleNamespace(prepare=self._prepare, decode=decode)
-    self.engine = types.SimpleNamespace(generate=self._generate)
-
-  def _prepare(self, text, images, names=None):
-    assert len(images) == 1 and images[0].size == (28, 28)
-    self.texts.append(text)
-    return types.SimpleNamespace(input_ids=np.array([len(self.texts) - 1]), pixel_values=[], image_feature_index=None)
-
-  def _generate(self, prompts, max_new_tokens, params):
-    assert params.temperature == 0  # greedy
-    self.batches.append(len(prompts))
-    return [types.SimpleNamespace(tokens=p.input_ids) for p in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +59,13 @@ def test_every_task_scored_by_hand(data, model, scripted, tmp_path, capsys):
                           "scored": 2, "questions": 5, "answered": 5, "skipped": 0}
   assert r["seed_image"] == {"accuracy": 0.5, "by_category": {"Instance Attributes": 1.0, "Scene Understanding": 0.0},
                              "scored": 2, "questions": 2, "answered": 2, "skipped": 0}
-  assert r["vqav2"] == r["llava_bench"] == r["mm_vet"] == {"questions": 1, "answered": 1, "skipped": 0}
+  assert r["vqav2"] == {"questions": 1, "answered": 1, "skipped": 0}
+  assert r["llava_bench"] == {"questions": 3, "answered": 3, "skipped": 0}  # no --judge-url: answers only
+  assert r["mm_vet"] == {"questions": 2, "answered": 2, "skipped": 0}
   assert json.loads((out / "vqav2" / "submission.json").read_text()) == [{"question_id": 7, "answer": "2"}]
   assert json.loads((out / "vizwiz" / "submission.json").read_text()) == [
       {"image": "VizWiz_val_1.png", "answer": "unanswerable"}]
-  assert json.loads((out / "mm_vet" / "submission.json").read_text()) == {"v1_0": "Hello."}
+  assert json.loads((out / "mm_vet" / "submission.json").read_text()) == {"v1_0": "Hello.", "v1_1": "x = -1"}
   sheet = openpyxl.load_workbook(out / "mmbench" / "submission.xlsx").active
   assert [[c or "" for c in row] for row in sheet.iter_rows(values_only=True)] == [
       ["index", "question", "A", "B", "C", "D", "prediction", "answer"],

@@ -21,16 +21,8 @@ class AnswersFile:
 
   def load(self) -> dict[str, str]:
     """question_id -> answer text of the lines written so far (a torn last line is cut off the file)."""
-    if not os.path.exists(self.path):
-      return {}
-    with open(self.path, "rb") as f:
-      data = f.read()
-    whole = data[:data.rfind(b"\n") + 1]
-    if len(whole) < len(data):
-      with open(self.path, "r+b") as f:
-        f.truncate(len(whole))
     answers = {}
-    for n, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(whole_lines(self.path), 1):
       try:
         row = json.loads(line)
         qid, text, task, model = row["question_id"], row["text"], row["task"], row["model_id"]
@@ -45,10 +37,28 @@ class AnswersFile:
 
   def append(self, rows: Iterable[tuple[str, str, str]]) -> None:
     """Appends (question_id, prompt, text) rows and makes them durable."""
-    lines = "".join(json.dumps({"question_id": qid, "prompt": prompt, "text": text, "task": self.task,
-                                "model_id": self.model_id}) + "\n" for qid, prompt, text in rows)
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(lines)
-      f.flush()
-      os.fsync(f.fileno())
+    append_lines(self.path, [json.dumps({"question_id": qid, "prompt": prompt, "text": text, "task": self.task,
+                                         "model_id": self.model_id}) for qid, prompt, text in rows])
+
+
+def whole_lines(path: str) -> list[str]:
+  """The complete lines of an append-only .jsonl file ([] if absent); a torn last line (a write cut by a kill)
+  is cut off the file, so the next append starts on a line of its own."""
+  if not os.path.exists(path):
+    return []
+  with open(path, "rb") as f:
+    data = f.read()
+  whole = data[:data.rfind(b"\n") + 1]
+  if len(whole) < len(data):
+    with open(path, "r+b") as f:
+      f.truncate(len(whole))
+  return whole.decode("utf-8", errors="replace").splitlines()
+
+
+def append_lines(path: str, lines: Iterable[str]) -> None:
+  """Appends lines to a .jsonl file and makes them durable (flushed and fsynced)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a", encoding="utf-8") as f:
+    f.write("".join(line + "\n" for line in lines))
+    f.flush()
+    os.fsync(f.fileno())

@@ -23,6 +23,7 @@ from typing import IO, Sequence
 from llava_jax.data import images as images_lib
 from llava_jax.errors import LlavaJaxError
 from llava_jax.eval.answers import AnswersFile
+from llava_jax.eval.judge import JudgeClient, JudgedTask, judge_task
 from llava_jax.eval.tasks import Question, Task, parse_tasks
 from llava_jax.fileio import read_json, write_json_atomic
 
@@ -43,8 +44,10 @@ class TaskRun:
 
 
 def eval_command(model: str, task_names: str, data: str, out: str, batch_size: int = 8, limit: int | None = None,
-                 max_new_tokens: int | None = None, mesh=None, log: IO[str] = sys.stderr) -> dict:
-  """Runs the tasks and returns the results (also written to OUT/results.json)."""
+                 max_new_tokens: int | None = None, mesh=None, judge: JudgeClient | None = None,
+                 log: IO[str] = sys.stderr) -> dict:
+  """Runs the tasks and returns the results (also written to OUT/results.json); with `judge`, the judged tasks'
+  answers are also judged."""
   tasks = parse_tasks(task_names)
   for flag, value in (("--batch-size", batch_size), ("--limit", limit), ("--max-new-tokens", max_new_tokens)):
     if value is not None and value < 1:
@@ -68,6 +71,8 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
       raise LlavaJaxError(f"{task.path(data)}: question_id {twice!r} is used twice in {task.name}'s questions")
     answers_file = AnswersFile(os.path.join(out, task.name, "answers.jsonl"), task.name, model_id)
     runs.append(TaskRun(task, questions, answers_file, answers_file.load()))
+    if judge is not None and isinstance(task, JudgedTask):
+      task.judge_references(data, questions)  # the judge's files are checked before any weights load
   if any(run.pending for run in runs):
     from llava_jax.infer.run import load_session
     session = load_session(model, mesh)
@@ -77,7 +82,7 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
                     "settings": {"batch_size": batch_size, "limit": limit, "max_new_tokens": max_new_tokens,
                                  "decoding": "greedy"}}
   for run in runs:
-    results[run.task.name] = _score(run, data, out)
+    results[run.task.name] = _score(run, data, out, judge, log)
   write_json_atomic(results, results_path)
   print(table(tasks, results), file=sys.stdout)
   return results
@@ -132,10 +137,12 @@ def _image_name(q: Question) -> str:
   return q.image if isinstance(q.image, str) else f"the image of question {q.qid}"
 
 
-def _score(run: TaskRun, data: str, out: str) -> dict:
+def _score(run: TaskRun, data: str, out: str, judge: JudgeClient | None, log: IO[str]) -> dict:
   """The task's metrics and counts: questions, answered, skipped (unusable images; ids listed)."""
   answers = {q.qid: run.answers[q.qid] for q in run.questions if q.qid in run.answers}
   result = dict(run.task.score(data, run.questions, answers))
+  if judge is not None and isinstance(run.task, JudgedTask):
+    result.update(judge_task(run.task, data, run.questions, answers, judge, os.path.join(out, run.task.name), log))
   submission = run.task.write_submission(run.questions, answers, os.path.join(out, run.task.name))
   if submission:
     result["submission"] = submission
