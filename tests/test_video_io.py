@@ -8,6 +8,7 @@ import base64
 import functools
 import io
 import json
+import logging
 
 import av
 import numpy as np
@@ -20,6 +21,12 @@ import test_video_models as tvm  # the tiny models, tokenizer, per-frame referen
 from hf_fixtures import save_tiny_hf_folder
 from tokenizer_fixture import build_word_tokenizer
 from llava_jax import cli
+from llava_jax.config import load_config
+from llava_jax.data import llava_json, pipeline, templates
+from llava_jax.data.images import ImageProcessor
+from llava_jax.data.layouts import layout_for
+from llava_jax.data.processor import Processor, load_tokenizer
+from llava_jax.data.video import video_layout_for
 from llava_jax.data.video_io import num_frames_for, read_video
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer import chat
@@ -27,6 +34,7 @@ from llava_jax.infer.serve.app import create_app
 from llava_jax.infer.serve.command import load_service
 from llava_jax.infer.serve.errors import ApiError
 from llava_jax.infer.serve.service import ChatService
+from llava_jax.train import build
 
 FRAMES = np.random.default_rng(7).integers(0, 256, (12, 30, 44, 3), dtype=np.uint8)  # even sides for yuv420p
 QUESTION, MAX_NEW = "what happens here ?", 12
@@ -262,3 +270,64 @@ def test_server_bad_video_requests_get_4xx(service, media):
     with pytest.raises(ApiError) as error:
       server.prepare(json.dumps(body).encode())
     assert (error.value.status, error.value.code) == (status, code), (body["messages"], error.value.message)
+
+
+# ---- training samples ----------------------------------------------------------------------------
+
+
+def _conv(*values):
+  return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
+
+
+def test_training_video_samples_are_processed_as_inference_and_bad_ones_skipped(folders, media, tmp_path, caplog):
+  """LLaVA-Video records (`<image>` stands for the video) through the pipeline of a NeXT-Video model equal
+  Processor.encode of the same rendered text with a `<video>` and the same sampled frames."""
+  folder = folders["next_video"]
+  config = load_config(str(folder))
+  tokenizer = load_tokenizer(str(folder))
+  records = [
+      {"id": "broken", "video": "broken.mp4", "conversations": _conv(f"<image>\n{QUESTION}", "two")},
+      {"id": "clip", "video": "clip.mkv", "conversations": _conv(f"<image>\n{QUESTION}", "two")},
+      {"id": "missing", "video": "nowhere.mp4", "conversations": _conv(QUESTION, "two")},
+      {"id": "empty", "video": "empty", "conversations": _conv(QUESTION, "two")},
+      {"id": "two_tags", "video": "clip.mkv", "conversations": _conv("<image> <image>", "two")},
+      {"id": "frames", "video": "frames", "conversations": _conv(QUESTION, "this")}]  # no tag: placed first
+  (tmp_path / "data.json").write_text(json.dumps(records))
+  data = pipeline.DataConfig.from_config(dict(json=str(tmp_path / "data.json"), video_folder=str(media["root"]),
+                                              template="vicuna_v1", max_len=512, num_frames=5, shuffle=False,
+                                              read_threads=1))
+  image_processor = ImageProcessor.from_folder(str(folder))
+  pipe = pipeline.make_pipeline(data, tokenizer, image_processor, layout=layout_for(config), global_batch_size=1,
+                                seed=0, image_token_id=config.image_token_index,
+                                videos=build.video_samples(config, tokenizer, str(folder), data.num_frames))
+  with caplog.at_level(logging.WARNING, logger="llava_jax.data"):
+    iterator = pipe.iterator()
+    batches = [next(iterator), next(iterator)]
+  assert [int(b["skipped"]) for b in batches] == [1, 4]
+  for reason in ("broken: corrupt_video", "missing: missing_video", "empty: corrupt_video",
+                 "two_tags: image_count_mismatch"):
+    assert f"skipping sample {reason}" in caplog.text
+  ours = Processor.from_folder(str(folder), layout_for(config), video_layout=video_layout_for(config))
+  frames = FRAMES[np.linspace(0, len(FRAMES) - 1, 5).astype(int)]
+  for batch, answer in zip(batches, ("two", "this")):
+    rendered = templates.render("vicuna_v1", [("human", f"<video>\n{QUESTION}"), ("gpt", answer)],
+                                tokenizer.bos_token, "</s>")  # Preprocess's EOS where the tokenizer has none
+    want = ours.encode(rendered.text, [], videos=[frames], add_special_tokens=not rendered.has_bos)
+    length = int(batch["attention_mask"][0].sum())
+    np.testing.assert_array_equal(batch["input_ids"][0, :length], want.input_ids)
+    np.testing.assert_array_equal(batch["pixel_values"][0, :5], want.pixel_values)
+    assert not batch["pixel_values"][0, 5:].any()
+    index = batch[pipeline.FEATURE_INDEX][0]
+    np.testing.assert_array_equal(index[:len(want.image_feature_index)], want.image_feature_index)
+    video_tokens = batch["input_ids"][0] == tvm.VIDEO_TOKEN
+    assert video_tokens.sum() == 5 * ours.video_layout.pooled_per_frame and not batch["loss_mask"][0][video_tokens].any()
+
+
+def test_video_samples_of_a_model_without_videos_are_counted_skips(media):
+  record = {"id": "v", "video": "clip.mkv", "conversations": _conv(QUESTION, "two")}
+  sample = llava_json.parse_sample(record, 0, video_folder=str(media["root"]))
+  assert sample.video == str(media["mkv"]) and sample.images == () and sample.turns[0][1] == f"<image>\n{QUESTION}"
+  image_wins = llava_json.parse_sample(dict(record, image="img0.png"), 0, str(media["root"]))  # as LLaVA-NeXT
+  assert image_wins.video is None and len(image_wins.images) == 1
+  bad = llava_json.parse_sample(dict(record, video=["a.mp4"]), 0)
+  assert bad.reason == "malformed_conversation" and "'video' must be a path" in bad.detail
