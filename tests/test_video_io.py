@@ -70,6 +70,15 @@ def _encode(path, frames, ext):
   return path
 
 
+def _encode_no_frames(path):
+  with av.open(str(path), "w", format="mp4") as out:
+    stream = out.add_stream("libx264", rate=4)
+    stream.width, stream.height, stream.pix_fmt = 44, 30, "yuv420p"
+    out.start_encoding()
+    out.mux(stream.encode())
+  return path
+
+
 def _pyav_frames(path):
   with av.open(str(path)) as container:
     return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
@@ -83,6 +92,7 @@ def media(tmp_path_factory):
   for i in reversed(range(len(FRAMES))):  # written out of order: read in name order
     Image.fromarray(FRAMES[i]).save(root / "frames" / f"f{i:03d}.png")
   (root / "empty").mkdir()
+  _encode_no_frames(root / "no_frames.mp4")
   (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
   for i, seed in enumerate((1, 2)):
     Image.fromarray(tvm._frames(1, (40 + 10 * i, 60), seed)[0]).save(root / f"img{i}.png")
@@ -167,6 +177,8 @@ def test_undecodable_videos_are_named(media):
     read_video(media["root"] / "broken.mp4", 4)
   with pytest.raises(LlavaJaxError, match=r"^<9 bytes of video>: cannot decode the video \("):
     read_video(b"not video", 4)
+  with pytest.raises(LlavaJaxError, match=r"no_frames.mp4: no video stream$"):  # (a container without frames)
+    read_video(media["root"] / "no_frames.mp4", 4)
   with pytest.raises(LlavaJaxError, match=r"empty: no frames \(no .jpg"):
     read_video(media["root"] / "empty", 4)
   with pytest.raises(LlavaJaxError, match=r"nowhere.mp4: video file or frames folder not found$"):
