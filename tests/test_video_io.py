@@ -332,7 +332,8 @@ def test_training_video_samples_are_processed_as_inference_and_bad_ones_skipped(
     index = batch[pipeline.FEATURE_INDEX][0]
     np.testing.assert_array_equal(index[:len(want.image_feature_index)], want.image_feature_index)
     video_tokens = batch["input_ids"][0] == tvm.VIDEO_TOKEN
-    assert video_tokens.sum() == 5 * ours.video_layout.pooled_per_frame and not batch["loss_mask"][0][video_tokens].any()
+    assert video_tokens.sum() == 5 * ours.video_layout.pooled_per_frame
+    assert not batch["loss_mask"][0][video_tokens].any()
 
 
 def test_video_samples_of_a_model_without_videos_are_counted_skips(media):

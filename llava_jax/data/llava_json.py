@@ -210,7 +210,8 @@ def parse_sample(record, index: int, image_folder: str = "",
     # LLaVA's default placement: the images open the first human turn.
     turns[0] = (HUMAN, f"{IMAGE_TAG}\n" * len(names) + turns[0][1])
   elif tags != len(names):
-    return skip(SkipReason.IMAGE_COUNT, f"{tags} {IMAGE_TAG} tag(s) but {len(names)} {'video' if video else 'image(s)'}")
+    given = "video" if video else "image(s)"
+    return skip(SkipReason.IMAGE_COUNT, f"{tags} {IMAGE_TAG} tag(s) but {len(names)} {given}")
   if video is not None:
     return Sample(sid, (), tuple(turns), os.path.join(video_folder, video))
   if image_data is not None:

@@ -59,10 +59,10 @@ def load_session(path: str, mesh: Mesh | None = None, adapter: str | None = None
   loaded = load_model(path, adapter=adapter)
   config = loaded.config
   template = _config_template(loaded.config_path) or DEFAULT_TEMPLATE
-  video = config.model_type in VIDEO_LAYOUTS
+  video_layout = video_layout_for(config) if config.model_type in VIDEO_LAYOUTS else None
   processor = Processor.from_folder(loaded.assets_dir, layout_for(config), image_size=config.vision.image_size,
-                                    fallback_template=template, video_layout=video_layout_for(config) if video else None)
-  frames = num_frames_for(loaded.assets_dir, config.model_type, num_frames) if video else None
+                                    fallback_template=template, video_layout=video_layout)
+  frames = num_frames_for(loaded.assets_dir, config.model_type, num_frames) if video_layout else None
   params = jax.tree.map(_as_float32, loaded.params)
   engine = Engine(config, params, eos_token_ids=_eos_ids(loaded.assets_dir, config, processor),
                   pad_token_id=config.pad_token_id if config.pad_token_id is not None else processor.pad_token_id,
