@@ -208,6 +208,10 @@ def test_generate_from_a_frames_folder_and_chat_video_equal_transformers(capsys,
       f"/video {media['root'] / 'nowhere.mp4'}\n/video {media['mkv']}\n{QUESTION}\n/quit\n"), answers)
   assert answers.getvalue() == want + "\n"
   assert "nowhere.mp4: video file or frames folder not found" in capsys.readouterr().err
+  answers = io.StringIO()  # chat --video: the video goes with the first message
+  chat.chat_command(str(folders["onevision"]), None, MAX_NEW, 0.0, io.StringIO(f"{QUESTION}\n"), answers,
+                    video=str(media["mkv"]))
+  assert answers.getvalue() == want + "\n"
 
 
 def test_generate_bad_video_input_exits_2(capsys, folders, media, tmp_path):
@@ -263,6 +267,7 @@ def test_server_video_url_and_two_image_urls(capsys, service, folders, media):
     answer = lambda body: client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
     assert answer(_body(_video(_data_url(media["mkv"])))) == want_video
     assert answer(_body(_video("clip.mkv"))) == want_video  # a local file under --allow-local-media
+    assert answer(_body(_video(f"file://{media['mkv']}"))) == want_video
     assert answer(_body(_image(media["root"] / "img0.png"), _image(media["root"] / "img1.png"))) + "\n" == want_images
 
 
