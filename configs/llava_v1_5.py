@@ -16,8 +16,9 @@ Stage 2 with LoRA (llava-v1.5-7b-lora's scripts/v1_5/finetune_lora.sh), instead 
         --config.init=gs://.../stage1
 
 finetune_lora: the language model frozen, rank-128 adapters (alpha 256, dropout 0.05) on every linear layer of its
-decoder layers, trained at lr 2e-4 together with the projector at 2e-5. finetune_qlora: the same over a frozen
-language model stored 4-bit NF4 (finetune_qlora.sh's bits=4). See README's LoRA section.
+decoder layers, trained at lr 2e-4 together with the projector at 2e-5, over a frozen base stored bfloat16
+(frozen_dtype). finetune_qlora: the same with the adapted kernels stored 4-bit NF4 (finetune_qlora.sh's bits=4), the
+rest of the frozen base bfloat16. See README's LoRA section.
 """
 
 import ml_collections
@@ -33,9 +34,9 @@ STAGES = {  # the trainable parameters of each stage are llava_jax's STAGE_TRAIN
     "pretrain": dict(lr=1e-3, batch_size=256, template="plain"),
     "finetune": dict(lr=2e-5, batch_size=128, template="vicuna_v1"),
     "finetune_lora": dict(lr=2e-4, batch_size=128, template="vicuna_v1", lora=LORA,
-                          lr_multipliers=LORA_LR_MULTIPLIERS),
+                          lr_multipliers=LORA_LR_MULTIPLIERS, frozen_dtype="bfloat16"),
     "finetune_qlora": dict(lr=2e-4, batch_size=128, template="vicuna_v1", lora=dict(LORA, quantize="nf4"),
-                           lr_multipliers=LORA_LR_MULTIPLIERS),
+                           lr_multipliers=LORA_LR_MULTIPLIERS, frozen_dtype="bfloat16"),
 }
 
 SIZES = {  # model name in configs/models.py, compute dtype, remat policy, mesh, accumulation
@@ -64,8 +65,8 @@ def parse_args(arg: str, stages: dict, sizes: dict) -> dict:
 
 
 def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_collections.ConfigDict:
-  """The training config of one stage and size; `stage` may set trainable, lr_multipliers, max_len, lora and
-  image_aspect_ratio beyond LLaVA-1.5's lr, batch_size and template."""
+  """The training config of one stage and size; `stage` may set trainable, lr_multipliers, max_len, max_images,
+  max_tiles, lora and image_aspect_ratio beyond LLaVA-1.5's lr, batch_size and template."""
   c = ml_collections.ConfigDict()
   c.stage = stage_name
   c.size = size_name
@@ -88,9 +89,10 @@ def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_colle
   c.data.num_frames = 0             # frames sampled per video; 0 = the model folder's
   c.data.template = stage["template"]
   c.data.max_len = stage.get("max_len", 2048)
-  c.data.max_images = 1
-  c.data.max_tiles = 0              # tower inputs per row; 0 = max_images x the image layout's most per image
-  #                                   (packed: at least max_len // image tokens per tile)
+  c.data.max_images = stage.get("max_images", 1)
+  # Tower inputs per row; 0 = max_images x the image layout's most per image (packed: at least max_len // image
+  # tokens per tile).
+  c.data.max_tiles = stage.get("max_tiles", 0)
   c.data.packing = False            # several samples per row (segment ids), first fit in data order
   c.data.buckets = ()               # padded lengths; () = a quarter, half and all of max_len
   c.data.source = "json"            # json | tfds
@@ -122,7 +124,10 @@ def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_colle
   c.mesh.tensor = 1
   if size["fsdp"] != -1:
     c.mesh.data = -1                # tiny: plain data parallelism over whatever devices exist
-  c.dtype = size["dtype"]
+  c.dtype = size["dtype"]           # compute dtype; parameters are float32, but see frozen_dtype
+  # float32 | bfloat16: how the parameters `trainable` freezes are stored (the LoRA stages: a bf16 base, as
+  # LLaVA's LoRA scripts load it); trained parameters, their gradients and optimizer state stay float32.
+  c.frozen_dtype = stage.get("frozen_dtype", "float32")
   c.remat_policy = size["remat_policy"]  # none | full | dots | dots_no_batch
   c.attention = "auto"              # auto | xla | cudnn | splash (models/attention.select_kernel)
   return c

@@ -158,6 +158,14 @@ MODELS = {
 MODELS["tiny-next"] = dict(copy.deepcopy(MODELS["tiny"]), architectures=["LlavaNextForConditionalGeneration"],
                            model_type="llava_next",
                            image_grid_pinpoints=[[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]])
+# LLaVA-OneVision at toy size: a 3-layer SigLIP tower (no head) of 28-px tiles, tiny's decoder as Qwen2 (grouped-query,
+# q/k/v biases), 1 to 3 tiles each way and anyres_max_2, so that a 3x3-tile image is downscaled.
+MODELS["tiny-ov"] = dict(
+    _onevision(_text("tiny-qwen2", "qwen2", 128, 48, 80, 2, 4, 2, 512, 1e-6, 1e6, 1, 2, 0, tie_word_embeddings=False)),
+    image_token_index=127, video_token_index=126, vision_aspect_ratio="anyres_max_2",
+    image_grid_pinpoints=[[28 * rows, 28 * cols] for rows in range(1, 4) for cols in range(1, 4)],
+    vision_config=dict(_SIGLIP_SO400M_26, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                       num_attention_heads=4, image_size=28, patch_size=7))
 ALIASES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}
 
 

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("direction", choices=list(CONVERT_PATHS))
   p.add_argument("paths", nargs="+", metavar="PATH",
                  help="; ".join(f"{k}: {v}" for k, v in CONVERT_PATHS.items()) + " (OUT_DIR must not exist)")
-  p.add_argument("--vision-tower", help="llava-to-hf: the CLIP vision model folder the original release names")
+  p.add_argument("--vision-tower", help="llava-to-hf: the CLIP or SigLIP vision model folder the release names")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                  help="jax-to-hf, merge-lora: tensor dtype to write (default: as stored)")
   p.add_argument("--max-shard-size", default="5GB",

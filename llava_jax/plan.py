@@ -13,8 +13,15 @@ Fake devices: JAX is told to use the CPU only and to make as many CPU devices as
 (`jax_num_cpu_devices`, what XLA_FLAGS=--xla_force_host_platform_device_count sets), before anything
 starts a backend. The command is a process of its own, so nothing has.
 
-XLA:CPU against GPU/TPU: the optimizer's elementwise work on the gradients (the division by the target
-token count, the clipping scale, AdamW) is fused into the update of each parameter on a GPU or TPU, so
+XLA:CPU against GPU/TPU: XLA:CPU has no bfloat16 arithmetic, so it converts each bf16 parameter the step reads
+(a frozen base stored bf16, `frozen_dtype`) to float32 once, before the layer loops, and holds those copies
+through the step; with a bf16 compute dtype a GPU or TPU reads the bf16 parameter itself. The accelerator
+figures leave these copies out (`xla_cpu.bf16_argument_upcasts`, found in the compiled program). For
+LLaVA-1.5-7B LoRA over a bf16 base (16 x 2048 tokens, remat full) they were 28.2 GB, and without them the
+LoRA and QLoRA plans (QLoRA's quantized kernels are dequantized layer by layer, inside the loop) have the same
+activations at 1, 4 and 16 rows per microbatch, as they should: the two differ only in how the frozen kernels
+are stored. Not yet checked on a GPU. Also, the optimizer's elementwise work on the gradients (the division by
+the target token count, the clipping scale, AdamW) is fused into the update of each parameter on a GPU or TPU, so
 the gradients exist once; XLA:CPU materializes the scaled gradients as a second full copy beside the
 raw ones. For LLaVA-1.5-7B stage 2 (batch 4 x 1024, remat full, one device) XLA's memory analysis on an
 H200 gave 29.09 GB of temporaries (the 27.05 GB of gradients and 2.0 GB of activations), exactly the
@@ -27,6 +34,7 @@ over the H200's there); the CPU's own are kept under `xla_cpu`.
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Any, Sequence
 
@@ -120,15 +128,19 @@ def batch_shapes(cfg, model_config, mesh) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from llava_jax import sharding  # pylint: disable=import-outside-toplevel
   from llava_jax.data import layouts  # pylint: disable=import-outside-toplevel
-  from llava_jax.data.pipeline import FEATURE_INDEX  # pylint: disable=import-outside-toplevel
+  from llava_jax.data.pipeline import FEATURE_INDEX, FEATURE_WEIGHTS  # pylint: disable=import-outside-toplevel
+  from llava_jax.image_tokens import MIX_TAPS  # pylint: disable=import-outside-toplevel
   layout = layouts.layout_for(model_config)
   rows, length = cfg.batch_size, cfg.data.max_len
   tiles = cfg.data.max_tiles or cfg.data.max_images * layouts.max_tiles_per_image(layout)
   size = model_config.vision.image_size
   shapes = {"input_ids": ((rows, length), np.int32), "attention_mask": ((rows, length), np.int32),
             "loss_mask": ((rows, length), np.float32), "pixel_values": ((rows, tiles, size, size, 3), np.float32)}
+  taps = (MIX_TAPS,) if layouts.mixes_features(layout) else ()
   if layouts.orders_features_by_size(layout):
-    shapes[FEATURE_INDEX] = ((rows, length), np.int32)
+    shapes[FEATURE_INDEX] = ((rows, length) + taps, np.int32)
+  if taps:
+    shapes[FEATURE_WEIGHTS] = ((rows, length) + taps, np.float32)
   return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
           for key, (shape, dtype) in shapes.items()}
 
@@ -142,8 +154,9 @@ def per_device_bytes(tree: Any) -> int:
 def model_flops(params: Any, trains: Any, model_config, batch: dict) -> float:
   """FLOPs of one step's matmuls and attention, without recomputation (so remat does not change it).
 
-  Each weight matmul costs 2 x tokens x its kernel's size forward, the same again for the gradient of its
-  input (when some trained parameter lies before it) and of its weight (when it trains); attention costs
+  Each weight matmul (a kernel, a LoRA factor) costs 2 x tokens x the weight's size forward, the same again for
+  the gradient of its input (when some trained parameter lies in its tower or before) and of its weight (when it
+  trains: not a LoRA run's frozen kernels); attention costs
   its two score/context products forward and twice that backward. Padding tokens count: they are computed.
   """
   import jax  # pylint: disable=import-outside-toplevel
@@ -158,19 +171,44 @@ def model_flops(params: Any, trains: Any, model_config, batch: dict) -> float:
       "language_model": (rows * length, t.num_hidden_layers * rows * 4 * length * (length + 1) / 2
                          * t.num_attention_heads * t.head_dim),
   }
-  kernels, trained = {}, {}
+  weights, trained = {}, {}  # tower -> [(matmul weight size, trains?)]; tower -> does any of its parameters train
   for path, leaf, train in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(params),
                                jax.tree.leaves(trains)):
     tower = path.split("/")[0]
     trained[tower] = trained.get(tower, False) or bool(train)
-    if path.endswith("/kernel"):
-      kernels[tower] = kernels.get(tower, 0) + math.prod(leaf.shape)
+    size = _matmul_size(path, leaf.shape, model_config)
+    if size:
+      weights.setdefault(tower, []).append((size, bool(train)))
   total, upstream_trains = 0.0, False
   for tower, (tokens, attention) in towers.items():  # in the order the data flows
     upstream_trains = upstream_trains or trained.get(tower, False)
-    weights = 2 * tokens * kernels.get(tower, 0)
-    passes = 1 + upstream_trains + trained.get(tower, False)
-    total += weights * passes + attention * (3 if upstream_trains else 1)
+    total += sum(2 * tokens * size * (1 + upstream_trains + trains) for size, trains in weights.get(tower, ()))
+    total += attention * (3 if upstream_trains else 1)
+  return total
+
+
+def _matmul_size(path: str, shape: tuple, model_config) -> int:
+  """Multiply-adds per token of the matmul whose weight this parameter is: a kernel's size, a quantized kernel's
+  counted from its scales (one per lora.group_size inputs), each LoRA factor's own; 0 for other parameters."""
+  leaf = path.rsplit("/", 1)[-1]
+  if leaf in ("kernel", "lora_a", "lora_b"):
+    return math.prod(shape)
+  if leaf == "kernel_scale":
+    return math.prod(shape) * model_config.lora.group_size
+  return 0
+
+
+def bf16_argument_upcasts(hlo_text: str) -> int:
+  """Bytes of the float32 copies a compiled XLA:CPU program makes of whole bfloat16 arguments (see the module
+  docstring): the float32 converts, in its entry computation, whose operand is a bf16 parameter of it."""
+  entry = hlo_text[hlo_text.index("\nENTRY "):]
+  entry = entry[:entry.find("\n}") + 1 or None]
+  arguments = set(re.findall(r"(%[\w.\-]+) = bf16\[[\d,]*\]\S* parameter\(", entry))
+  total = 0
+  for dims, converted, fused in re.findall(r"= f32\[([\d,]*)\]\S* (?:convert\((%[\w.\-]+)\)|fusion\((%[\w.\-]+)\), "
+                                           r"kind=kLoop, calls=%wrapped_convert_computation)", entry):
+    if (converted or fused) in arguments:
+      total += 4 * math.prod(int(d) for d in dims.split(",") if d)
   return total
 
 
@@ -205,9 +243,11 @@ def plan(cfg, device_memory: int, decode: dict | None = None) -> dict:
           "gradients": per_device_bytes(trainable),  # float32 like their parameters, sharded like them
           "batch": per_device_bytes(batch)}
   xla_cpu = memory_bytes(compiled)
-  # Less XLA:CPU's second copy of the gradients (module docstring); they stay counted once. With
-  # accumulation every backend holds the accumulator beside the microbatch's gradients: no extra copy.
-  temporaries = xla_cpu["temporaries"]
+  # Less XLA:CPU's float32 copies of bf16 parameters (bf16 compute only: float32 compute asks for them) and its
+  # second copy of the gradients (module docstring); they stay counted once. With accumulation every backend
+  # holds the accumulator beside the microbatch's gradients: no extra copy.
+  upcasts = bf16_argument_upcasts(compiled.as_text()) if cfg.dtype == "bfloat16" else 0
+  temporaries = xla_cpu["temporaries"] - upcasts
   if cfg.grad_accum_steps == 1:
     temporaries = max(temporaries - held["gradients"], held["gradients"])
   activations = temporaries - held["gradients"]
@@ -215,7 +255,7 @@ def plan(cfg, device_memory: int, decode: dict | None = None) -> dict:
   devices = math.prod(trainer.mesh.shape.values())
   flops = model_flops(params, trainer.mask, model_config, batch)
   report = {
-      "config": {"stage": cfg.stage, "model": cfg.model, "dtype": cfg.dtype, "parameters_dtype": "float32",
+      "config": {"stage": cfg.stage, "model": cfg.model, "dtype": cfg.dtype, "frozen_dtype": build.frozen_dtype(cfg),
                  "remat_policy": cfg.remat_policy, "batch_size": cfg.batch_size, "max_len": cfg.data.max_len,
                  "tiles_per_row": batch["pixel_values"].shape[1], "grad_accum_steps": cfg.grad_accum_steps},
       "mesh": dict(trainer.mesh.shape), "devices": devices,
@@ -223,7 +263,7 @@ def plan(cfg, device_memory: int, decode: dict | None = None) -> dict:
                                         // cfg.grad_accum_steps,
       "parameters": {"count": count(params), "trainable": sum(math.prod(x.shape) for x in trainable)},
       "per_device_bytes": dict(held, activations_and_workspace=activations, temporaries=temporaries, total=total),
-      "xla_cpu": xla_cpu,
+      "xla_cpu": dict(xla_cpu, bf16_argument_upcasts=upcasts),
       "device_memory_bytes": device_memory, "fits": total <= device_memory,
       "model_flops_per_step": flops, "model_flops_per_device": flops / devices,
       "compile_s": round(compile_s, 1),

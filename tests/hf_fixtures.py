@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import transformers
@@ -164,3 +166,23 @@ def save_tiny_hf_folder(folder, seed=3):
   ImageProcessor.default(28).save(folder)
   (folder / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
   return folder
+
+
+def assert_hf_round_trip_bit_for_bit(tmp_path, hf_model, expected_config: LlavaConfig) -> None:
+  """hf_model saved, read as ours (its config must be `expected_config`) and written back: transformers loads the
+  result with no missing or unexpected keys, every tensor and config.json equal to the original's."""
+  from llava_jax.config import load_config
+  from llava_jax.weights.hf import read_hf_llava, write_hf_llava
+  hf_model.save_pretrained(tmp_path / "hf")
+  config, params, source = read_hf_llava(str(tmp_path / "hf"))
+  assert config == expected_config and load_config(str(tmp_path / "hf")) == config
+  (tmp_path / "out").mkdir()
+  write_hf_llava(str(tmp_path / "out"), config, params, source)
+  reloaded, info = type(hf_model).from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  theirs, ours = hf_model.state_dict(), reloaded.state_dict()
+  assert sorted(ours) == sorted(theirs)
+  for name, tensor in ours.items():
+    assert torch.equal(tensor, theirs[name]), name
+  read = lambda folder: json.loads((tmp_path / folder / "config.json").read_text())
+  assert read("out") == read("hf")

@@ -17,11 +17,11 @@ from flax import traverse_util
 
 import train_fixtures as F
 from hf_fixtures import hf_state, our_config, tiny_hf_model
-from llava_jax import cli
+from llava_jax import cli, sharding
 from llava_jax.infer.generate import Engine, Prompt
 from llava_jax.infer.run import load_images, load_session
 from llava_jax.models import quantize
-from llava_jax.models.llava import Llava, abstract_params
+from llava_jax.models.llava import Llava, abstract_params, example_batch
 from llava_jax.models.lora import LoraConfig, from_base
 from llava_jax.train import build, main as train_main
 from llava_jax.weights.mapping import hf_to_params
@@ -211,8 +211,11 @@ def test_only_adapters_and_projector_train(world, tmp_path, stage):
   for path in before:
     if trains(path):
       assert not np.array_equal(before[path], after[path]), path
+      assert after[path].dtype == np.float32, path
     else:
       assert np.array_equal(before[path], after[path]), path  # bit-identical base
+      if not path.endswith(("/kernel_q", "/kernel_scale")):  # the recipe's frozen_dtype, saved as stored
+        assert after[path].dtype == jnp.bfloat16, path
   quantized = [p for p in after if p.endswith("/kernel_q")]
   assert len(quantized) == (7 if stage == "finetune_qlora" else 0)  # q, k, v, o, gate, up, down (stacked)
   # AdamW's mu and nu for each trained leaf, plus step counts; nothing for the frozen base.
@@ -266,6 +269,7 @@ def test_qlora_sigkill_then_rerun_equals_uninterrupted(world, tmp_path):
     ({"lora.quantize": "int3"}, "lora.quantize must be one of ('none', 'int8', 'nf4'), got 'int3'"),
     ({"lora.group_size": 32}, "lora.group_size 32 does not divide the 48 inputs of"),
     ({"trainable": "(('.*', True),)"}, "is a quantized frozen kernel"),
+    ({"frozen_dtype": "float16"}, "frozen_dtype must be one of ('float32', 'bfloat16'), got 'float16'"),
 ])
 def test_bad_lora_config_exits_2_with_one_line(world, tmp_path, capsys, override, message):
   workdir = tmp_path / "run"
@@ -277,7 +281,7 @@ def test_bad_lora_config_exits_2_with_one_line(world, tmp_path, capsys, override
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("config_file", ["llava_v1_5.py", "llava_next.py"])
+@pytest.mark.parametrize("config_file", ["llava_v1_5.py", "llava_next.py", "llava_onevision.py"])
 @pytest.mark.parametrize("stage", ["finetune_lora", "finetune_qlora"])
 def test_lora_recipes_carry_llavas_hyperparameters(config_file, stage):
   spec = importlib.util.spec_from_file_location("cfg", os.path.join(F.REPO, "configs", config_file))
@@ -289,3 +293,63 @@ def test_lora_recipes_carry_llavas_hyperparameters(config_file, stage):
   assert dict(c.lr_multipliers)["projector/.*"] * c.lr == pytest.approx(2e-5)
   assert build.lora_spec(c).targets_path(("language_model", "layers_3", "mlp", "down_proj"))
   assert not build.lora_spec(c).targets_path(("language_model", "lm_head"))
+
+
+# ---- the frozen base stored in bfloat16 (frozen_dtype), against the float32 model of the same rounded weights ----
+
+def _trainer(stage, frozen_dtype):
+  spec = importlib.util.spec_from_file_location("cfg", F.CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(f"stage={stage},size=tiny")
+  cfg.update_from_flattened_dict({"frozen_dtype": frozen_dtype, "batch_size": 8, "data.max_len": 24,
+                                  "lora.rank": 4, "warmup_ratio": 0.0})
+  model_config = build.runtime_model_config(cfg, build.named_model(cfg.model))
+  return build.build_trainer(cfg, model_config, total_steps=4), model_config
+
+
+@pytest.mark.parametrize("stage", ["finetune_lora", "finetune_qlora"])
+def test_bf16_frozen_base_step_equals_float32_step_on_the_rounded_base(stage):
+  """Two steps with the base stored bfloat16 against the float32-parameter trainer given the same base rounded to
+  bfloat16: the model casts every weight to the compute dtype and a bf16 -> f32 cast is exact, so losses and trained
+  parameters are equal exactly; the stored base stays bf16 and bit-identical; trained leaves and optimizer state are
+  float32."""
+  low, model_config = _trainer(stage, "bfloat16")
+  ref, _ = _trainer(stage, "float32")
+  rng = np.random.default_rng(0)
+  params = jax.device_get(ref.random_params(0, example_batch(model_config)))
+  params = _flat(params)
+  for path in params:
+    if path.endswith("/lora_b"):  # a trained adapter, so the base's rounding reaches its gradients
+      params[path] = (0.05 * rng.standard_normal(params[path].shape)).astype(np.float32)
+  params = traverse_util.unflatten_dict(params, sep="/")
+  # The reference's base: what the bf16 trainer stores (checked below), back in float32.
+  rounded = jax.tree.map(lambda a, p: p.astype(a.dtype).astype(p.dtype), nn.unbox(low.abstract_params), params)
+  rows, length = 8, 24
+  ids = rng.integers(0, model_config.image_token_index, (rows, length)).astype(np.int32)
+  ids[:, 1:1 + model_config.tokens_per_tile] = model_config.image_token_index  # one image tile per row
+  size = model_config.vision.image_size
+  batch = {"input_ids": ids, "attention_mask": np.ones((rows, length), np.int32),
+           "loss_mask": np.ones((rows, length), np.float32),
+           "pixel_values": rng.standard_normal((rows, 1, size, size, 3)).astype(np.float32)}
+  batch = {k: jax.device_put(v, sharding.batch_sharding(low.mesh, v.ndim)) for k, v in batch.items()}
+  states = [t.init_state(t.place_params(p)) for t, p in ((low, params), (ref, rounded))]
+  for _ in range(2):
+    (states[0], m_low), (states[1], m_ref) = [t.step(s, batch) for t, s in zip((low, ref), states)]
+    assert float(m_low["loss"]) == float(m_ref["loss"])
+  got, want = _flat(jax.device_get(states[0].params)), _flat(jax.device_get(states[1].params))
+  stored = _flat(jax.device_get(low.place_params(params)))
+  mask = _flat(low.mask)
+  assert any(mask.values()) and not all(mask.values())
+  for path, value in got.items():
+    if mask[path]:
+      assert value.dtype == np.float32, path
+      np.testing.assert_array_equal(value, want[path], err_msg=path)
+    elif path.endswith(("/kernel_q", "/kernel_scale")):  # QLoRA's codes and their float32 scales, as quantized
+      assert value.dtype == want[path].dtype, path
+      np.testing.assert_array_equal(value, want[path], err_msg=path)
+    else:
+      assert value.dtype == jnp.bfloat16, path
+      np.testing.assert_array_equal(value, stored[path], err_msg=path)  # untouched by training
+      np.testing.assert_array_equal(value.astype(np.float32), want[path], err_msg=path)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(states[0].opt_state) if x.ndim)

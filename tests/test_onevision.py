@@ -6,7 +6,6 @@ the HF folder round trip."""
 from __future__ import annotations
 
 import functools
-import json
 import types
 
 import numpy as np
@@ -16,15 +15,14 @@ import transformers
 from PIL import Image
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from hf_fixtures import IMAGE_TOKEN, _perturbed, hf_state, tiny_hf_config
-from llava_jax.config import LlavaConfig, load_config
+from hf_fixtures import IMAGE_TOKEN, _perturbed, assert_hf_round_trip_bit_for_bit, hf_state, tiny_hf_config
+from llava_jax.config import LlavaConfig
 from llava_jax.data.anyres import NEWLINE
 from llava_jax.data.images import ImageProcessor
 from llava_jax.data.layouts import images_feature_index, images_pixels, layout_for, prompt_layout
 from llava_jax.errors import LlavaJaxError
 from llava_jax.image_tokens import FeatureMix
 from llava_jax.infer.generate import Engine, Prompt
-from llava_jax.weights.hf import read_hf_llava, write_hf_llava
 from llava_jax.weights.mapping import hf_to_params
 
 TILE, PATCH = 28, 7  # 4x4 patches per tile
@@ -243,15 +241,4 @@ def test_batch_mixing_a_downscaled_image_and_several_images_equals_row_by_row(en
 
 def test_hf_folder_round_trips_bit_for_bit(tmp_path):
   hf_model = tiny_hf_onevision_model()
-  hf_model.save_pretrained(tmp_path / "hf")
-  config, params, source = read_hf_llava(str(tmp_path / "hf"))
-  assert config == _config(hf_model) and load_config(str(tmp_path / "hf")) == config
-  (tmp_path / "out").mkdir()
-  write_hf_llava(str(tmp_path / "out"), config, params, source)
-  reloaded = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
-  theirs = hf_model.state_dict()
-  assert sorted(reloaded.state_dict()) == sorted(theirs)
-  for name, tensor in reloaded.state_dict().items():
-    assert torch.equal(tensor, theirs[name]), name
-  read = lambda folder: json.loads((tmp_path / folder / "config.json").read_text())
-  assert read("out") == read("hf")
+  assert_hf_round_trip_bit_for_bit(tmp_path, hf_model, _config(hf_model))

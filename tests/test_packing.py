@@ -58,14 +58,28 @@ def test_pack_row_concatenates_samples_with_segment_ids_and_shifted_feature_inde
   a = _sample(4, 2, feature_index=[0, 5, -1, 7], first=10)  # 2 tiles: features 0..7
   b = _sample(3, 0, feature_index=[], first=20)              # text only
   c = _sample(3, 1, feature_index=[2, -1, 3], first=30)      # 1 tile, after a's 2
-  row = packing.pack_row([a, b, c], tokens_per_tile, with_feature_index=True)
+  row = packing.pack_row([a, b, c], tokens_per_tile)
   np.testing.assert_array_equal(row["input_ids"], [10, 11, 12, 13, 20, 21, 22, 30, 31, 32])
   np.testing.assert_array_equal(row["attention_mask"], [1, 1, 1, 1, 2, 2, 2, 3, 3, 3])
   np.testing.assert_array_equal(row["loss_mask"], [0, 1, 1, 1, 0, 1, 1, 0, 1, 1])
   np.testing.assert_array_equal(row[packing.FEATURE_INDEX], [0, 5, -1, 7, 2 + 8, -1, 3 + 8])
   np.testing.assert_array_equal(row["pixel_values"][:, 0, 0, 0], [10, 11, 30])
-  one = packing.pack_row([a], tokens_per_tile, with_feature_index=False)  # an unpacked row
+  one = packing.pack_row([_sample(4, 1, first=10)], tokens_per_tile)  # an unpacked row of the fixed layout
   assert packing.FEATURE_INDEX not in one and (one["attention_mask"] == 1).all()
+
+
+def test_pack_row_shifts_every_tap_of_a_feature_mix_and_keeps_its_weights():
+  """OneVision's blended features: index (K, taps) and weights; the second sample's taps move past the first's
+  tiles, newline taps stay -1, weights travel unchanged."""
+  a = _sample(2, 2, feature_index=[[0, 1, 4, 5], [-1, -1, -1, -1]])
+  b = _sample(2, 1, feature_index=[[3, 0, 0, 0], [1, 2, -1, -1]])
+  a[packing.FEATURE_WEIGHTS] = np.array([[.25, .25, .25, .25], [1, 0, 0, 0]], np.float32)
+  b[packing.FEATURE_WEIGHTS] = np.array([[1, 0, 0, 0], [.5, .5, 0, 0]], np.float32)
+  row = packing.pack_row([a, b], tokens_per_tile=4)
+  np.testing.assert_array_equal(row[packing.FEATURE_INDEX], [[0, 1, 4, 5], [-1, -1, -1, -1],
+                                                             [11, 8, 8, 8], [9, 10, -1, -1]])
+  np.testing.assert_array_equal(row[packing.FEATURE_WEIGHTS], np.concatenate([a[packing.FEATURE_WEIGHTS],
+                                                                              b[packing.FEATURE_WEIGHTS]]))
 
 
 # ---------------------------------------------------------------- pipelines of the tiny worlds

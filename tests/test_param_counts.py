@@ -42,7 +42,7 @@ def _theirs(hf_dict) -> int:
 
 
 # Approximate published sizes (to 1%): a typo in a width or a layer count shows up here.
-SIZES = {"llava-1.5-7b": 7.06e9, "llava-1.5-13b": 13.35e9, "tiny": None, "tiny-next": None,
+SIZES = {"llava-1.5-7b": 7.06e9, "llava-1.5-13b": 13.35e9, "tiny": None, "tiny-next": None, "tiny-ov": None,
          "llava-v1.6-vicuna-7b": 7.06e9, "llava-v1.6-vicuna-13b": 13.35e9,
          "llava-v1.6-mistral-7b": 7.57e9, "llava-v1.6-34b": 34.76e9, "llava-next-llama3-8b": 8.36e9,
          "llava-next-72b": 72.7e9, "llava-next-110b": 111.5e9, "llava-onevision-qwen2-0.5b-ov": 0.894e9,

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config", "configs/llava_v1_5.py:stage=finetune,size=tiny", "--config.batch_size=8",
-        "--config.data.max_len=64"]
+TINY = ["--config.batch_size=8", "--config.data.max_len=64"]
 
 # The tiny architecture of configs/models.py, counted by hand.
 CLIP_LAYER = 2 * 64 + 4 * (32 * 32 + 32) + (32 * 48 + 48) + (48 * 32 + 32)  # 2 layer norms, q/k/v/out, fc1, fc2
@@ -21,15 +20,16 @@ LLAMA_LAYER = 2 * 48 + 4 * 48 * 48 + 3 * 48 * 80  # 2 RMS norms, q/k/v/o, gate/u
 LANGUAGE = 2 * 128 * 48 + 48 + 2 * LLAMA_LAYER  # embeddings, lm_head, final norm, 2 layers
 
 
-def _plan(tmp_path, *args):
+def _plan(tmp_path, *args, stage="finetune"):
   out = tmp_path / "plan.json"
-  result = subprocess.run([sys.executable, "-m", "llava_jax.cli", "plan", *TINY, *args, "--out", str(out)],
+  config = ["--config", f"configs/llava_v1_5.py:stage={stage},size=tiny"]
+  result = subprocess.run([sys.executable, "-m", "llava_jax.cli", "plan", *config, *TINY, *args, "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
   return result, out
 
 
-def _report(tmp_path, *args) -> dict:
-  result, out = _plan(tmp_path, *args)
+def _report(tmp_path, *args, stage="finetune") -> dict:
+  result, out = _plan(tmp_path, *args, stage=stage)
   assert result.returncode == 0, result.stderr
   assert "per device" in result.stdout and "total" in result.stdout
   return json.loads(out.read_text())
@@ -51,6 +51,24 @@ def test_replicated_bytes_are_the_hand_count_and_fits_flips_at_the_total(tmp_pat
   total = held["total"]
   assert _report(tmp_path, "--mesh", "data=4", "--device-memory", str(total))["fits"] is True
   assert _report(tmp_path, "--mesh", "data=4", "--device-memory", str(total - 1))["fits"] is False
+
+
+def test_lora_holds_a_bf16_base_and_float32_trainables_and_leaves_out_the_cpus_float32_copies(tmp_path):
+  """The LoRA stage (rank 128 on the decoder layers' 7 linear layers, bf16 frozen base) in bf16 compute: the base at
+  2 bytes, adapters and projector at 4 with their gradients and AdamW moments; XLA:CPU's float32 copies of the bf16
+  weights (at least the decoder layers' kernels, at most the whole base) are left out of the total."""
+  report = _report(tmp_path, "--mesh", "data=1", "--config.dtype=bfloat16", "--config.grad_accum_steps=2",
+                   stage="finetune_lora")
+  adapters = 128 * 2 * (4 * (48 + 48) + 2 * (48 + 80) + (80 + 48))  # rank x layers x (in + out) of each
+  trainable, frozen = PROJECTOR + adapters, VISION + LANGUAGE
+  assert report["parameters"] == {"count": frozen + trainable, "trainable": trainable}
+  assert report["config"]["frozen_dtype"] == "bfloat16"
+  held = report["per_device_bytes"]
+  assert held["parameters"] == 2 * frozen + 4 * trainable
+  assert held["gradients"] == 4 * trainable and 0 <= held["optimizer_state"] - 2 * 4 * trainable <= 16
+  upcasts = report["xla_cpu"]["bf16_argument_upcasts"]
+  assert 4 * 2 * (4 * 48 * 48 + 3 * 48 * 80) <= upcasts <= 4 * frozen
+  assert held["total"] == report["xla_cpu"]["total"] - upcasts  # accumulation: no gradient copy to remove
 
 
 def test_fsdp_splits_each_parameter_or_keeps_it_whole(tmp_path):

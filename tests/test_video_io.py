@@ -296,10 +296,13 @@ def _conv(*values):
   return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
 
 
-def test_training_video_samples_are_processed_as_inference_and_bad_ones_skipped(folders, media, tmp_path, caplog):
-  """LLaVA-Video records (`<image>` stands for the video) through the pipeline of a NeXT-Video model equal
-  Processor.encode of the same rendered text with a `<video>` and the same sampled frames."""
-  folder = folders["next_video"]
+@pytest.mark.parametrize("kind", ["onevision", "next_video"])
+def test_training_video_samples_are_processed_as_inference_and_bad_ones_skipped(folders, media, tmp_path, caplog,
+                                                                                kind):
+  """LLaVA-Video records (`<image>` stands for the video) through the pipeline of a video model equal
+  Processor.encode of the same rendered text with a `<video>` and the same sampled frames: tokens, frames, and the
+  feature index (OneVision's: the taps and their weights)."""
+  folder = folders[kind]
   config = load_config(str(folder))
   tokenizer = load_tokenizer(str(folder))
   records = [
@@ -307,7 +310,7 @@ def test_training_video_samples_are_processed_as_inference_and_bad_ones_skipped(
       {"id": "clip", "video": "clip.mkv", "conversations": _conv(f"<image>\n{QUESTION}", "two")},
       {"id": "missing", "video": "nowhere.mp4", "conversations": _conv(QUESTION, "two")},
       {"id": "empty", "video": "empty", "conversations": _conv(QUESTION, "two")},
-      {"id": "two_tags", "video": "clip.mkv", "conversations": _conv("<image> <image>", "two")},
+      {"id": "two_tags", "video": "clip.mkv", "conversations": _conv("<image> <video>", "two")},
       {"id": "frames", "video": "frames", "conversations": _conv(QUESTION, "this")}]  # no tag: placed first
   (tmp_path / "data.json").write_text(json.dumps(records))
   data = pipeline.DataConfig.from_config(dict(json=str(tmp_path / "data.json"), video_folder=str(media["root"]),
@@ -334,17 +337,23 @@ def test_training_video_samples_are_processed_as_inference_and_bad_ones_skipped(
     np.testing.assert_array_equal(batch["input_ids"][0, :length], want.input_ids)
     np.testing.assert_array_equal(batch["pixel_values"][0, :5], want.pixel_values)
     assert not batch["pixel_values"][0, 5:].any()
-    index = batch[pipeline.FEATURE_INDEX][0]
-    np.testing.assert_array_equal(index[:len(want.image_feature_index)], want.image_feature_index)
     video_tokens = batch["input_ids"][0] == tvm.VIDEO_TOKEN
-    assert video_tokens.sum() == 5 * ours.video_layout.pooled_per_frame
-    assert not batch["loss_mask"][0][video_tokens].any()
+    count = ours.video_layout.num_video_tokens(5)
+    assert video_tokens.sum() == count and not batch["loss_mask"][0][video_tokens].any()
+    index, want_index = batch[pipeline.FEATURE_INDEX][0, :count], want.image_feature_index
+    if kind == "onevision":  # a FeatureMix: each token's taps and their weights
+      np.testing.assert_array_equal(index, want_index.index)
+      np.testing.assert_array_equal(batch[pipeline.FEATURE_WEIGHTS][0, :count], want_index.weights)
+    else:
+      np.testing.assert_array_equal(index, want_index)
 
 
 def test_video_samples_of_a_model_without_videos_are_counted_skips(media):
   record = {"id": "v", "video": "clip.mkv", "conversations": _conv(QUESTION, "two")}
   sample = llava_json.parse_sample(record, 0, video_folder=str(media["root"]))
   assert sample.video == str(media["mkv"]) and sample.images == () and sample.turns[0][1] == f"<image>\n{QUESTION}"
+  tagged = llava_json.parse_sample(dict(record, conversations=_conv(f"Q: <video> {QUESTION}", "two")), 0)
+  assert tagged.turns[0][1] == f"Q: <image> {QUESTION}"  # a <video> tag marks the video's place too
   image_wins = llava_json.parse_sample(dict(record, image="img0.png"), 0, str(media["root"]))  # as LLaVA-NeXT
   assert image_wins.video is None and len(image_wins.images) == 1
   bad = llava_json.parse_sample(dict(record, video=["a.mp4"]), 0)

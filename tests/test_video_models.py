@@ -7,7 +7,6 @@ mixing an image row and a video row, NeXT-Video's config and HF folder round tri
 from __future__ import annotations
 
 import functools
-import json
 import types
 
 import numpy as np
@@ -19,9 +18,10 @@ from transformers.models.llava_next_video.modeling_llava_next_video import Llava
 from transformers.models.llava_next_video.processing_llava_next_video import LlavaNextVideoProcessor
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from hf_fixtures import NEXT_IMAGE_SIZE, NEXT_PINPOINTS, _perturbed, hf_state, next_image_processor, tiny_hf_config
+from hf_fixtures import (NEXT_IMAGE_SIZE, NEXT_PINPOINTS, _perturbed, assert_hf_round_trip_bit_for_bit, hf_state,
+                         next_image_processor, tiny_hf_config)
 from tokenizer_fixture import build_word_tokenizer
-from llava_jax.config import LlavaConfig, load_config
+from llava_jax.config import LlavaConfig
 from llava_jax.data.images import ImageProcessor
 from llava_jax.data.layouts import layout_for
 from llava_jax.data.processor import Processor
@@ -29,7 +29,6 @@ from llava_jax.data.video import video_layout_for
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer.generate import Engine, Prompt
 from llava_jax.models.llava import spatial_pool
-from llava_jax.weights.hf import read_hf_llava, write_hf_llava
 from llava_jax.weights.mapping import hf_to_params
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<video>"]
@@ -249,20 +248,7 @@ def test_spatial_pool_is_next_videos_pooler(mode):
 def test_next_video_hf_folder_round_trips_bit_for_bit(tmp_path):
   """With `conv` pooling: its convolution's weights included."""
   hf_model = next_video_model("conv")
-  hf_model.save_pretrained(tmp_path / "hf")
-  config, params, source = read_hf_llava(str(tmp_path / "hf"))
-  assert config == _config(hf_model) and load_config(str(tmp_path / "hf")) == config
-  (tmp_path / "out").mkdir()
-  write_hf_llava(str(tmp_path / "out"), config, params, source)
-  reloaded, info = transformers.LlavaNextVideoForConditionalGeneration.from_pretrained(
-      str(tmp_path / "out"), output_loading_info=True)
-  assert not info["missing_keys"] and not info["unexpected_keys"]
-  theirs = hf_model.state_dict()
-  assert sorted(reloaded.state_dict()) == sorted(theirs)
-  for name, tensor in reloaded.state_dict().items():
-    assert torch.equal(tensor, theirs[name]), name
-  read = lambda folder: json.loads((tmp_path / folder / "config.json").read_text())
-  assert read("out") == read("hf")
+  assert_hf_round_trip_bit_for_bit(tmp_path, hf_model, _config(hf_model))
 
 
 # ---- bad input ---------------------------------------------------------------------------------

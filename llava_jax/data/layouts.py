@@ -26,6 +26,7 @@ from llava_jax.errors import LlavaJaxError
 from llava_jax.image_tokens import FeatureMix, as_mix
 
 FEATURE_INDEX = "image_feature_index"  # a model key of batches whose layout orders features by image size
+FEATURE_WEIGHTS = "image_feature_weights"  # with FEATURE_INDEX, of batches whose layout blends features (OneVision)
 
 
 class ImageLayout(Protocol):
@@ -139,6 +140,11 @@ def orders_features_by_size(layout: ImageLayout) -> bool:
   """Whether an image's tiles, token count and feature order depend on its size (AnyRes), so that a batch
   carries each row's feature index; the fixed layout's k-th image token takes feature k, no index needed."""
   return not isinstance(layout, FixedLayout)
+
+
+def mixes_features(layout: ImageLayout) -> bool:
+  """Whether an image token of the layout can blend features (a FeatureMix index: OneVision's downscaling)."""
+  return isinstance(layout, OneVisionLayout)
 
 
 def max_tiles_per_image(layout: ImageLayout) -> int:

@@ -3,8 +3,8 @@
 The format is that of `blip_laion_cc_sbu_558k.json` and `llava_v1_5_mix665k.json`:
 `[{"id", "image": str | [str] | absent, "conversations": [{"from": "human"|"gpt", "value"}]}]`, and LLaVA-Video's
 (LLaVA-Video-178K, LLaVA-NeXT's train.py): `{"id", "video": path relative to data.video_folder, "conversations"}`
-whose human turn holds one `<image>` standing for the video (added before the first turn when absent); a record
-with an `image` is an image sample, as LLaVA-NeXT reads it.
+whose human turn holds one `<image>` (or `<video>`) standing for the video (added before the first turn when absent);
+a record with an `image` is an image sample, as LLaVA-NeXT reads it.
 
 Loading only checks that the file is JSON (anything else is a LlavaJaxError, exit 2) and keeps
 every record as its raw JSON bytes in one buffer with an offsets index: memory stays about the
@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from llava_jax.data import images as images_lib
-from llava_jax.data.templates import GPT, HUMAN, IMAGE_TAG
+from llava_jax.data.templates import GPT, HUMAN, IMAGE_TAG, VIDEO_TAG
 from llava_jax.data.video_io import read_video
 from llava_jax.errors import LlavaJaxError
 
@@ -205,6 +205,8 @@ def parse_sample(record, index: int, image_folder: str = "",
   turns = _turns(record.get("conversations"))
   if isinstance(turns, str):
     return skip(SkipReason.MALFORMED, turns)
+  if video is not None:  # a <video> tag (not LLaVA-Video's own) marks the video's place as well
+    turns = [(role, text.replace(VIDEO_TAG, IMAGE_TAG)) for role, text in turns]
   tags = sum(text.count(IMAGE_TAG) for role, text in turns if role == HUMAN)
   if tags == 0 and names:
     # LLaVA's default placement: the images open the first human turn.

@@ -5,7 +5,8 @@ A packed row holds its samples one after another: its attention mask holds segme
 tokens are k, padding 0; the model keeps attention within a sample and restarts positions, models/llava.py), the
 loss masks stay each sample's own (whose first token is never a target, so nothing is predicted across a
 boundary), and the samples' tower inputs follow one another, each sample's feature index shifted past the tiles
-of the samples before it. Unpacked rows are the case of one sample per row.
+of the samples before it (OneVision's blends of features: every tap's index shifted, the weights kept). Unpacked
+rows are the case of one sample per row.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from llava_jax.data import layouts
-from llava_jax.data.layouts import FEATURE_INDEX
+from llava_jax.data.layouts import FEATURE_INDEX, FEATURE_WEIGHTS
 
 
 def sample_tokens(sample: dict) -> int:
@@ -56,16 +57,19 @@ class FirstFitRows:
     return not any(self._fits(r, 1, 0) for r in range(len(self.rows)))
 
 
-def pack_row(samples: Sequence[dict], tokens_per_tile: int, with_feature_index: bool) -> Dict[str, np.ndarray]:
+def pack_row(samples: Sequence[dict], tokens_per_tile: int) -> Dict[str, np.ndarray]:
   """One row's unpadded arrays: the samples' tokens, segment ids (1..n), loss masks and tower inputs one after
-  another, and (with_feature_index) their feature indexes, each shifted past the tiles of the samples before it."""
+  another, and (where the samples have them) their feature indexes, each shifted past the tiles of the samples
+  before it, and their feature weights."""
   row = {
       "input_ids": np.concatenate([s["input_ids"] for s in samples]),
       "attention_mask": np.concatenate([np.full(sample_tokens(s), k + 1, np.int32) for k, s in enumerate(samples)]),
       "loss_mask": np.concatenate([s["loss_mask"] for s in samples]),
       "pixel_values": np.concatenate([s["pixel_values"] for s in samples]),
   }
-  if with_feature_index:
+  if FEATURE_WEIGHTS in samples[0]:
+    row[FEATURE_WEIGHTS] = np.concatenate([s[FEATURE_WEIGHTS] for s in samples])
+  if FEATURE_INDEX in samples[0]:
     tiles_before = np.cumsum([0] + [sample_tiles(s) for s in samples[:-1]])
     row[FEATURE_INDEX] = np.concatenate([layouts.shift_feature_index(s[FEATURE_INDEX], int(t), tokens_per_tile)
                                          for s, t in zip(samples, tiles_before)])

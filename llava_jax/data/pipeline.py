@@ -6,11 +6,13 @@ length-bucketed batches -> global `jax.Array`s for the mesh.
       -> BucketedBatches (skip + count unusable samples, pad kept ones to buckets)  [main process]
          (with data.packing, several samples per row: data/packing.py)
 
-Each `<image>` becomes the image tokens its image gives under the model's image layout (data/layouts.py):
-a fixed count for LLaVA-1.5, one by image size for AnyRes (LLaVA-NeXT), whose rows then carry the
-feature index that tells the model which feature each image token takes. A video sample (a `video` field,
-LLaVA-Video's format) becomes its video's tokens and frames as inference makes them (data/video_samples.py), for
-a video model (else a counted skip).
+Each `<image>` becomes the image tokens its image gives under the sample's image layout (data/layouts.py's
+prompt_layout): a fixed count for LLaVA-1.5, one by image size for AnyRes (LLaVA-NeXT), whose rows then carry the
+feature index that tells the model which feature each image token takes. LLaVA-OneVision tiles a sample's lone
+image (anyres_max_N: a downscaled grid blends up to MIX_TAPS features per token, so its feature index has a tap
+axis and the rows carry the taps' weights) and gives each of several images one tile and a newline. A video sample
+(a `video` field, LLaVA-Video's format) becomes its video's tokens and frames as inference makes them
+(data/video_samples.py), for a video model (else a counted skip).
 
 Determinism: every stage before the batcher is a random-access `MapDataset`, so element i is
 the same whatever the worker count, and grain interleaves workers round-robin in index order:
@@ -32,7 +34,9 @@ Batch (host-local numpy, B = global batch / process count):
     pixel_values   float32 (B, M, H, W, 3)  the row's tiles (LLaVA-1.5: one per image), then zeros; M is
                    data.max_tiles for the fixed layout unpacked, else one of the tile buckets
     image_feature_index int32 (B, S)  AnyRes layouts only: the row's k-th image token takes feature [b, k]
-                   of its tiles' features (-1: image_newline); zeros past the row's image tokens
+                   of its tiles' features (-1: image_newline); zeros past the row's image tokens.
+                   OneVision: (B, S, MIX_TAPS), the features token k blends
+    image_feature_weights float32 (B, S, MIX_TAPS)  OneVision only: their weights (image_tokens.FeatureMix)
     skipped        int64   ()      unusable samples met so far on this host (running count)
 """
 
@@ -53,12 +57,12 @@ from llava_jax.data import layouts, llava_json, packing, templates
 from llava_jax.data.llava_json import Skipped, SkipReason
 from llava_jax.data.video_samples import VideoSamples
 from llava_jax.errors import LlavaJaxError
-from llava_jax.image_tokens import check_image_tokens
+from llava_jax.image_tokens import as_mix, check_image_tokens
 
 logger = logging.getLogger("llava_jax.data")
 
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
-FEATURE_INDEX = layouts.FEATURE_INDEX
+FEATURE_INDEX, FEATURE_WEIGHTS = layouts.FEATURE_INDEX, layouts.FEATURE_WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +168,7 @@ class Preprocess(grain.MapTransform):
       raise LlavaJaxError(f"tokenizer: image token {image_token!r} is not a single token (add it as a special token)")
     self.image_processor, self.layout = image_processor, layout
     self.by_size = layouts.orders_features_by_size(layout)
+    self.mixes = layouts.mixes_features(layout)
     self.max_len, self.max_images = max_len, max_images
     self.max_tiles = max_tiles or max_images * layouts.max_tiles_per_image(layout)
     self.image_folder, self.max_pixels = image_folder, max_pixels
@@ -187,9 +192,10 @@ class Preprocess(grain.MapTransform):
     # The fixed layout ignores sizes: its samples are decoded only once they passed the checks below.
     sizes = [(p.height, p.width) for p in pil_images] if self.by_size else [None] * n_images
     names = layouts.image_labels(sample.images)
+    layout = layouts.prompt_layout(self.layout, n_images)
     try:
-      counts = [self.layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
-      tiles = sum(self.layout.tiles(size, name) for size, name in zip(sizes, names))
+      counts = [layout.num_image_tokens(size, name) for size, name in zip(sizes, names)]
+      tiles = sum(layout.tiles(size, name) for size, name in zip(sizes, names))
     except LlavaJaxError as e:  # e.g. an image smaller than one patch
       return Skipped(sample.id, SkipReason.CORRUPT_IMAGE, str(e))
     if tiles > self.max_tiles:
@@ -208,12 +214,21 @@ class Preprocess(grain.MapTransform):
       if isinstance(pil_images, Skipped):
         return pil_images
     try:
-      pixel_values = layouts.images_pixels(self.layout, pil_images, self.image_processor, names)
+      pixel_values = layouts.images_pixels(layout, pil_images, self.image_processor, names)
     except (LlavaJaxError, OSError, ValueError) as e:  # decoded, yet unusable (e.g. a 1x0 image)
       return Skipped(sample.id, SkipReason.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
     example = {"id": sample.id, "input_ids": input_ids, "loss_mask": loss_mask, "pixel_values": pixel_values}
     if self.by_size:
-      example[FEATURE_INDEX] = layouts.images_feature_index(self.layout, sizes, names)
+      return self.with_feature_index(example, layouts.images_feature_index(layout, sizes, names))
+    return example
+
+  def with_feature_index(self, example: dict, index) -> dict:
+    """The example with its feature index: a mixing layout's as the taps' index and weights."""
+    if self.mixes:  # every sample of a mixing layout carries weights (text-only ones too): rows stack
+      index = as_mix(index)
+      example[FEATURE_WEIGHTS] = index.weights
+      index = index.index
+    example[FEATURE_INDEX] = index
     return example
 
   def encode(self, turns: Sequence[Tuple[str, str]], counts: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
@@ -236,12 +251,12 @@ class BucketedBatches(grain.IterDataset):
   samples while they fit in the largest buckets (data/packing.py), else one sample."""
 
   def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: Sequence[int], tile_buckets: Sequence[int],
-               pad_id: int, tile_hw: Tuple[int, int], with_feature_index: bool, records_per_epoch: int, name: str,
+               pad_id: int, tile_hw: Tuple[int, int], records_per_epoch: int, name: str,
                packing: bool = False, tokens_per_tile: int = 0):
     super().__init__(parent)
     self.batch_size, self.pad_id = batch_size, pad_id
     self.buckets, self.tile_buckets = tuple(buckets), tuple(tile_buckets)
-    self.tile_hw, self.with_feature_index = tuple(tile_hw), with_feature_index
+    self.tile_hw = tuple(tile_hw)
     self.records_per_epoch, self.name = records_per_epoch, name
     self.packing, self.tokens_per_tile = packing, tokens_per_tile
 
@@ -298,7 +313,7 @@ class BucketedBatchIterator(grain.DatasetIterator):
 
   def _collate(self, samples_by_row) -> Dict[str, np.ndarray]:
     spec = self.spec
-    rows = [packing.pack_row(samples, spec.tokens_per_tile, spec.with_feature_index) for samples in samples_by_row]
+    rows = [packing.pack_row(samples, spec.tokens_per_tile) for samples in samples_by_row]
     length = next(b for b in spec.buckets if b >= max(len(r["input_ids"]) for r in rows))
     tiles = next(b for b in spec.tile_buckets if b >= max(len(r["pixel_values"]) for r in rows))
     n = spec.batch_size
@@ -308,16 +323,17 @@ class BucketedBatchIterator(grain.DatasetIterator):
         "loss_mask": np.zeros((n, length), np.float32),
         "pixel_values": np.zeros((n, tiles) + spec.tile_hw + (3,), np.float32),
     }
-    if spec.with_feature_index:
-      batch[FEATURE_INDEX] = np.zeros((n, length), np.int32)
+    index_keys = [key for key in (FEATURE_INDEX, FEATURE_WEIGHTS) if key in rows[0]]
+    for key in index_keys:  # (n, length) + the row's trailing axes (OneVision's taps)
+      batch[key] = np.zeros((n, length) + rows[0][key].shape[1:], rows[0][key].dtype)
     for i, row in enumerate(rows):
       count = len(row["input_ids"])
       batch["input_ids"][i, :count] = row["input_ids"]
       batch["attention_mask"][i, :count] = row["attention_mask"]
       batch["loss_mask"][i, :count] = row["loss_mask"]
       batch["pixel_values"][i, :len(row["pixel_values"])] = row["pixel_values"]
-      if spec.with_feature_index:
-        batch[FEATURE_INDEX][i, :len(row[FEATURE_INDEX])] = row[FEATURE_INDEX]
+      for key in index_keys:
+        batch[key][i, :len(row[key])] = row[key]
     batch["skipped"] = np.asarray(sum(self.skip_counts.values()), np.int64)
     return batch
 
@@ -415,7 +431,7 @@ def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.Ima
   # Packed rows hold varying numbers of tiles in either layout.
   row_tiles = tile_buckets(max_tiles, preprocess.by_size or config.packing)
   batches = BucketedBatches(ds, local_batch, buckets, row_tiles, pad_id, image_processor.output_size,
-                            preprocess.by_size, len(records), name, config.packing, layout.tokens_per_tile)
+                            len(records), name, config.packing, layout.tokens_per_tile)
   return Pipeline(batches, local_batch, len(records), pad_id, buckets, image_processor)
 
 
@@ -431,7 +447,7 @@ def make_global_batch(batch: Dict[str, np.ndarray], mesh, pad_id: int = 0, lengt
   length = batch["input_ids"].shape[1] if length is None else length
   tiles = batch["pixel_values"].shape[1] if tiles is None else tiles
   out = {}
-  for key in MODEL_KEYS + ((FEATURE_INDEX,) if FEATURE_INDEX in batch else ()):
+  for key in MODEL_KEYS + tuple(key for key in (FEATURE_INDEX, FEATURE_WEIGHTS) if key in batch):
     value = np.asarray(batch[key])
     target = tiles if key == "pixel_values" else length
     if value.shape[1] < target:

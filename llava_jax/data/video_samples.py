@@ -9,7 +9,6 @@ import dataclasses
 from typing import Union
 
 from llava_jax.data import llava_json
-from llava_jax.data.layouts import FEATURE_INDEX
 from llava_jax.data.llava_json import Sample, Skipped, SkipReason
 from llava_jax.data.templates import IMAGE_TAG
 from llava_jax.data.video import VideoLayout
@@ -49,6 +48,6 @@ class VideoSamples:
       check_image_tokens(input_ids, self.token_id, count, f"sample {sample.id}", "video tokens")
     except LlavaJaxError as e:  # the template dropped the video's tokens, or the tokenizer merged them
       return Skipped(sample.id, SkipReason.IMAGE_COUNT, str(e))
-    return {"id": sample.id, "input_ids": input_ids, "loss_mask": loss_mask,
-            "pixel_values": self.layout.pixels(frames, preprocess.image_processor, sample.video),
-            FEATURE_INDEX: self.layout.feature_index(len(frames))}
+    example = {"id": sample.id, "input_ids": input_ids, "loss_mask": loss_mask,
+               "pixel_values": self.layout.pixels(frames, preprocess.image_processor, sample.video)}
+    return preprocess.with_feature_index(example, self.layout.feature_index(len(frames)))

@@ -19,6 +19,10 @@ STAGE_TRAINABLE = {
     "finetune": [("vision_tower/.*", False), (".*", True)],
     "finetune_lora": _LORA_TRAINABLE,
     "finetune_qlora": _LORA_TRAINABLE,
+    # LLaVA-OneVision's stages after the first (configs/llava_onevision.py): the whole model, vision tower included.
+    "knowledge": [(".*", True)],
+    "single_image": [(".*", True)],
+    "onevision": [(".*", True)],
 }
 DTYPES = ("float32", "bfloat16")
 
@@ -29,6 +33,8 @@ def check_config(cfg, needs_source: bool = True) -> None:
     raise LlavaJaxError(f"config: stage must be one of {sorted(STAGE_TRAINABLE)}, got {cfg.stage!r}")
   if cfg.dtype not in DTYPES:
     raise LlavaJaxError(f"config: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
+  if frozen_dtype(cfg) not in DTYPES:
+    raise LlavaJaxError(f"config: frozen_dtype must be one of {DTYPES}, got {frozen_dtype(cfg)!r}")
   positive = {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps, "log_every": cfg.log_every,
               "keep_checkpoints": cfg.keep_checkpoints}
   for key, value in positive.items():
@@ -52,6 +58,11 @@ def lora_spec(cfg):
   from llava_jax.models.lora import LoraConfig  # pylint: disable=import-outside-toplevel
   return LoraConfig(rank=int(section.rank), alpha=float(section.alpha), targets=str(section.targets),
                     dropout=float(section.dropout), quantize=str(section.quantize), group_size=int(section.group_size))
+
+
+def frozen_dtype(cfg) -> str:
+  """How the parameters `trainable` freezes are stored (configs older than the key: float32, like the rest)."""
+  return cfg.get("frozen_dtype", "float32")
 
 
 def trainable_rules(cfg) -> list:
@@ -138,7 +149,9 @@ def build_trainer(cfg, model_config, total_steps: int):
   if cfg.batch_size % per_step:
     raise LlavaJaxError(f"config: batch_size {cfg.batch_size} must divide by mesh.data x mesh.fsdp x "
                         f"grad_accum_steps = {per_step}")
-  return trainer.Trainer(model, tx, optim.trained(multipliers), lr, mesh, abstract, cfg.grad_accum_steps, cfg.seed)
+  mask = optim.trained(multipliers)
+  abstract = trainer.store_frozen(abstract, mask, frozen_dtype(cfg))
+  return trainer.Trainer(model, tx, mask, lr, mesh, abstract, cfg.grad_accum_steps, cfg.seed)
 
 
 def check_adapters(spec, multipliers) -> None:

@@ -20,10 +20,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
-from llava_jax.data.pipeline import FEATURE_INDEX
+from llava_jax.data.pipeline import FEATURE_INDEX, FEATURE_WEIGHTS
 from llava_jax.errors import LlavaJaxError
+from llava_jax.image_tokens import FeatureMix
 from llava_jax.models import lora
-from llava_jax.train import hosts
+from llava_jax.train import hosts, optim
 
 
 @flax.struct.dataclass
@@ -38,6 +39,13 @@ def masked_ce_sum(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array)
   weights = loss_mask[:, 1:].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), input_ids[:, 1:])
   return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def feature_index(batch: dict):
+  """The batch's image_feature_index for the model: a FeatureMix where the batch has weights (OneVision)."""
+  if FEATURE_WEIGHTS in batch:
+    return FeatureMix(batch[FEATURE_INDEX], batch[FEATURE_WEIGHTS])
+  return batch.get(FEATURE_INDEX)
 
 
 def split_trainable(params: Any, mask: Any) -> tuple[Any, Any]:
@@ -69,7 +77,7 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, mask: Any, 
   def loss_sum(trainable, frozen, mb, dropout_key):
     params = merge_trainable(mask, trainable, frozen)
     logits, _ = model.apply({"params": params}, mb["input_ids"], mb["pixel_values"], mb["attention_mask"],
-                            image_feature_index=mb.get(FEATURE_INDEX), rngs={"dropout": dropout_key})
+                            image_feature_index=feature_index(mb), rngs={"dropout": dropout_key})
     total, count = masked_ce_sum(logits, mb["input_ids"], mb["loss_mask"])
     return total, count
 
@@ -110,17 +118,26 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, mask: Any, 
   return step
 
 
-def _host_array(x) -> np.ndarray:
-  """A parameter as placed: floats as float32, quantized codes as they are."""
-  x = np.asarray(x)
-  return x if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+def store_frozen(abstract_params: Any, mask: Any, dtype: str) -> Any:
+  """The boxed abstract params with every frozen floating leaf stored in `dtype` (e.g. a bf16 base under LoRA).
+
+  Trained leaves stay float32, and so do their gradients and optimizer state. A quantized kernel's scales keep
+  float32: its codes were computed against them (quantize.py), and they are a small fraction of the kernel."""
+  def one(path, box, trains):
+    leaf = nn.unbox(box)
+    if trains or not jnp.issubdtype(leaf.dtype, jnp.floating) or lora.is_quantized(path):
+      return box
+    return box.replace_boxed(jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(dtype)))
+  return jax.tree.map(one, optim.param_paths(abstract_params), abstract_params, mask,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 @dataclasses.dataclass
 class Trainer:
   """Everything the step needs, compiled once for one mesh.
 
-  `abstract_params` is the boxed tree from `jax.eval_shape(model.init, ...)["params"]`.
+  `abstract_params` is the boxed tree from `jax.eval_shape(model.init, ...)["params"]`, in the dtypes the state
+  stores (`store_frozen`).
   """
   model: nn.Module
   tx: optax.GradientTransformation
@@ -163,22 +180,27 @@ class Trainer:
     return TrainState(step, params, opt_state)
 
   def random_params(self, seed: int, example: dict) -> Any:
-    init = lambda key, ids, pixels, mask: nn.unbox(self.model.init(key, ids, pixels, mask))["params"]
+    stored = nn.unbox(self.abstract_params)
+    def init(key, ids, pixels, mask):
+      params = nn.unbox(self.model.init(key, ids, pixels, mask))["params"]
+      return jax.tree.map(lambda p, a: p.astype(a.dtype), params, stored)
     return jax.jit(init, out_shardings=self.param_shardings)(
         jax.random.key(seed), example["input_ids"], example["pixel_values"], example["attention_mask"])
 
   def place_params(self, params: Any, seed: int = 0) -> Any:
-    """Host arrays (identical on every process) -> global arrays with the param shardings, floats as float32.
+    """Host arrays (identical on every process) -> global arrays with the param shardings, in the dtypes of
+    `abstract_params` (float32, or `store_frozen`'s dtype for a frozen leaf).
 
     With LoRA (`model.config.lora`), `params` may be the base model's: its targeted kernels are quantized as the
     spec says and fresh adapters drawn from `seed` are added (lora.from_base)."""
     spec = self.model.config.lora
     if spec is not None:
       params = lora.from_base(params, nn.unbox(self.abstract_params), spec, jax.random.key(seed))
-    expected = jax.tree.structure(nn.unbox(self.abstract_params))
-    if jax.tree.structure(params) != expected:
+    stored = nn.unbox(self.abstract_params)
+    if jax.tree.structure(params) != jax.tree.structure(stored):
       raise LlavaJaxError("init: the checkpoint's parameter tree does not match the model built from its config")
-    return sharding.place(jax.tree.map(_host_array, params), self.param_shardings)
+    return sharding.place(jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype, copy=False), params, stored),
+                          self.param_shardings)
 
   def compile(self, state: TrainState, global_batch: dict):
     """The step's executable for these arguments: arrays, or ShapeDtypeStructs with shardings

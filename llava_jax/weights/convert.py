@@ -77,7 +77,8 @@ def jax_to_peft(src: str, out: str, base_model: str | None = None) -> str:
 
 def llava_to_hf(src: str, out: str, vision_tower: str | None = None,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
-  """Original haotian-liu LLaVA release (+ a CLIP folder) -> HF LLaVA folder (see llava_orig)."""
+  """Original LLaVA release (haotian-liu LLaVA/NeXT, lmms-lab OneVision; + its CLIP or SigLIP folder, unless it
+  embeds a known tower) -> HF LLaVA folder (see llava_orig)."""
   from llava_jax.weights import llava_orig
   _check_output(src, out)
   with atomic_output_dir(out) as tmp:

@@ -12,6 +12,15 @@ and carry `image_grid_pinpoints` and the tensor `model.image_newline`; they beco
 as transformers' `convert_llava_next_weights_to_hf.py` writes them. What differs is the data of a
 `_Release` (RELEASES, keyed by mm_patch_merge_type); the rest of the import is shared.
 
+LLaVA-OneVision (lmms-lab llava-onevision-qwen2-*) releases say `mm_patch_merge_type: spatial_unpad` with
+`image_aspect_ratio: anyres_max_N`; they are Qwen2 checkpoints (`LlavaQwenForCausalLM`) that embed their SigLIP
+tower (`mm_vision_tower: google/siglip-so400m-patch14-384`) without its last layer and head, and become
+`llava_onevision` folders as transformers' `convert_llava_onevision_weights_to_hf.py` writes them: the embedded
+layers' last hidden state, every patch (`vision_feature_layer: -1`, `vision_feature_select_strategy: full`: the
+original SigLIP tower ignores `mm_vision_select_layer`), `<image>` and `<video>` added (Qwen2's tokenizer keeps its
+pad token), `LlavaOnevisionImageProcessor` with SigLIP's normalization. Video features are pooled bilinearly, the
+only `mm_spatial_pool_mode` transformers implements.
+
 Choices, following transformers' `convert_llava_weights_to_hf.py`:
 - The original vocabulary has no `<image>` token: `<image>` (id V) and a `<pad>` pad token (V+1)
   are added, and the embedding and lm_head are resized to V+2 rounded up to a multiple of 64.
@@ -44,11 +53,21 @@ from llava_jax.weights import hf, mapping
 
 PAD_MULTIPLE = 64
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
-_EMBEDDED_CLIP = "model.vision_tower.vision_tower."
+_EMBEDDED_CLIP = "model.vision_tower.vision_tower."  # CLIP's or SigLIP's
+VIDEO_TOKEN = "<video>"
+# Towers a release may name without a local folder when it embeds their tensors: the tower's own config.json.
+KNOWN_TOWERS = {
+    "google/siglip-so400m-patch14-384": {
+        "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_channels": 3, "image_size": 384, "patch_size": 14,
+        "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "attention_dropout": 0.0},
+}
+_TOWER_TYPES = {"clip": "clip_vision_model", "clip_vision_model": "clip_vision_model",
+                "siglip": "siglip_vision_model", "siglip_vision_model": "siglip_vision_model"}
 _TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "hidden_act",
               "tie_word_embeddings", "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias", "head_dim",
-              "sliding_window")
+              "sliding_window", "max_window_layers", "use_sliding_window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +80,18 @@ class _Release:
   processor: str
   image_processor: str | None  # replaces the CLIP folder's image_processor_type
   config_extra: dict = dataclasses.field(default_factory=dict)  # top-level keys transformers' converter writes
+  tokens: tuple = (IMAGE_TOKEN,)  # added to the vocabulary, in order
+  adds_pad: bool = True  # a pad token is added where the tokenizer has none (or none is known)
+  trimmed_tower: bool = False  # the embedded tower lacks its last layer and head: the config has the layers it holds
+
+  def processor_config(self, config: LlavaConfig) -> dict:
+    """processor_config.json: how the processor counts image tokens."""
+    if self.model_type == "llava_onevision":
+      return {"processor_class": self.processor, "image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN,
+              "num_image_tokens": config.tokens_per_tile, "vision_aspect_ratio": config.vision_aspect_ratio,
+              "vision_feature_select_strategy": config.vision_feature_select_strategy}
+    return {"processor_class": self.processor, "image_token": IMAGE_TOKEN, "patch_size": config.vision.patch_size,
+            "num_additional_image_tokens": 1, "vision_feature_select_strategy": config.vision_feature_select_strategy}
 
 
 RELEASES = {
@@ -68,10 +99,22 @@ RELEASES = {
     "spatial_unpad": _Release("llava_next", True, {"model.image_newline": "image_newline"}, False,
                               "LlavaNextProcessor", "LlavaNextImageProcessor", {"use_image_newline_parameter": True}),
 }
+# spatial_unpad with image_aspect_ratio anyres_max_N: LLaVA-OneVision.
+ONEVISION = _Release("llava_onevision", True, {"model.image_newline": "image_newline"}, False,
+                     "LlavaOnevisionProcessor", "LlavaOnevisionImageProcessor",
+                     {"use_image_newline_parameter": True, "vision_feature_layer": -1,
+                      "vision_feature_select_strategy": "full"},
+                     tokens=(IMAGE_TOKEN, VIDEO_TOKEN), adds_pad=False, trimmed_tower=True)
 
 
 def release_of(orig: dict, cfg_path: str) -> _Release:
   merge = orig.get("mm_patch_merge_type", "flat")  # LLaVA-1.0/1.5 predate the key
+  if merge == "spatial_unpad" and str(orig.get("image_aspect_ratio")).startswith("anyres_max_"):
+    pool = orig.get("mm_spatial_pool_mode", "bilinear")
+    if pool != "bilinear":
+      raise LlavaJaxError(f"{cfg_path}: mm_spatial_pool_mode {pool!r} is not supported (bilinear, as transformers' "
+                          "LLaVA-OneVision pools video frames)")
+    return ONEVISION
   if merge not in RELEASES:
     raise LlavaJaxError(f"{cfg_path}: mm_patch_merge_type {merge!r} is not supported ({', '.join(RELEASES)})")
   release = RELEASES[merge]
@@ -83,14 +126,22 @@ def release_of(orig: dict, cfg_path: str) -> _Release:
   return release
 
 
-def _vision_config(clip_dir: str) -> dict:
-  path = os.path.join(clip_dir, "config.json")
+def _vision_config(tower_dir: str) -> dict:
+  path = os.path.join(tower_dir, "config.json")
   d = read_json(path)
-  if d.get("model_type") == "clip":
+  model_type = _TOWER_TYPES.get(d.get("model_type"))
+  if model_type is None:
+    raise LlavaJaxError(f"{path}: model_type {d.get('model_type')!r} is not a CLIP or SigLIP model "
+                        f"({', '.join(_TOWER_TYPES)})")
+  if d["model_type"] in ("clip", "siglip"):
     d = d.get("vision_config") or {}
-  elif d.get("model_type") != "clip_vision_model":
-    raise LlavaJaxError(f"{path}: model_type {d.get('model_type')!r} is not a CLIP model (clip or clip_vision_model)")
-  return dict(d, model_type="clip_vision_model")
+  return dict(d, model_type=model_type)
+
+
+def _text_model_type(orig: dict) -> str:
+  """The decoder family an original config names (model_type llava_qwen / llava_mistral, or its architectures)."""
+  named = " ".join([str(orig.get("model_type", ""))] + [str(a) for a in orig.get("architectures") or []]).lower()
+  return "qwen2" if "qwen" in named else "mistral" if "mistral" in named else "llama"
 
 
 def _projector(orig: dict, cfg_path: str) -> str:
@@ -102,30 +153,35 @@ def _projector(orig: dict, cfg_path: str) -> str:
   return kind
 
 
-def build_config(orig: dict, vision: dict, cfg_path: str, image_token: int, pad_token: int, vocab: int,
+def build_config(orig: dict, vision: dict, cfg_path: str, token_ids: dict, pad_token: int | None, vocab: int,
                  release: _Release = RELEASES["flat"]) -> LlavaConfig:
-  """The HF LLaVA config for an original release, validated by our own config reader."""
+  """The HF LLaVA config for an original release (token_ids: the id of each of release.tokens), validated by our
+  own config reader."""
   text = {k: orig[k] for k in _TEXT_KEYS if k in orig}
-  text.update(model_type="mistral" if "mistral" in str(orig.get("model_type", "")) else "llama",
-              vocab_size=vocab, pad_token_id=pad_token)
+  text.update(model_type=_text_model_type(orig), vocab_size=vocab)
+  if pad_token is not None:
+    text["pad_token_id"] = pad_token
   feature = orig.get("mm_vision_select_feature", "patch")
   if feature not in ("patch", "cls_patch"):
     raise LlavaJaxError(f"{cfg_path}: mm_vision_select_feature {feature!r} is not supported (patch, cls_patch)")
   kind = _projector(orig, cfg_path)
   d = {
-      **release.config_extra, "model_type": release.model_type, "text_config": text,
-      "vision_config": vision, "image_token_index": image_token, "pad_token_id": pad_token,
-      "projector_hidden_act": "gelu" if kind == "mlp2x_gelu" else "linear",
+      "model_type": release.model_type, "text_config": text, "vision_config": vision,
+      "image_token_index": token_ids[IMAGE_TOKEN], "projector_hidden_act": "gelu" if kind == "mlp2x_gelu" else "linear",
       "vision_feature_layer": orig.get("mm_vision_select_layer", -1),
       "vision_feature_select_strategy": "default" if feature == "patch" else "full",
-      "tie_word_embeddings": bool(orig.get("tie_word_embeddings", False)),
+      "tie_word_embeddings": bool(orig.get("tie_word_embeddings", False)), **release.config_extra,
   }
-  if release.model_type == "llava_next":
+  if pad_token is not None:
+    d["pad_token_id"] = pad_token
+  if release.anyres:
     d["image_grid_pinpoints"] = orig.get("image_grid_pinpoints")
+  if release.model_type == "llava_onevision":
+    d.update(video_token_index=token_ids[VIDEO_TOKEN], vision_aspect_ratio=orig.get("image_aspect_ratio"))
   config = LlavaConfig.from_hf_dict(d, source=cfg_path)
   mm_hidden = orig.get("mm_hidden_size")
   if mm_hidden is not None and mm_hidden != config.vision_feature_size:
-    raise LlavaJaxError(f"{cfg_path}: mm_hidden_size is {mm_hidden} but the CLIP tower gives "
+    raise LlavaJaxError(f"{cfg_path}: mm_hidden_size is {mm_hidden} but the vision tower gives "
                         f"{config.vision_feature_size} features")
   return config
 
@@ -197,21 +253,24 @@ def _expected_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _add_tokens(src: str, out: str, vocab: int, replace_pad: bool) -> tuple[int, int, bool]:
-  """Adds `<image>` and `<pad>` (unless `replace_pad` is false and it has a pad token) to the release's
-  tokenizer (when it has one) and saves it to `out`."""
+def _add_tokens(src: str, out: str, vocab: int, release: _Release) -> tuple[dict, int | None, bool]:
+  """Adds the release's tokens and (see _Release) `<pad>` to the release's tokenizer (when it has one) and saves it
+  to `out`: (id of each added token, pad id, whether there was a tokenizer). Without one the tokens take the ids
+  after the vocabulary, in order."""
   if not any(os.path.isfile(os.path.join(src, f)) for f in ("tokenizer.json", "tokenizer.model")):
-    return vocab, vocab + 1, False
+    ids = {token: vocab + i for i, token in enumerate(release.tokens)}
+    return ids, vocab + len(ids) if release.adds_pad else None, False
   import transformers
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(src)
   except Exception as e:  # tokenizer loaders raise many types; any of them means a bad folder
     raise LlavaJaxError(f"{src}: cannot load the tokenizer: {' '.join(str(e).split())[:200]}") from None
-  tokenizer.add_tokens(transformers.AddedToken(IMAGE_TOKEN, special=True, normalized=False), special_tokens=True)
-  if replace_pad or tokenizer.pad_token is None:
+  for token in release.tokens:
+    tokenizer.add_tokens(transformers.AddedToken(token, special=True, normalized=False), special_tokens=True)
+  if release.replace_pad or (release.adds_pad and tokenizer.pad_token is None):
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
   tokenizer.save_pretrained(out)
-  return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id, True
+  return {token: tokenizer.convert_tokens_to_ids(token) for token in release.tokens}, tokenizer.pad_token_id, True
 
 
 def _write_processor(out: str, clip_dir: str | None, src: str, orig: dict, config: LlavaConfig, tokenizer: bool,
@@ -225,11 +284,7 @@ def _write_processor(out: str, clip_dir: str | None, src: str, orig: dict, confi
       pre = read_json(path)
       break
   else:
-    size = config.vision.image_size
-    pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-           "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
-           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-           "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
+    pre = _default_preprocessor(config)
   if orig.get("image_aspect_ratio") == "pad":
     pre["image_aspect_ratio"] = "pad"
   if release.image_processor:
@@ -239,22 +294,42 @@ def _write_processor(out: str, clip_dir: str | None, src: str, orig: dict, confi
   with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
     f.write(json.dumps(pre, indent=2, sort_keys=True) + "\n")
   if tokenizer:
-    proc = {"processor_class": release.processor, "image_token": IMAGE_TOKEN, "patch_size": config.vision.patch_size,
-            "num_additional_image_tokens": 1, "vision_feature_select_strategy": config.vision_feature_select_strategy}
     with open(os.path.join(out, "processor_config.json"), "w") as f:
-      f.write(json.dumps(proc, indent=2, sort_keys=True) + "\n")
+      f.write(json.dumps(release.processor_config(config), indent=2, sort_keys=True) + "\n")
 
 
-def _clip_dir(orig: dict, vision_tower: str | None, cfg_path: str) -> str:
+def _default_preprocessor(config: LlavaConfig) -> dict:
+  """The tower's own image processor (CLIP's, or SigLIP's: a plain resize, mean and std 0.5) for a release
+  without preprocessor files."""
+  size = config.vision.image_size
+  common = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "do_convert_rgb": True}
+  if config.vision.model_type == "siglip_vision_model":
+    return dict(common, image_processor_type="SiglipImageProcessor", size={"height": size, "width": size},
+                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+  return dict(common, image_processor_type="CLIPImageProcessor", size={"shortest_edge": size}, do_center_crop=True,
+              crop_size={"height": size, "width": size}, image_mean=[0.48145466, 0.4578275, 0.40821073],
+              image_std=[0.26862954, 0.26130258, 0.27577711])
+
+
+def _tower(orig: dict, vision_tower: str | None, cfg_path: str, embedded: bool) -> tuple[str | None, dict]:
+  """(the vision tower's folder, or None for a known tower the release embeds; its vision config)."""
   if vision_tower:
     if not os.path.isdir(vision_tower):
       raise LlavaJaxError(f"--vision-tower: {vision_tower}: no such folder")
-    return vision_tower
+    return vision_tower, _vision_config(vision_tower)
   named = orig.get("mm_vision_tower")
   if isinstance(named, str) and os.path.isdir(named):
-    return named
-  raise LlavaJaxError(f"{cfg_path}: mm_vision_tower {named!r} is not a local folder; pass the CLIP folder with "
-                      "--vision-tower")
+    return named, _vision_config(named)
+  if embedded and named in KNOWN_TOWERS:
+    return None, dict(KNOWN_TOWERS[named])
+  raise LlavaJaxError(f"{cfg_path}: mm_vision_tower {named!r} is not a local folder; pass the vision tower's folder "
+                      "with --vision-tower")
+
+
+def _embedded_layers(llava: hf.TensorFolder) -> int:
+  prefix = _EMBEDDED_CLIP + "vision_model.encoder.layers."
+  return len({name[len(prefix):].split(".")[0] for name in llava.names if name.startswith(prefix)})
 
 
 def convert(src: str, out: str, vision_tower: str | None = None, max_shard_bytes: int = 5 * 10**9) -> LlavaConfig:
@@ -265,10 +340,11 @@ def convert(src: str, out: str, vision_tower: str | None = None, max_shard_bytes
     raise LlavaJaxError(f"{cfg_path}: not an original LLaVA config (no mm_vision_tower, mm_projector_type or mm_hidden_size)")
   kind = _projector(orig, cfg_path)
   release = release_of(orig, cfg_path)
-  clip_dir = _clip_dir(orig, vision_tower, cfg_path)
-  vision = _vision_config(clip_dir)
   llava = hf.TensorFolder(src)
   embedded = any(n.startswith(_EMBEDDED_CLIP) for n in llava.names)
+  clip_dir, vision = _tower(orig, vision_tower, cfg_path, embedded)
+  if release.trimmed_tower and embedded:
+    vision.update(num_hidden_layers=_embedded_layers(llava), vision_use_head=False)
   clip = None if embedded else hf.TensorFolder(clip_dir)
 
   if "model.embed_tokens.weight" not in llava:
@@ -278,12 +354,15 @@ def convert(src: str, out: str, vision_tower: str | None = None, max_shard_bytes
     raise LlavaJaxError(f"{llava.file_of('model.embed_tokens.weight')}: tensor model.embed_tokens.weight has "
                         f"{vocab} rows but {cfg_path} says vocab_size {orig['vocab_size']}")
   rows = _padded(vocab)
-  build_config(orig, vision, cfg_path, vocab, vocab + 1, rows, release)  # a bad config fails before the tokenizer loads
-  image_token, pad_token, has_tokenizer = _add_tokens(src, out, vocab, release.replace_pad)
-  if max(image_token, pad_token) >= rows:
-    raise LlavaJaxError(f"{src}: the tokenizer puts <image>/<pad> at ids {image_token}/{pad_token}, beyond the "
-                        f"{rows}-row embedding")
-  config = build_config(orig, vision, cfg_path, image_token, pad_token, rows, release)
+  placeholder = {token: vocab + i for i, token in enumerate(release.tokens)}
+  # A bad config fails before the tokenizer loads.
+  build_config(orig, vision, cfg_path, placeholder, vocab + len(placeholder), rows, release)
+  token_ids, pad_token, has_tokenizer = _add_tokens(src, out, vocab, release)
+  added = dict(token_ids, **({PAD_TOKEN: pad_token} if pad_token is not None else {}))
+  if max(added.values()) >= rows:
+    raise LlavaJaxError(f"{src}: the tokenizer puts {'/'.join(added)} at ids {'/'.join(map(str, added.values()))}, "
+                        f"beyond the {rows}-row embedding")
+  config = build_config(orig, vision, cfg_path, token_ids, pad_token, rows, release)
 
   sources = _Sources(llava, clip)
   sources.map_all(kind, config.text.tie_word_embeddings, release)
