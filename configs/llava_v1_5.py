@@ -85,6 +85,8 @@ def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_colle
   c.data = ml_collections.ConfigDict()
   c.data.json = ""
   c.data.image_folder = ""
+  c.data.video_folder = ""          # video samples (LLaVA-Video's `video` field; video models only)
+  c.data.num_frames = 0             # frames sampled per video; 0 = the model folder's
   c.data.template = stage["template"]
   c.data.max_len = stage.get("max_len", 2048)
   c.data.max_images = stage.get("max_images", 1)

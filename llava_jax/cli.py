@@ -56,14 +56,15 @@ def _generate(args) -> None:
   run.generate_command(
       model=args.model, images=args.image, prompt=args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, out=sys.stdout, mesh=mesh,
-      adapter=args.adapter)
+      adapter=args.adapter, videos=args.video, num_frames=args.num_frames)
 
 
 def _chat(args) -> None:
   from llava_jax.infer import chat
   mesh = _mesh(args.mesh)
   chat.chat_command(model=args.model, image=args.image, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, inp=sys.stdin, out=sys.stdout, mesh=mesh, adapter=args.adapter)
+                    temperature=args.temperature, inp=sys.stdin, out=sys.stdout, mesh=mesh, adapter=args.adapter,
+                    video=args.video, num_frames=args.num_frames)
 
 
 def _serve(args) -> None:
@@ -71,7 +72,7 @@ def _serve(args) -> None:
   mesh = _mesh(args.mesh)
   command.serve_command(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
                         batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name, mesh=mesh,
-                        adapter=args.adapter)
+                        adapter=args.adapter, num_frames=args.num_frames, allow_local_media=args.allow_local_media)
 
 
 def _eval(args) -> None:
@@ -117,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA adapter to apply to the model: a PEFT folder (adapter_config.json, "
                         "adapter_model.safetensors) or a LLaVA LoRA release (+ non_lora_trainables.bin)")
 
+  def add_video(p, help_video):
+    p.add_argument("--video", **help_video)
+    add_num_frames(p)
+
+  def add_num_frames(p):
+    p.add_argument("--num-frames", type=int, metavar="N",
+                   help="frames sampled uniformly from each video (default: the model folder's num_frames, else 32 "
+                        "for llava_onevision, 8 for llava_next_video)")
+
   def add_mesh(p):
     p.add_argument("--mesh", metavar="AXIS=SIZE,...",
                    help="split the model over a device mesh, e.g. fsdp=2,tensor=4 (axes data, fsdp, tensor as in the "
@@ -126,15 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", required=True, help="HF folder, llava-jax checkpoint, or training workdir")
   p.add_argument("--image", action="append", default=[], help="image file; repeat for several")
   p.add_argument("--prompt", required=True)
-  p.add_argument("--raw", action="store_true", help="use the prompt verbatim (one <image> per --image)")
+  p.add_argument("--raw", action="store_true",
+                 help="use the prompt verbatim (one <image> per --image, one <video> per --video)")
+  add_video(p, dict(action="append", default=[], metavar="FILE",
+                    help="video file (mp4, webm, ...) or folder of frame images; repeat for several"))
   add_sampling(p)
   add_adapter(p)
   add_mesh(p)
   p.set_defaults(func=_generate)
 
-  p = sub.add_parser("chat", help="interactive conversation (/image PATH, /reset, /quit)")
+  p = sub.add_parser("chat", help="interactive conversation (/image PATH, /video PATH, /reset, /quit)")
   p.add_argument("--model", required=True)
   p.add_argument("--image")
+  add_video(p, dict(metavar="FILE", help="video file or frames folder for the first message"))
   p.add_argument("--max-new-tokens", type=int, default=256)
   p.add_argument("--temperature", type=float, default=0.0)
   add_adapter(p)
@@ -149,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-wait-ms", type=float, default=10.0,
                  help="how long to gather concurrent requests into one batch (default 10)")
   p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+  p.add_argument("--allow-local-media", metavar="DIR",
+                 help="also accept video_url parts naming a video file or frames folder under DIR "
+                      "(default: data: URLs only)")
+  add_num_frames(p)
   add_adapter(p)
   add_mesh(p)
   p.set_defaults(func=_serve)

@@ -1,13 +1,13 @@
 """A conversation -> the prompt text the model continues; the one renderer behind generate, chat and serve.
 
 A conversation is a list of `Turn`s: a role ("system", "user" or "assistant") and its parts in
-order, text (`str`) and images (any other object: the image itself, or `IMAGE` where only its
+order, text (`str`), videos (`Video`) and images (any other object: the image itself, or `IMAGE` where only its
 place matters). With the model folder's chat template every turn becomes a message of
-`{"type": "text"}` / `{"type": "image"}` parts, rendered as transformers'
+`{"type": "text"}` / `{"type": "image"}` / `{"type": "video"}` parts, rendered as transformers'
 `processor.apply_chat_template(..., add_generation_prompt=True)` renders them. Without one, the
 conversation template named in the checkpoint config renders it (templates.py, the same text
-training sees): system turns are dropped (the template has its own), each turn's images become
-`<image>` lines before its text.
+training sees): system turns are dropped (the template has its own), each turn's images and videos become
+`<image>` and `<video>` lines before its text.
 """
 
 from __future__ import annotations
@@ -29,6 +29,15 @@ class _ImagePlace:
 IMAGE = _ImagePlace()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Video:
+  """A video part: its sampled frames (F, H, W, 3) uint8, or None where only its place matters."""
+  frames: Any = None
+
+
+VIDEO = Video()
+
+
 @dataclasses.dataclass(frozen=True)
 class Turn:
   role: str  # "system" | "user" | "assistant"
@@ -39,15 +48,26 @@ def is_text(part: Any) -> bool:
   return isinstance(part, str)
 
 
-def user_turn(text: str, num_images: int, image_token: str = templates.IMAGE_TAG) -> Turn:
-  """A user message as `generate` and `chat` take it: its images go before the text, unless the
-  text places them itself with `<image>` tags (then they stay where the user put them)."""
+def is_video(part: Any) -> bool:
+  return isinstance(part, Video)
+
+
+def is_image(part: Any) -> bool:
+  return not is_text(part) and not is_video(part)
+
+
+def user_turn(text: str, num_images: int, image_token: str = templates.IMAGE_TAG, num_videos: int = 0,
+              video_token: str = templates.VIDEO_TAG) -> Turn:
+  """A user message as `generate` and `chat` take it: its images, then its videos, go before the text, unless
+  the text places them itself with `<image>` (`<video>`) tags (then they stay where the user put them)."""
   images = () if image_token in text else (IMAGE,) * num_images
-  return Turn("user", images + (text,))
+  videos = () if video_token in text else (VIDEO,) * num_videos
+  return Turn("user", images + videos + (text,))
 
 
 def render(turns: Sequence[Turn], chat_template: Optional[str], template: str,
-           image_token: str = templates.IMAGE_TAG, special_tokens: Optional[Mapping[str, Any]] = None) -> str:
+           image_token: str = templates.IMAGE_TAG, special_tokens: Optional[Mapping[str, Any]] = None,
+           video_token: str = templates.VIDEO_TAG) -> str:
   """The conversation as the model expects it, ending where the assistant's answer starts.
 
   `special_tokens` (the tokenizer's special_tokens_map) are the chat template's variables
@@ -61,7 +81,7 @@ def render(turns: Sequence[Turn], chat_template: Optional[str], template: str,
   if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
     raise LlavaJaxError("this model has no chat template; its conversation template needs user and "
                         "assistant messages alternating, starting and ending with user")
-  texts = [_with_image_tags(t, image_token) for t in dialogue]
+  texts = [_with_media_tags(t, image_token, video_token) for t in dialogue]
   history = list(zip(texts[:-1:2], texts[1::2]))
   return templates.generation_prompt(template, texts[-1], history, bos=special_tokens.get("bos_token") or "",
                                      eos=special_tokens.get("eos_token") or "")
@@ -69,8 +89,7 @@ def render(turns: Sequence[Turn], chat_template: Optional[str], template: str,
 
 def _render_chat_template(turns: Sequence[Turn], chat_template: str, template_vars: dict) -> str:
   from transformers.utils import chat_template_utils  # pylint: disable=import-outside-toplevel  (slow import)
-  messages = [{"role": t.role, "content": [{"type": "text", "text": p} if is_text(p) else {"type": "image"}
-                                           for p in t.parts]} for t in turns]
+  messages = [{"role": t.role, "content": [_message_part(p) for p in t.parts]} for t in turns]
   try:
     rendered, _ = chat_template_utils.render_jinja_template(
         conversations=[messages], chat_template=chat_template, add_generation_prompt=True, **template_vars)
@@ -79,10 +98,15 @@ def _render_chat_template(turns: Sequence[Turn], chat_template: str, template_va
   return rendered[0]
 
 
-def _with_image_tags(turn: Turn, image_token: str) -> str:
-  """The turn's text with one `<image>` line per image before it, unless the text places its tags."""
+def _message_part(part: Any) -> dict:
+  if is_text(part):
+    return {"type": "text", "text": part}
+  return {"type": "video" if is_video(part) else "image"}
+
+
+def _with_media_tags(turn: Turn, image_token: str, video_token: str) -> str:
+  """The turn's text with one `<image>` line per image, then one `<video>` line per video, before it, unless the
+  text places its tags."""
   text = "\n".join(p for p in turn.parts if is_text(p))
-  num_images = sum(not is_text(p) for p in turn.parts)
-  if num_images == 0 or image_token in text:
-    return text
-  return f"{image_token}\n" * num_images + text
+  lines = [(image_token, sum(map(is_image, turn.parts))), (video_token, sum(map(is_video, turn.parts)))]
+  return "".join(f"{tag}\n" * count for tag, count in lines if count and tag not in text) + text

@@ -1,7 +1,10 @@
 """LLaVA JSON / JSONL + image folder -> samples, with a typed reason for every unusable one.
 
 The format is that of `blip_laion_cc_sbu_558k.json` and `llava_v1_5_mix665k.json`:
-`[{"id", "image": str | [str] | absent, "conversations": [{"from": "human"|"gpt", "value"}]}]`.
+`[{"id", "image": str | [str] | absent, "conversations": [{"from": "human"|"gpt", "value"}]}]`, and LLaVA-Video's
+(LLaVA-Video-178K, LLaVA-NeXT's train.py): `{"id", "video": path relative to data.video_folder, "conversations"}`
+whose human turn holds one `<image>` (or `<video>`) standing for the video (added before the first turn when absent);
+a record with an `image` is an image sample, as LLaVA-NeXT reads it.
 
 Loading only checks that the file is JSON (anything else is a LlavaJaxError, exit 2) and keeps
 every record as its raw JSON bytes in one buffer with an offsets index: memory stays about the
@@ -21,7 +24,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from llava_jax.data import images as images_lib
-from llava_jax.data.templates import GPT, HUMAN, IMAGE_TAG
+from llava_jax.data.templates import GPT, HUMAN, IMAGE_TAG, VIDEO_TAG
+from llava_jax.data.video_io import read_video
 from llava_jax.errors import LlavaJaxError
 
 _ROLES = {"human": HUMAN, "user": HUMAN, "gpt": GPT, "assistant": GPT}
@@ -34,7 +38,9 @@ class SkipReason(str, enum.Enum):
   IMAGE_COUNT = "image_count_mismatch"
   TOO_LONG = "too_long"
   TOO_MANY_IMAGES = "too_many_images"
-  VIDEO = "video_not_supported"  # a `video` sample (LLaVA-Video format): no video decoding in the pipeline yet
+  VIDEO = "video_not_supported"  # a `video` sample for a model that takes no videos
+  MISSING_VIDEO = "missing_video"
+  CORRUPT_VIDEO = "corrupt_video"  # cannot be decoded, no frames, or more tokens than the model takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +54,12 @@ class Skipped:
 @dataclasses.dataclass(frozen=True)
 class Sample:
   """A structurally valid sample. `images` are file paths or encoded bytes (one per `<image>`),
-  `turns` are (role, text) with role "human"/"gpt" and the `<image>` tags in place."""
+  `turns` are (role, text) with role "human"/"gpt" and the `<image>` tags in place; a video sample has no images,
+  its `video` path and one `<image>` (the video's place)."""
   id: str
   images: Tuple[Union[str, bytes], ...]
   turns: Tuple[Tuple[str, str], ...]
+  video: Optional[str] = None
 
 
 class RecordSource:
@@ -178,7 +186,7 @@ def image_names(record: dict) -> Optional[List[str]]:
 
 
 def parse_sample(record, index: int, image_folder: str = "",
-                 image_data: Optional[Sequence[bytes]] = None) -> Union[Sample, Skipped]:
+                 image_data: Optional[Sequence[bytes]] = None, video_folder: str = "") -> Union[Sample, Skipped]:
   """Validates one raw record's structure (no I/O). `image_data`, when given, replaces the
   image files (TFDS stores their bytes, b"" for a file that was missing)."""
   sid = sample_id(record, index)
@@ -188,20 +196,26 @@ def parse_sample(record, index: int, image_folder: str = "",
 
   if not isinstance(record, dict):
     return skip(SkipReason.MALFORMED, f"record is {type(record).__name__}, expected an object")
-  if "video" in record:
-    return skip(SkipReason.VIDEO, f"'video' {record['video']!r:.80}: video samples are not supported yet")
-  names = image_names(record)
+  video = record.get("video") if "image" not in record else None
+  if video is not None and not (isinstance(video, str) and video):
+    return skip(SkipReason.MALFORMED, f"'video' must be a path, got {video!r:.80}")
+  names = image_names(record) if video is None else [video]
   if names is None:
     return skip(SkipReason.MALFORMED, f"'image' must be a path or a list of paths, got {record['image']!r:.80}")
   turns = _turns(record.get("conversations"))
   if isinstance(turns, str):
     return skip(SkipReason.MALFORMED, turns)
+  if video is not None:  # a <video> tag (not LLaVA-Video's own) marks the video's place as well
+    turns = [(role, text.replace(VIDEO_TAG, IMAGE_TAG)) for role, text in turns]
   tags = sum(text.count(IMAGE_TAG) for role, text in turns if role == HUMAN)
   if tags == 0 and names:
     # LLaVA's default placement: the images open the first human turn.
     turns[0] = (HUMAN, f"{IMAGE_TAG}\n" * len(names) + turns[0][1])
   elif tags != len(names):
-    return skip(SkipReason.IMAGE_COUNT, f"{tags} {IMAGE_TAG} tag(s) but {len(names)} image(s)")
+    given = "video" if video else "image(s)"
+    return skip(SkipReason.IMAGE_COUNT, f"{tags} {IMAGE_TAG} tag(s) but {len(names)} {given}")
+  if video is not None:
+    return Sample(sid, (), tuple(turns), os.path.join(video_folder, video))
   if image_data is not None:
     if len(image_data) != len(names):
       return skip(SkipReason.IMAGE_COUNT, f"{len(names)} image name(s) but {len(image_data)} stored image(s)")
@@ -229,6 +243,16 @@ def _turns(conversations):
   if len(turns) % 2:
     return f"{len(turns)} turns: the conversation must end with a gpt answer"
   return turns
+
+
+def read_video_frames(sample: Sample, num_frames: int, max_pixels: int = images_lib.DEFAULT_MAX_PIXELS):
+  """Decodes a video sample's video, sampled to `num_frames` -> uint8 (F, H, W, 3), or Skipped."""
+  if not os.path.exists(sample.video):
+    return Skipped(sample.id, SkipReason.MISSING_VIDEO, f"{sample.video}: file not found")
+  try:
+    return read_video(sample.video, num_frames, max_pixels)
+  except LlavaJaxError as e:
+    return Skipped(sample.id, SkipReason.CORRUPT_VIDEO, str(e))
 
 
 def read_images(sample: Sample, max_pixels: int = images_lib.DEFAULT_MAX_PIXELS):

@@ -10,8 +10,9 @@ Each `<image>` becomes the image tokens its image gives under the sample's image
 prompt_layout): a fixed count for LLaVA-1.5, one by image size for AnyRes (LLaVA-NeXT), whose rows then carry the
 feature index that tells the model which feature each image token takes. LLaVA-OneVision tiles a sample's lone
 image (anyres_max_N: a downscaled grid blends up to MIX_TAPS features per token, so its feature index has a tap
-axis and the rows carry the taps' weights) and gives each of several images one tile and a newline. Samples with
-a `video` field are counted skips until the pipeline decodes videos (they enter at llava_json.parse_sample).
+axis and the rows carry the taps' weights) and gives each of several images one tile and a newline. A video sample
+(a `video` field, LLaVA-Video's format) becomes its video's tokens and frames as inference makes them
+(data/video_samples.py), for a video model (else a counted skip).
 
 Determinism: every stage before the batcher is a random-access `MapDataset`, so element i is
 the same whatever the worker count, and grain interleaves workers round-robin in index order:
@@ -54,6 +55,7 @@ import numpy as np
 from llava_jax.data import images as images_lib
 from llava_jax.data import layouts, llava_json, packing, templates
 from llava_jax.data.llava_json import Skipped, SkipReason
+from llava_jax.data.video_samples import VideoSamples
 from llava_jax.errors import LlavaJaxError
 from llava_jax.image_tokens import as_mix, check_image_tokens
 
@@ -68,6 +70,8 @@ class DataConfig:
   """The `data.*` config keys (see `from_config` for how they are read)."""
   json: str = ""                 # LLaVA JSON/JSONL file (source=json; also what source=tfds packs)
   image_folder: str = ""         # folder the `image` paths are relative to
+  video_folder: str = ""         # folder the `video` paths are relative to (video files or frames folders)
+  num_frames: int = 0            # frames sampled per video; 0 = the model folder's (data/video_io.num_frames_for)
   template: str = "vicuna_v1"    # one of templates.TEMPLATE_NAMES
   max_len: int = 2048            # tokens per sample, image tokens included; longer samples skipped
   max_images: int = 1            # images per sample; samples with more are skipped
@@ -107,8 +111,8 @@ class DataConfig:
       raise LlavaJaxError("data.json: no training data file given")
     if self.source == "tfds" and not (self.tfds_dir or self.json):
       raise LlavaJaxError("data.tfds_dir: source=tfds needs data.tfds_dir (or data.json to build it from)")
-    for key in ("max_len", "max_images", "max_tiles", "worker_buffer", "read_threads"):
-      if int(getattr(self, key)) < (0 if key in ("max_images", "max_tiles") else 1):
+    for key in ("max_len", "max_images", "max_tiles", "worker_buffer", "read_threads", "num_frames"):
+      if int(getattr(self, key)) < (0 if key in ("max_images", "max_tiles", "num_frames") else 1):
         raise LlavaJaxError(f"data.{key}: must be positive, got {getattr(self, key)}")
     if self.num_workers < 0:
       raise LlavaJaxError(f"data.num_workers: must be >= 0, got {self.num_workers}")
@@ -153,7 +157,7 @@ class Preprocess(grain.MapTransform):
   def __init__(self, template: str, tokenizer, image_processor: images_lib.ImageProcessor,
                layout: layouts.ImageLayout, max_len: int, max_images: int, image_folder: str = "",
                max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, image_token: str = templates.IMAGE_TAG,
-               max_tiles: int = 0):
+               max_tiles: int = 0, video_folder: str = "", videos: Optional[VideoSamples] = None):
     self.template = templates.check_template(template)
     self.backend = templates.backend_tokenizer(tokenizer)  # pickles small, thread-safe encode
     self.bos = getattr(tokenizer, "bos_token", None) or ""
@@ -168,12 +172,17 @@ class Preprocess(grain.MapTransform):
     self.max_len, self.max_images = max_len, max_images
     self.max_tiles = max_tiles or max_images * layouts.max_tiles_per_image(layout)
     self.image_folder, self.max_pixels = image_folder, max_pixels
+    self.video_folder, self.videos = video_folder, videos  # videos: None for a model that takes none
 
   def map(self, element: dict):
     sample = llava_json.parse_sample(element["record"], element["index"], self.image_folder,
-                                     element.get("images"))
+                                     element.get("images"), self.video_folder)
     if isinstance(sample, Skipped):
       return sample
+    if sample.video is not None:
+      if self.videos is None:
+        return Skipped(sample.id, SkipReason.VIDEO, f"{sample.video}: this model takes no videos")
+      return self.videos.example(sample, self)
     n_images = len(sample.images)
     if n_images > self.max_images:
       return Skipped(sample.id, SkipReason.TOO_MANY_IMAGES, f"{n_images} images > data.max_images {self.max_images}")
@@ -210,12 +219,16 @@ class Preprocess(grain.MapTransform):
       return Skipped(sample.id, SkipReason.CORRUPT_IMAGE, f"{type(e).__name__}: {e}")
     example = {"id": sample.id, "input_ids": input_ids, "loss_mask": loss_mask, "pixel_values": pixel_values}
     if self.by_size:
-      index = layouts.images_feature_index(layout, sizes, names)
-      if self.mixes:  # every sample of a mixing layout carries weights (text-only ones too): rows stack
-        index = as_mix(index)
-        example[FEATURE_WEIGHTS] = index.weights
-        index = index.index
-      example[FEATURE_INDEX] = index
+      return self.with_feature_index(example, layouts.images_feature_index(layout, sizes, names))
+    return example
+
+  def with_feature_index(self, example: dict, index) -> dict:
+    """The example with its feature index: a mixing layout's as the taps' index and weights."""
+    if self.mixes:  # every sample of a mixing layout carries weights (text-only ones too): rows stack
+      index = as_mix(index)
+      example[FEATURE_WEIGHTS] = index.weights
+      index = index.index
+    example[FEATURE_INDEX] = index
     return example
 
   def encode(self, turns: Sequence[Tuple[str, str]], counts: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
@@ -378,8 +391,10 @@ def _records(config: DataConfig, process_index: int, process_count: int):
 def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.ImageProcessor, *,
                   layout: layouts.ImageLayout, global_batch_size: int, seed: int,
                   image_token: str = templates.IMAGE_TAG, image_token_id: Optional[int] = None,
-                  process_index: Optional[int] = None, process_count: Optional[int] = None) -> Pipeline:
-  """Builds the pipeline for this host (`process_index` of `process_count`, default from jax)."""
+                  process_index: Optional[int] = None, process_count: Optional[int] = None,
+                  videos: Optional[VideoSamples] = None) -> Pipeline:
+  """Builds the pipeline for this host (`process_index` of `process_count`, default from jax); `videos`: a video
+  model's way with video samples."""
   config.validate()
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
@@ -392,9 +407,10 @@ def make_pipeline(config: DataConfig, tokenizer, image_processor: images_lib.Ima
                         "tiles images itself, use '' (the model folder's processor)")
   if config.image_aspect_ratio:
     image_processor = dataclasses.replace(image_processor, pad_to_square=config.image_aspect_ratio == "pad")
-  max_tiles = config.max_tiles or default_max_tiles(layout, config.max_images, config.max_len, config.packing)
+  max_tiles = config.max_tiles or max(default_max_tiles(layout, config.max_images, config.max_len, config.packing),
+                                      videos.num_frames if videos else 0)
   preprocess = Preprocess(config.template, tokenizer, image_processor, layout, config.max_len, config.max_images,
-                          config.image_folder, config.max_pixels, image_token, max_tiles)
+                          config.image_folder, config.max_pixels, image_token, max_tiles, config.video_folder, videos)
   if image_token_id is not None and image_token_id != preprocess.image_token_id:
     raise LlavaJaxError(f"tokenizer: {image_token!r} has id {preprocess.image_token_id}, but the model's "
                         f"image_token_index is {image_token_id}")

@@ -30,7 +30,7 @@ CHAT_TEMPLATE_JSON = "chat_template.json"
 
 ImageLike = Union[Image.Image, images_lib.ImageSource]
 PathLike = Union[str, os.PathLike]
-VIDEO_TAG = "<video>"  # transformers' video processors' default video_token
+VIDEO_TAG = templates.VIDEO_TAG
 
 
 # tokenizer_config.json classes that are plain `tokenizer.json` wrappers: loaded directly, they
@@ -157,26 +157,27 @@ class Processor:
   def render(self, turns: Sequence[conversation.Turn]) -> str:
     """The conversation as this model's prompt text (see conversation.render)."""
     return conversation.render(turns, self.chat_template, self.fallback_template, self.image_token,
-                               self.tokenizer.special_tokens_map)
+                               self.tokenizer.special_tokens_map, self.video_token)
 
   def format_prompt(self, user_text: str, num_images: int) -> str:
     """The prompt for one user message with `num_images` images."""
     return self.render([conversation.user_turn(user_text, num_images, self.image_token)])
 
   def prepare(self, text: str, images: Sequence[ImageLike], raw: bool = False,
-              names: Optional[Sequence[str]] = None) -> LlavaInputs:
+              names: Optional[Sequence[str]] = None, videos: Sequence[Frames] = ()) -> LlavaInputs:
     """What `generate` feeds the model: --raw text verbatim, else the rendered user message. `names`: how
-    errors name the images (their files), where they are given decoded."""
+    errors name the images (their files), where they are given decoded; `videos`: decoded, sampled frames."""
     if raw:
-      return self.encode(text, images, names=names)
-    turn = conversation.user_turn(text, len(images), self.image_token)
-    return self.encode_conversation([turn], images, names)
+      return self.encode(text, images, names=names, videos=videos)
+    turn = conversation.user_turn(text, len(images), self.image_token, len(videos), self.video_token)
+    return self.encode_conversation([turn], images, names, videos)
 
   def encode_conversation(self, turns: Sequence[conversation.Turn], images: Sequence[ImageLike],
-                          names: Optional[Sequence[str]] = None) -> LlavaInputs:
-    """A conversation's prompt (ending where the answer starts) with its images, in their order."""
+                          names: Optional[Sequence[str]] = None, videos: Sequence[Frames] = ()) -> LlavaInputs:
+    """A conversation's prompt (ending where the answer starts) with its images and videos, in their order."""
     prompt = self.render(turns)
-    return self.encode(prompt, images, add_special_tokens=self.adds_special_tokens(prompt), names=names)
+    return self.encode(prompt, images, add_special_tokens=self.adds_special_tokens(prompt), names=names,
+                       videos=videos)
 
   def adds_special_tokens(self, formatted_prompt: str) -> bool:
     """processor.apply_chat_template(tokenize=True)'s rule: no second BOS when the rendered

@@ -50,6 +50,7 @@ import numpy as np
 from llava_jax.errors import LlavaJaxError
 
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"  # transformers' video processors' default video_token
 HUMAN, GPT = "human", "gpt"
 
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "

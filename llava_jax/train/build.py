@@ -115,9 +115,22 @@ def build_pipeline(cfg, model_config, assets_dir: str):
   image_processor = images.ImageProcessor.from_folder(assets_dir, image_size=model_config.vision.image_size)
   layout = layouts.layout_for(model_config)
   layout.check_processor_files(assets_dir)
-  return pipeline.make_pipeline(pipeline.DataConfig.from_config(cfg.data), tokenizer, image_processor,
-                                layout=layout, global_batch_size=cfg.batch_size,
-                                seed=cfg.seed, image_token_id=model_config.image_token_index)
+  data = pipeline.DataConfig.from_config(cfg.data)
+  return pipeline.make_pipeline(data, tokenizer, image_processor, layout=layout, global_batch_size=cfg.batch_size,
+                                seed=cfg.seed, image_token_id=model_config.image_token_index,
+                                videos=video_samples(model_config, tokenizer, assets_dir, data.num_frames))
+
+
+def video_samples(model_config, tokenizer, assets_dir: str, num_frames: int):
+  """A video model's way with training video samples (None for models that take no videos): its video layout, the
+  frame count (data.num_frames, else the model folder's) and the token of its video_token_index."""
+  from llava_jax.data import video, video_io, video_samples as samples  # pylint: disable=import-outside-toplevel
+  if model_config.model_type not in video.VIDEO_LAYOUTS:
+    return None
+  token_id = model_config.video_token_index
+  return samples.VideoSamples(video.video_layout_for(model_config),
+                              video_io.num_frames_for(assets_dir, model_config.model_type, num_frames or None),
+                              tokenizer.convert_ids_to_tokens(token_id), token_id)
 
 
 def build_trainer(cfg, model_config, total_steps: int):

@@ -1,6 +1,7 @@
 """`llava-jax serve`: an OpenAI-compatible chat server (FastAPI + uvicorn) over the batched engine.
 
-    POST /v1/chat/completions   messages with text and `image_url` parts (data: URLs only),
+    POST /v1/chat/completions   messages with text, `image_url` parts (data: URLs only) and `video_url` parts
+                                (data: URLs; local files under --allow-local-media DIR),
                                 max_tokens, temperature, top_p, seed, stop, stream (SSE)
     GET  /v1/models             the one model this server serves
     GET  /health
@@ -12,7 +13,7 @@ A request's path, one module per step:
                 puts it on the batcher (request_batcher.py: one worker thread runs requests together)
     request.py  the body's schema (pydantic) and its parsing
     messages.py the messages -> conversation turns (data/conversation.py renders them), with images.py
-                decoding each image from its data: URL
+                decoding each image from its data: URL (data_urls.py), videos.py each video
   output.py     the batcher's worker thread -> text deltas on the event loop (stop strings applied)
   responses.py  those deltas -> an OpenAI chat.completion, or chat.completion.chunk events
 

@@ -18,7 +18,8 @@ from llava_jax.infer.serve.service import ChatService
 
 def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                   batch_wait_ms: float = 10.0, model_id: Optional[str] = None, log_level: str = "info",
-                  mesh=None, adapter: Optional[str] = None) -> None:
+                  mesh=None, adapter: Optional[str] = None, num_frames: Optional[int] = None,
+                  allow_local_media: Optional[str] = None) -> None:
   """`llava-jax serve`: serves until interrupted (Ctrl-C / SIGTERM shut it down cleanly)."""
   import uvicorn  # pylint: disable=import-outside-toplevel
   if max_batch < 1:
@@ -27,9 +28,13 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_bat
     raise LlavaJaxError(f"--batch-wait-ms must be >= 0, got {batch_wait_ms}")
   if not 0 <= port <= 65535:
     raise LlavaJaxError(f"--port must be in 0..65535, got {port}")
+  if num_frames is not None and num_frames < 1:
+    raise LlavaJaxError(f"--num-frames must be >= 1, got {num_frames}")
+  if allow_local_media is not None and not os.path.isdir(allow_local_media):
+    raise LlavaJaxError(f"--allow-local-media {allow_local_media}: no such folder")
   sock = listen_socket(host, port)
   service = load_service(model, model_id=model_id, max_batch=max_batch, batch_wait_ms=batch_wait_ms, mesh=mesh,
-                         adapter=adapter)
+                         adapter=adapter, num_frames=num_frames, media_dir=allow_local_media)
   server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=10))
   # uvicorn's logger is configured by now (and uvicorn names no URL when given a socket).
   logging.getLogger("uvicorn.error").info("serving model %r at http://%s:%d/v1", service.model_id, host,
@@ -60,8 +65,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def load_service(model: str, *, model_id: Optional[str] = None, max_batch: int = 8, batch_wait_ms: float = 10.0,
-                 limits: Limits = Limits(), mesh=None, adapter: Optional[str] = None) -> ChatService:
+                 limits: Limits = Limits(), mesh=None, adapter: Optional[str] = None, num_frames: Optional[int] = None,
+                 media_dir: Optional[str] = None) -> ChatService:
   """Loads a model folder (HF, llava-jax checkpoint or training workdir), with a LoRA `adapter`, as
   `llava-jax generate` does."""
   name = model_id or os.path.basename(os.path.normpath(os.path.abspath(model)))
-  return ChatService(load_session(model, mesh, adapter), name, limits=limits, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+  return ChatService(load_session(model, mesh, adapter, num_frames), name, limits=limits, max_batch=max_batch,
+                     batch_wait_ms=batch_wait_ms, media_dir=media_dir)

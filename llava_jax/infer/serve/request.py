@@ -33,7 +33,16 @@ class ImagePart(_Strict):
   image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], pydantic.Field(discriminator="type")]
+class VideoURL(_Strict):
+  url: str
+
+
+class VideoPart(_Strict):
+  type: Literal["video_url"]
+  video_url: VideoURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], pydantic.Field(discriminator="type")]
 
 
 class Message(_Strict):

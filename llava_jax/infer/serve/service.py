@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Sequence
 
-from llava_jax.data.conversation import is_text
+from llava_jax.data.conversation import is_image, is_video
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer.serve.request_batcher import RequestBatcher, Job, Overloaded
 from llava_jax.infer.generate import Prompt
@@ -19,6 +19,7 @@ from llava_jax.infer.serve.limits import Limits
 from llava_jax.infer.serve.messages import read_messages
 from llava_jax.infer.serve.output import RequestOutput
 from llava_jax.infer.serve.request import ChatRequest, parse_request
+from llava_jax.infer.serve.videos import decode_video_url
 
 
 @dataclasses.dataclass
@@ -38,12 +39,13 @@ class ChatService:
   """A loaded model (`run.Session`: engine and processor) and its batcher, behind HTTP.
 
   The session's engine only needs `stream(prompts, max_new_tokens, params)`, `eos_token_ids` and
-  `config` (text.max_position_embeddings), so tests can pass a stand-in.
+  `config` (text.max_position_embeddings), so tests can pass a stand-in. `media_dir`: the folder video_url parts
+  may name local files in (--allow-local-media; None: data: URLs only).
   """
 
   def __init__(self, session: Session, model_id: str, *, limits: Limits = Limits(), max_batch: int = 8,
-               batch_wait_ms: float = 10.0, max_queue: int = 256):
-    self.session, self.model_id, self.limits = session, model_id, limits
+               batch_wait_ms: float = 10.0, max_queue: int = 256, media_dir: str | None = None):
+    self.session, self.model_id, self.limits, self.media_dir = session, model_id, limits, media_dir
     self.engine, self.processor = session.engine, session.processor
     self.context_length = session.engine.config.text.max_position_embeddings
     self.batcher = RequestBatcher(self.engine, max_batch=max_batch, wait_s=batch_wait_ms / 1000, max_queue=max_queue)
@@ -62,16 +64,17 @@ class ChatService:
       return self.processor.decode(ids)
 
   def prepare(self, body: bytes) -> Prepared:
-    """Parses and checks a request body, decodes its images and tokenizes its prompt."""
+    """Parses and checks a request body, decodes its images and videos and tokenizes its prompt."""
     request = parse_request(body)
     if request.model != self.model_id:
       raise ApiError(404, f"model {request.model!r} does not exist; this server serves {self.model_id!r}",
                      "model_not_found", param="model")
-    turns = read_messages(request.messages, self.limits)
-    images = [p for t in turns for p in t.parts if not is_text(p)]
+    turns = read_messages(request.messages, self.limits, self._decode_video)
+    images = [p for t in turns for p in t.parts if is_image(p)]
+    videos = [p.frames for t in turns for p in t.parts if is_video(p)]
     try:
       with self._tokenizer_lock:
-        inputs = self.processor.encode_conversation(turns, images)
+        inputs = self.processor.encode_conversation(turns, images, videos=videos)
     except LlavaJaxError as e:
       raise ApiError(400, f"messages: {e}", "invalid_messages", param="messages") from None
     prompt_tokens = len(inputs.input_ids)
@@ -83,6 +86,9 @@ class ChatService:
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return Prepared(prompt, prompt_tokens, self._max_new_tokens(request, prompt_tokens), sampling, seed is not None,
                     request.stop_strings, request.stream, include_usage)
+
+  def _decode_video(self, url: str):
+    return decode_video_url(url, self.limits, self.session.num_frames, self.media_dir)
 
   def _max_new_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:
     """What the request asks for (else the default), if the context has room for it."""
