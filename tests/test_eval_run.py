@@ -102,6 +102,29 @@ def test_every_task_scored_by_hand(data, model, scripted, tmp_path, capsys):
   assert table[2] == "| - | 33.3 | 100.0 | 50.0 | 80.0 | 33.3 | 200.0 | 50.0 | 50.0 | - | - |"
 
 
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+  return eval_fixtures.build_exports(tmp_path_factory.mktemp("exports"))
+
+
+def test_lmms_lab_exports_score_as_the_llava_layout(data, exports, model, scripted, tmp_path):
+  """The same questions as lmms-lab's parquet / save_to_disk exports: the same prompts, the same metrics."""
+  from_llava = runner.eval_command(str(model), ALL, str(data), str(tmp_path / "llava"), batch_size=3)
+  llava_prompts = sorted(scripted.texts)
+  scripted.texts.clear()
+  from_exports = runner.eval_command(str(model), ALL, str(exports), str(tmp_path / "exports"), batch_size=3)
+  assert sorted(scripted.texts) == llava_prompts
+  metrics = lambda results: {t: {k: v for k, v in results[t].items() if k != "submission"} for t in TASKS}
+  assert metrics(from_exports) == metrics(from_llava)
+  for sub in ("vqav2/submission.json", "mm_vet/submission.json"):
+    assert (tmp_path / "exports" / sub).read_text() == (tmp_path / "llava" / sub).read_text()
+  assert json.loads((tmp_path / "exports" / "vizwiz" / "submission.json").read_text()) == [
+      {"image": "VizWiz_val_1.jpg", "answer": "unanswerable"}]  # lmms-lab's question_id is the image less .jpg
+  sheets = [list(openpyxl.load_workbook(tmp_path / out / "mmbench" / "submission.xlsx").active.values)
+            for out in ("llava", "exports")]
+  assert sheets[0] == sheets[1]
+
+
 def test_rerun_asks_nothing_and_extends_results(data, model, scripted, tmp_path):
   out = tmp_path / "out"
   first = runner.eval_command(str(model), "gqa", str(data), str(out), batch_size=2, limit=2)
@@ -138,6 +161,12 @@ def test_bad_input_exits_2_naming_it(data, model, tmp_path, capsys):
   (bad / "pope" / "llava_pope_test.jsonl").write_text('{"question_id": 1, "image": "a.png"}\n')
   assert "llava_pope_test.jsonl:1: missing key 'text'" in _cli_error(
       capsys, *common, "--data", str(bad), "--task", "pope")
+  export = tmp_path / "export"
+  eval_fixtures.write_export(export, "test", [{"question_id": "1", "question": "Is it?", "answer": "yes"}])
+  assert f"{export}: row 0 has no column 'category'" in _cli_error(capsys, *common, "--data", str(export), "--task",
+                                                                   "pope")
+  assert f"{export} is one lmms-lab export: --task names one task" in _cli_error(
+      capsys, *common, "--data", str(export), "--task", "pope,mme")
 
 
 def test_answers_of_another_model_or_task_are_refused(data, model, tmp_path, capsys):

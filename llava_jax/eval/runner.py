@@ -24,6 +24,7 @@ from llava_jax.data import images as images_lib
 from llava_jax.errors import LlavaJaxError
 from llava_jax.eval.answers import AnswersFile
 from llava_jax.eval.tasks import Question, Task, parse_tasks
+from llava_jax.eval.tasks.exports import is_export
 from llava_jax.fileio import read_json, write_json_atomic
 
 RESULTS = "results.json"
@@ -51,6 +52,8 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
       raise LlavaJaxError(f"{flag} must be >= 1, got {value}")
   if not os.path.isdir(data):
     raise LlavaJaxError(f"{data}: no such data folder")
+  if len(tasks) > 1 and is_export(data, configs=False):
+    raise LlavaJaxError(f"{data} is one lmms-lab export: --task names one task for it")
   model_id = os.path.realpath(model)
   model_config = _model_config(model)  # a missing model fails here, before any work
   results_path = os.path.join(out, RESULTS)
@@ -118,7 +121,7 @@ def _prompts(session, run: TaskRun, questions: Sequence[Question], tokenizer_loc
   out = []
   for q in questions:
     try:
-      images = [images_lib.load_image(q.image)] if q.image is not None else []
+      images = [images_lib.load_image(q.image_source())] if q.image is not None else []
       with tokenizer_lock:
         inputs = session.processor.prepare(q.text, images, names=[_image_name(q)] * len(images))
       out.append((q, Prompt.of(inputs)))
@@ -129,7 +132,7 @@ def _prompts(session, run: TaskRun, questions: Sequence[Question], tokenizer_loc
 
 
 def _image_name(q: Question) -> str:
-  return q.image if isinstance(q.image, str) else f"the image of question {q.qid}"
+  return q.image_file() or f"the image of question {q.qid}"
 
 
 def _score(run: TaskRun, data: str, out: str) -> dict:
