@@ -82,7 +82,8 @@ def _eval(args) -> None:
   hosts.initialize_distributed()  # a multi-process job: each process answers its share on its own devices
   mesh = _mesh(args.mesh, jax.local_devices())
   runner.eval_command(model=args.model, task_names=args.task, data=args.data, out=args.out, batch_size=args.batch_size,
-                      limit=args.limit, max_new_tokens=args.max_new_tokens, mesh=mesh)
+                      limit=args.limit, max_new_tokens=args.max_new_tokens, mesh=mesh,
+                      answer_format=not args.no_answer_format)
 
 
 def _demo(args) -> None:
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8, help="questions per compiled batch (default 8)")
   p.add_argument("--limit", type=int, help="only the first N questions of each task")
   p.add_argument("--max-new-tokens", type=int, help="default per task: 128 (LLaVA's), 1024 for llava_bench, mm_vet")
+  p.add_argument("--no-answer-format", action="store_true",
+                 help="ask without LLaVA-1.5's answer-format instruction (models not trained with it: the demo's)")
   add_mesh(p)
   p.set_defaults(func=_eval)
 

@@ -140,6 +140,15 @@ def test_rerun_asks_nothing_and_extends_results(data, model, scripted, tmp_path)
   assert [json.loads(l)["question_id"] for l in lines] == ["g1", "g2"]
 
 
+def test_without_answer_format_the_questions_are_asked_as_written(data, model, scripted, tmp_path):
+  results = runner.eval_command(str(model), "gqa,mme", str(data), str(tmp_path / "out"), limit=2, answer_format=False)
+  # LLaVA's MME file carries the suffix on one question: it goes too; MME's own "Please answer yes or no." stays.
+  assert sorted(scripted.texts) == ["Is it sunny?", "Is there a boat in this image? Please answer yes or no.",
+                                    "Is there a tree in this image? Please answer yes or no.",
+                                    "Which side is the cup on?"]
+  assert results["run"]["settings"]["answer_format"] is False
+
+
 def _cli_error(capsys, *args) -> str:
   with pytest.raises(SystemExit) as e:
     cli.main(["eval", *args])

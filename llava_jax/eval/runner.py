@@ -44,9 +44,11 @@ class TaskRun:
 
 def eval_command(model: str, task_names: str, data: str, out: str, batch_size: int = 8, limit: int | None = None,
                  max_new_tokens: int | None = None, mesh=None, log: IO[str] = sys.stderr,
-                 share: processes.Share | None = None) -> dict | None:
+                 share: processes.Share | None = None, answer_format: bool = True) -> dict | None:
   """Runs the tasks and returns the results (also written to OUT/results.json); in a multi-process job (`share`:
-  this process's, by default from JAX) only process 0 scores and returns them, the others return None."""
+  this process's, by default from JAX) only process 0 scores and returns them, the others return None.
+  Without `answer_format` the questions are asked without LLaVA-1.5's answer-format instruction (for models
+  not trained with it, e.g. the demo's)."""
   share = share or processes.current()
   tasks = parse_tasks(task_names)
   for flag, value in (("--batch-size", batch_size), ("--limit", limit), ("--max-new-tokens", max_new_tokens)):
@@ -66,6 +68,8 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
   runs = []
   for task in tasks:
     questions = task.questions(data)[:limit]
+    if not answer_format and task.suffix:
+      questions = [dataclasses.replace(q, text=q.text.removesuffix(task.suffix).rstrip()) for q in questions]
     if not questions:
       raise LlavaJaxError(f"{task.path(data)}: no {task.name} questions")
     twice = next((qid for qid, n in collections.Counter(q.qid for q in questions).items() if n > 1), None)
@@ -91,7 +95,7 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
     run.answers = _written(os.path.join(out, run.task.name), run.task.name, model_id)
   results["run"] = {"model": model_id, "config": model_config, "commit": _commit(),
                     "settings": {"batch_size": batch_size, "limit": limit, "max_new_tokens": max_new_tokens,
-                                 "decoding": "greedy"}}
+                                 "answer_format": answer_format, "decoding": "greedy"}}
   for run in runs:
     results[run.task.name] = _score(run, data, out)
   write_json_atomic(results, results_path)

@@ -46,6 +46,7 @@ class Task:
   folder: str  # under --data
   label: str  # its column in the printed table (the LLaVA-1.5 results table's name)
   export: str  # lmms-lab's dataset of it (lmms-lab/POPE: "POPE"), its folder name under --data
+  suffix: str | None = None  # LLaVA-1.5's answer-format instruction after each question (None: asked as is)
   max_new_tokens = 128  # LLaVA's model_vqa_loader.py default
   reference = ""  # the official scorer this task's `score` follows
 

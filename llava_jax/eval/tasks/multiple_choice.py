@@ -43,6 +43,7 @@ class ScienceQaImg(Task):
   image, question, choices, answer: index, hint; no id: questions are numbered by row), asked as LLaVA's
   scripts/convert_sqa_to_llava.py wrote them ("Context: HINT or N/A\nQuestion: ...\nOptions: (A) ... (B) ...")."""
   name, folder, label, export = "scienceqa_img", "scienceqa", "SQA-IMG", "ScienceQA"
+  suffix = MULTIPLE_CHOICE
   reference = "LLaVA llava/eval/eval_science_qa.py"
 
   def read_export(self, folder):
@@ -57,7 +58,7 @@ class ScienceQaImg(Task):
       text = f"Context: {(r.get('hint') or '').strip() or 'N/A'}\nQuestion: {export.column(r, 'question', i)}\n" \
              f"Options: {options}"
       truth = (choice.LETTERS[export.column(r, "answer", i)], len(choices))
-      out.append(Question(str(i), with_suffix(text, MULTIPLE_CHOICE), image, {"truth": truth}))
+      out.append(Question(str(i), with_suffix(text, self.suffix), image, {"truth": truth}))
     return out
 
   def read_llava(self, root):
@@ -70,7 +71,7 @@ class ScienceQaImg(Task):
         continue
       turns = field(row, "conversations", f"{path}: item {n}")
       text = str(field(turns[0], "value", f"{path}: item {n}")).replace("<image>", "").strip()
-      out.append(Question(str(field(row, "id", f"{path}: item {n}")), with_suffix(text, MULTIPLE_CHOICE),
+      out.append(Question(str(field(row, "id", f"{path}: item {n}")), with_suffix(text, self.suffix),
                           self.path(root, "images", "test", row["image"])))
     return out
 
@@ -100,6 +101,7 @@ class MmBench(Task):
   too; `single_round` is the accuracy of the unrotated questions alone. lmms-lab/MMBench, config en (split dev):
   the TSV's columns, the image as an image column."""
   name, folder, label, export = "mmbench", "mmbench", "MMB", "MMBench"
+  suffix = MULTIPLE_CHOICE
   reference = "LLaVA llava/eval/model_vqa_mmbench.py --all-rounds; MMBench CircularEval"
   tsv = "mmbench_dev_20230712.tsv"
   # LLaVA's scripts/convert_mmbench_for_submission.py: the TSV's columns less hint, category, source, image,
@@ -147,7 +149,7 @@ class MmBench(Task):
         meta = {"index": index, "round": r, "category": row.get("category", ""), "num_options": len(options)}
         if r == 0:  # the submission file repeats the question's columns
           meta["columns"] = {k: "" if v is None else str(v) for k, v in row.items() if k in self.SUBMISSION_COLUMNS}
-        out.append(Question(f"{index}/{r}", with_suffix(text, MULTIPLE_CHOICE), image,
+        out.append(Question(f"{index}/{r}", with_suffix(text, self.suffix), image,
                             {**meta, "answer": right} if answer else meta))
     return out
 
@@ -198,6 +200,7 @@ class SeedImage(Task):
   by option_letter rather than compared verbatim), per category too. lmms-lab/SEED-Bench (split test:
   question_id, question, choice_a..choice_d, answer, data_type, question_type_id, image: a list of frames)."""
   name, folder, label, export = "seed_image", "seed_bench", "SEED-I", "SEED-Bench"
+  suffix = MULTIPLE_CHOICE
   reference = "LLaVA scripts/convert_seed_for_submission.py"
   # SEED-Bench.json's "question_type": the names LLaVA's question file gives as category.
   CATEGORIES = ("Scene Understanding", "Instance Identity", "Instance Attributes", "Instance Location",
@@ -214,12 +217,12 @@ class SeedImage(Task):
       text = export.column(r, "question", i) + "".join(
           f"\n{letter}. {export.column(r, f'choice_{letter.lower()}', i)}" for letter in "ABCD")
       type_id = int(export.column(r, "question_type_id", i))
-      out.append(Question(qid, with_suffix(text, MULTIPLE_CHOICE), export.image(i, f"{qid}.png"),
+      out.append(Question(qid, with_suffix(text, self.suffix), export.image(i, f"{qid}.png"),
                           {"category": self.CATEGORIES[type_id - 1], "truth": export.column(r, "answer", i)}))
     return out
 
   def read_llava(self, root):
-    questions = llava_questions(self.path(root, "llava-seed-bench.jsonl"), self.path(root), MULTIPLE_CHOICE,
+    questions = llava_questions(self.path(root, "llava-seed-bench.jsonl"), self.path(root), self.suffix,
                                 ("category",))
     return [q for q in questions if "SEED-Bench-video-image" not in (q.image or "")]
 

@@ -20,11 +20,12 @@ class Gqa(Task):
   lmms-lab/GQA: config testdev_balanced_instructions (split testdev: id, imageId, question, answer) and
   config testdev_balanced_images (id, image)."""
   name, folder, label, export = "gqa", "gqa", "GQA", "GQA"
+  suffix = SHORT_ANSWER
   reference = "LLaVA scripts/convert_gqa_for_eval.py + GQA eval.py"
 
   def read_llava(self, root):
     return llava_questions(self.path(root, "llava_gqa_testdev_balanced.jsonl"), self.path(root, "data", "images"),
-                           SHORT_ANSWER)
+                           self.suffix)
 
   def read_export(self, folder):
     export = Export(folder, ("testdev_balanced_instructions",), ("testdev",))
@@ -36,7 +37,7 @@ class Gqa(Task):
       image = images.image(row_of_image[image_id], f"{image_id}.jpg") if image_id in row_of_image else None
       if image is None:
         raise LlavaJaxError(f"{folder}: no image {image_id!r} in testdev_balanced_images")
-      out.append(Question(str(export.column(r, "id", i)), with_suffix(export.column(r, "question", i), SHORT_ANSWER),
+      out.append(Question(str(export.column(r, "id", i)), with_suffix(export.column(r, "question", i), self.suffix),
                           image, {"truth": export.column(r, "answer", i)}))
     return out
 

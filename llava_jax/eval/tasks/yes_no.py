@@ -21,11 +21,12 @@ class Pope(Task):
   Scorer: LLaVA's llava/eval/eval_pope.py per split (the answer rule of llava_jax.eval.pope).
   lmms-lab/POPE (split test): question_id, question, answer, image_source, image, category."""
   name, folder, label, export = "pope", "pope", "POPE", "POPE"
+  suffix = SHORT_ANSWER
   reference = "LLaVA llava/eval/eval_pope.py"
   SPLITS = ("random", "popular", "adversarial")
 
   def read_llava(self, root):
-    return llava_questions(self.path(root, "llava_pope_test.jsonl"), self.path(root, "val2014"), SHORT_ANSWER,
+    return llava_questions(self.path(root, "llava_pope_test.jsonl"), self.path(root, "val2014"), self.suffix,
                            ("category",))
 
   def read_export(self, folder):
@@ -33,7 +34,7 @@ class Pope(Task):
     out = []
     for i, r in enumerate(export.records):
       qid = str(export.column(r, "question_id", i))
-      out.append(Question(qid, with_suffix(export.column(r, "question", i), SHORT_ANSWER),
+      out.append(Question(qid, with_suffix(export.column(r, "question", i), self.suffix),
                           export.image(i, f"{r.get('image_source') or qid}.jpg"),
                           {"category": export.column(r, "category", i), "truth": export.column(r, "answer", i)}))
     return out
@@ -92,13 +93,14 @@ class Mme(Task):
   suffix. Scorer: MME's eval_tool/calculation.py (llava_jax.eval.mme), after LLaVA's convert_answer_to_mme.py.
   lmms-lab/MME (split test): question_id ("CATEGORY/FILE"), image, question, answer, category."""
   name, folder, label, export = "mme", "MME", "MME", "MME"
+  suffix = SHORT_ANSWER
   reference = "MME eval_tool/calculation.py via LLaVA scripts/convert_answer_to_mme.py"
   RELEASE = "MME_Benchmark_release_version"
 
   def read_llava(self, root):
     release = self.path(root, self.RELEASE)
     out = []
-    for q in llava_questions(self.path(root, "llava_mme.jsonl"), release, SHORT_ANSWER, ("category",)):
+    for q in llava_questions(self.path(root, "llava_mme.jsonl"), release, self.suffix, ("category",)):
       category = q.meta.get("category") or q.qid.split("/")[0]
       image = q.image
       if image and not os.path.exists(image):  # categories that keep their images under images/
@@ -111,7 +113,7 @@ class Mme(Task):
     out = []
     for i, r in enumerate(export.records):
       qid = str(export.column(r, "question_id", i))
-      out.append(Question(qid, with_suffix(export.column(r, "question", i), SHORT_ANSWER),
+      out.append(Question(qid, with_suffix(export.column(r, "question", i), self.suffix),
                           export.image(i, os.path.basename(qid)),
                           {"category": export.column(r, "category", i), "truth": export.column(r, "answer", i)}))
     return _numbered(out)
