@@ -192,7 +192,8 @@ def build_exports(root):
       {"question_id": str(i), "question": q, "answer": a, "image_source": f"COCO_{i}", "image": image, "category": c}
       for i, (q, a, c) in enumerate([
           ("Is there a dog in the image?", "yes", "random"), ("Is there a cat in the image?", "no", "random"),
-          ("Is there a car in the image?", "no", "adversarial"), ("Is there a bus in the image?", "yes", "adversarial")])])
+          ("Is there a car in the image?", "no", "adversarial"),
+          ("Is there a bus in the image?", "yes", "adversarial")])])
   write_export(root / "MME", "test", [
       {"question_id": qid, "question": f"{q} Please answer yes or no.", "answer": a, "category": qid.split("/")[0],
        "image": image} for qid, q, a in [

@@ -119,9 +119,10 @@ def lmms_run(lmms_python, setup):
                          "--include_path", str(root / "tasks"), "--output_path", str(root / "out"), "--log_samples"],
                         capture_output=True, text=True, env=env, timeout=900)
   assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-  results = json.loads(open(glob.glob(str(root / "out" / "*" / "*_results.json"))[0]).read())["results"]
-  samples = {task: sorted((json.loads(line) for line in open(glob.glob(str(root / "out" / "*" / f"*_{task}.jsonl"))[0])),
-                          key=lambda s: s["doc_id"]) for task in ("tiny_pope", "tiny_pope_choice")}
+  written = lambda pattern: glob.glob(str(root / "out" / "*" / pattern))[0]
+  results = json.loads(open(written("*_results.json")).read())["results"]
+  samples = {task: sorted((json.loads(line) for line in open(written(f"*_{task}.jsonl"))), key=lambda s: s["doc_id"])
+             for task in ("tiny_pope", "tiny_pope_choice")}
   return results, samples
 
 

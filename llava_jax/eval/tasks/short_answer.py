@@ -183,7 +183,8 @@ class VizWiz(VqaAccuracyTask):
     return {q.qid: by_image[os.path.basename(q.image)] for q in questions if os.path.basename(q.image) in by_image}
 
   def write_submission(self, questions, answers, out_dir):
-    rows = [{"image": os.path.basename(q.image_file()), "answer": vqa.normalize(answers.get(q.qid, ""))} for q in questions]
+    rows = [{"image": os.path.basename(q.image_file()), "answer": vqa.normalize(answers.get(q.qid, ""))}
+            for q in questions]
     path = os.path.join(out_dir, "submission.json")
     write_json_atomic(rows, path)
     return path
