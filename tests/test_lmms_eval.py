@@ -1,7 +1,8 @@
 """lmms-eval 0.7.3 (the [eval] extra, in its own venv: launch/lmms_eval_venv.sh) evaluates the tiny model through
 the `llava_jax` model class on a local task folder (a task yaml over a parquet file): generate_until gives the
 answers and POPE scores `llava-jax eval` gives on the same parquet (read as an lmms-lab export), loglikelihood the
-losses transformers gives for the same prompts and continuations.
+losses transformers gives for the same prompts and continuations; and through `llava-jax serve` with lmms-eval's
+OpenAI-compatible model, the same answers.
 
 The venv is LLAVA_JAX_LMMS_PYTHON's, else .venv-lmms-eval/ at the repository root, built on first use (minutes).
 """
@@ -10,8 +11,11 @@ import glob
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -110,20 +114,25 @@ def setup(tmp_path_factory):
   return root, model, rows
 
 
+def _lmms_eval(python, root, out, tasks, *model):
+  """Runs lmms-eval (--model ...) on the local tasks; (results, {task: samples by doc_id})."""
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(root / "hf_cache"), XLA_FLAGS="")
+  done = subprocess.run([python, "-m", "lmms_eval", *model, "--tasks", ",".join(tasks), "--include_path",
+                         str(root / "tasks"), "--output_path", str(out), "--log_samples"],
+                        capture_output=True, text=True, env=env, timeout=900)
+  assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+  written = lambda pattern: glob.glob(str(out / "*" / pattern))[0]
+  results = json.loads(open(written("*_results.json")).read())["results"]
+  samples = {task: sorted((json.loads(line) for line in open(written(f"*_{task}.jsonl"))), key=lambda s: s["doc_id"])
+             for task in tasks}
+  return results, samples
+
+
 @pytest.fixture(scope="module")
 def lmms_run(lmms_python, setup):
   root, model, _ = setup
-  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(root / "hf_cache"), XLA_FLAGS="")
-  done = subprocess.run([lmms_python, "-m", "lmms_eval", "--model", "llava_jax", "--model_args",
-                         f"pretrained={model}", "--batch_size", str(BATCH), "--tasks", "tiny_pope,tiny_pope_choice",
-                         "--include_path", str(root / "tasks"), "--output_path", str(root / "out"), "--log_samples"],
-                        capture_output=True, text=True, env=env, timeout=900)
-  assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-  written = lambda pattern: glob.glob(str(root / "out" / "*" / pattern))[0]
-  results = json.loads(open(written("*_results.json")).read())["results"]
-  samples = {task: sorted((json.loads(line) for line in open(written(f"*_{task}.jsonl"))), key=lambda s: s["doc_id"])
-             for task in ("tiny_pope", "tiny_pope_choice")}
-  return results, samples
+  return _lmms_eval(lmms_python, root, root / "out", ("tiny_pope", "tiny_pope_choice"), "--model", "llava_jax",
+                    "--model_args", f"pretrained={model}", "--batch_size", str(BATCH))
 
 
 def test_generate_until_answers_and_scores_as_llava_jax_eval(setup, lmms_run, tmp_path):
@@ -173,3 +182,28 @@ def test_loglikelihood_equals_transformers(setup, lmms_run):
   picked = [min(("yes", "no"), key=lambda c: reference[i, c][0]) for i in range(len(rows))]
   assert results["tiny_pope_choice"]["acc,none"] == pytest.approx(np.mean([p == r["answer"]
                                                                             for p, r in zip(picked, rows)]))
+
+
+def test_through_llava_jax_serve_with_lmms_evals_openai_model(lmms_python, setup, lmms_run, tmp_path):
+  root, model, _ = setup
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = subprocess.Popen([sys.executable, "-m", "llava_jax", "serve", "--model", str(model), "--port", str(port),
+                             "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, XLA_FLAGS=""))
+  try:
+    deadline = time.monotonic() + 120
+    while True:
+      try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+        break
+      except OSError:
+        assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.5)
+    _, samples = _lmms_eval(lmms_python, root, tmp_path / "out", ("tiny_pope",), "--model", "openai", "--model_args",
+                            f"model=tiny,base_url=http://127.0.0.1:{port}/v1,api_key=none")
+  finally:
+    server.terminate()
+    server.wait(timeout=30)
+  assert [s["filtered_resps"] for s in samples["tiny_pope"]] == [s["filtered_resps"] for s in lmms_run[1]["tiny_pope"]]
