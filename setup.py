@@ -10,5 +10,8 @@ setup(
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
     python_requires=">=3.10",
     install_requires=requirements,
-    entry_points={"console_scripts": ["llava-jax = llava_jax.cli:main"]},
+    # lmms-eval's `llava_jax` model (llava_jax/eval/lmms.py). See README "lmms-eval": it needs its own venv.
+    extras_require={"eval": ["lmms-eval==0.7.3"]},
+    entry_points={"console_scripts": ["llava-jax = llava_jax.cli:main"],
+                  "lmms_eval.models": ["llava_jax = llava_jax.eval.lmms:manifest"]},
 )

@@ -42,12 +42,13 @@ def _convert(args) -> None:
   print(out)
 
 
-def _mesh(text: str | None):
-  """The device mesh a --mesh flag asks for (None: one device); bad specs fail before any loading."""
+def _mesh(text: str | None, devices=None):
+  """The device mesh a --mesh flag asks for (None: one device), over `devices` (default: all); bad specs fail
+  before any loading."""
   if text is None:
     return None
   from llava_jax import sharding
-  return sharding.mesh_from_flag(text)
+  return sharding.mesh_from_flag(text, devices)
 
 
 def _generate(args) -> None:
@@ -76,12 +77,16 @@ def _serve(args) -> None:
 
 
 def _eval(args) -> None:
+  import jax
   from llava_jax.eval import runner
-  mesh = _mesh(args.mesh)
   from llava_jax.eval.judge import JudgeClient
+  from llava_jax.train import hosts
   judge = JudgeClient.from_flags(args.judge_url, args.judge_model, args.judge_key_env)
+  hosts.initialize_distributed()  # a multi-process job: each process answers its share on its own devices
+  mesh = _mesh(args.mesh, jax.local_devices())
   runner.eval_command(model=args.model, task_names=args.task, data=args.data, out=args.out, batch_size=args.batch_size,
-                      limit=args.limit, max_new_tokens=args.max_new_tokens, mesh=mesh, judge=judge)
+                      limit=args.limit, max_new_tokens=args.max_new_tokens, mesh=mesh, judge=judge,
+                      answer_format=not args.no_answer_format)
 
 
 def _demo(args) -> None:
@@ -177,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_parser("plan", help="per-device memory and FLOPs of a config's train step on a mesh, compiled on fake CPU "
                              "devices: --config FILE.py:ARGS --mesh fsdp=N[,...] [--device-memory 80GB] --out FILE")
 
-  p = sub.add_parser("eval", help="answer and score benchmarks (LLaVA-1.5 protocol, LLaVA's evaluation layout)")
+  p = sub.add_parser("eval", help="answer and score benchmarks (LLaVA-1.5 protocol; LLaVA's evaluation layout or "
+                                  "lmms-lab exports)")
   p.add_argument("--model", required=True, help="HF folder, llava-jax checkpoint, or training workdir")
   p.add_argument("--task", required=True, help="comma-separated: pope, mme, scienceqa_img, gqa, textvqa, vqav2, "
                                               "vizwiz, mmbench, seed_image, llava_bench, mm_vet")
-  p.add_argument("--data", required=True, help="LLaVA's playground/data/eval folder (one subfolder per benchmark)")
+  p.add_argument("--data", required=True, help="LLaVA's playground/data/eval folder or lmms-lab's exports (one "
+                                              "subfolder per benchmark)")
   p.add_argument("--out", required=True, help="results folder: results.json, TASK/answers.jsonl (a rerun resumes)")
   p.add_argument("--batch-size", type=int, default=8, help="questions per compiled batch (default 8)")
   p.add_argument("--limit", type=int, help="only the first N questions of each task")
@@ -192,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--judge-model", metavar="NAME", help="the judge's model (the papers used GPT-4)")
   p.add_argument("--judge-key-env", metavar="VAR",
                  help="environment variable holding the judge's API key (default: OPENAI_API_KEY, if set)")
+  p.add_argument("--no-answer-format", action="store_true",
+                 help="ask without LLaVA-1.5's answer-format instruction (models not trained with it: the demo's)")
   add_mesh(p)
   p.set_defaults(func=_eval)
 

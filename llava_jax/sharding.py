@@ -88,9 +88,10 @@ def parse_mesh(text: str) -> dict[str, int]:
   return spec
 
 
-def mesh_from_flag(text: str) -> Mesh:
-  """The mesh a `--mesh` flag asks for, over all devices (one-line LlavaJaxError if it cannot be built)."""
-  return make_mesh(parse_mesh(text), label=f"--mesh {text!r}: mesh")
+def mesh_from_flag(text: str, devices=None) -> Mesh:
+  """The mesh a `--mesh` flag asks for, over `devices` (default: all; one-line LlavaJaxError if it cannot be
+  built)."""
+  return make_mesh(parse_mesh(text), devices, label=f"--mesh {text!r}: mesh")
 
 
 @contextlib.contextmanager

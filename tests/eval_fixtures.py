@@ -204,3 +204,75 @@ class ScriptedSession:
     assert params.temperature == 0  # greedy
     self.batches.append(len(prompts))
     return [types.SimpleNamespace(tokens=p.input_ids) for p in prompts]
+
+
+def write_export(folder, split, rows, image_column="image", saved=False):
+  """One split of an lmms-lab export: rows with their images embedded ({"bytes"} cells of an Image column, or a
+  list of them), written as the hub's parquet shard (or with save_to_disk)."""
+  import datasets
+  features = datasets.Dataset.from_list([{k: v for k, v in rows[0].items() if k != image_column}]).features
+  if image_column in rows[0]:
+    many = isinstance(rows[0][image_column], list)
+    features[image_column] = datasets.List(datasets.Image()) if many else datasets.Image()
+    cell = lambda b: None if b is None else {"bytes": b, "path": None}
+    rows = [dict(r, **{image_column: [cell(b) for b in r[image_column]] if many else cell(r[image_column])})
+            for r in rows]
+  dataset = datasets.Dataset.from_list(rows, features=features)
+  if saved:
+    datasets.DatasetDict({split: dataset}).save_to_disk(str(folder))
+  else:
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+
+
+def build_exports(root):
+  """The questions of `build` as lmms-lab's exports (their folder names, configs, splits and columns)."""
+  image = png()
+  write_export(root / "POPE" / "data", "test", [
+      {"question_id": str(i), "question": q, "answer": a, "image_source": f"COCO_{i}", "image": image, "category": c}
+      for i, (q, a, c) in enumerate([
+          ("Is there a dog in the image?", "yes", "random"), ("Is there a cat in the image?", "no", "random"),
+          ("Is there a car in the image?", "no", "adversarial"),
+          ("Is there a bus in the image?", "yes", "adversarial")])])
+  write_export(root / "MME", "test", [
+      {"question_id": qid, "question": f"{q} Please answer yes or no.", "answer": a, "category": qid.split("/")[0],
+       "image": image} for qid, q, a in [
+          ("existence/a.png", "Is there a tree in this image?", "Yes"),
+          ("existence/a.png", "Is there a boat in this image?", "No"),
+          ("code_reasoning/b.png", "Does this code print 3?", "Yes"),
+          ("code_reasoning/b.png", "Does this code print 4?", "No")]], saved=True)
+  write_export(root / "GQA" / "testdev_balanced_instructions", "testdev", [
+      {"id": q, "imageId": "bad" if q == "g4" else "g", "question": t, "answer": a, "fullAnswer": a} for q, t, a in [
+          ("g1", "Is it sunny?", "yes"), ("g2", "Which side is the cup on?", "right"),
+          ("g3", "What is under the cup?", "table"), ("g4", "What color is it?", "red")]])
+  write_export(root / "GQA" / "testdev_balanced_images", "testdev", [{"id": "g", "image": image},
+                                                               {"id": "bad", "image": b"not a png"}])
+  write_export(root / "textvqa" / "data", "validation", [
+      {"question_id": 11, "question": "what does the sign say?", "ocr_tokens": ["STOP"], "image_id": "t",
+       "answers": ["stop", "STOP"] + ["go"] * 8, "image": image},
+      {"question_id": 12, "question": "what brand is it?", "ocr_tokens": ["Coca", "Cola"], "image_id": "t",
+       "answers": ["coca cola"] * 10, "image": image}])
+  write_export(root / "VQAv2" / "data", "testdev", [{"question_id": 7, "question": "How many cats?", "answers": None,
+                                                "image_id": 1, "image": image}])
+  write_export(root / "VizWiz-VQA" / "data", "val", [{"question_id": "VizWiz_val_1", "question": "What is this?",
+                                                  "answers": ["unanswerable"] * 10, "category": "other",
+                                                  "image": image}])
+  write_export(root / "ScienceQA" / "ScienceQA-IMG", "test", [
+      {"question": "Which is a mammal?", "choices": ["frog", "cow"], "answer": 1, "hint": "none", "image": image},
+      {"question": "Which is hot?", "choices": ["fire", "ice"], "answer": 0, "hint": "none", "image": image}])
+  write_export(root / "MMBench" / "en", "dev", [
+      {"index": 1, "question": "Which animal barks?", "hint": None, "A": "cat", "B": "dog", "C": "cow", "D": None,
+       "answer": "B", "category": "animals", "image": image},
+      {"index": 2, "question": "Pick the first.", "hint": None, "A": "one", "B": "two", "C": None, "D": None,
+       "answer": "A", "category": "counting", "image": image}])
+  write_export(root / "SEED-Bench" / "data", "test", [
+      {"question_id": qid, "question": q, "choice_a": a, "choice_b": b, "choice_c": c, "choice_d": d, "answer": ans,
+       "data_type": kind, "question_type_id": t, "image": [image]} for qid, q, (a, b, c, d), ans, kind, t in [
+          ("101", "Which object is round?", ("ball", "box", "book", "pen"), "A", "image", 3),
+          ("102", "What is the weather?", ("rain", "snow", "sun", "fog"), "C", "image", 1),
+          ("103", "What happens?", ("a", "b", "c", "d"), "B", "video", 10)]])
+  write_export(root / "llava-bench-in-the-wild" / "data", "train", [
+      {"question_id": 0, "question": "Describe the image.", "category": "detail", "image": image}])
+  write_export(root / "MMVet" / "data", "test", [{"question_id": "v1_0", "question": "What is written here?",
+                                             "image": image}])
+  return root

@@ -92,6 +92,21 @@ def test_demo_quick_end_to_end(quick_demo):
   assert r["accuracy"]["color"] >= r["blind_accuracy"]["color"] + 0.2, (r["accuracy"], r["blind_accuracy"])
 
 
+def test_demo_pope_through_llava_jax_eval_equals_its_own(quick_demo, tmp_path):
+  """The demo's POPE folder: its own answers scored by eval's POPE task (results["eval"]), and `llava-jax eval`
+  asking the export anew (as the demo asks: no answer-format suffix, 20 new tokens), equal the demo's POPE."""
+  workdir, r = quick_demo
+  assert {split: r["eval"]["pope"][split] for split in POPE_SPLITS} == r["pope"]
+  assert r["eval"]["gqa"]["answered"] == r["counts"]["qa"] and 0 <= r["eval"]["gqa"]["accuracy"] <= 1
+  out = tmp_path / "out"
+  proc = _cli("eval", "--model", str(workdir / "export"), "--task", "pope", "--data", str(workdir / "eval" / "data"),
+              "--out", str(out), "--batch-size", "64", "--max-new-tokens", "20", "--no-answer-format")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  fresh = json.loads((out / "results.json").read_text())["pope"]
+  assert fresh["answered"] == sum(r["counts"][f"pope_{split}"] for split in POPE_SPLITS)
+  assert {split: fresh[split] for split in POPE_SPLITS} == r["pope"]
+
+
 def test_generate_and_chat_on_the_export(quick_demo):
   workdir, r = quick_demo
   export, image = str(workdir / "export"), r["examples"][0]["image"]

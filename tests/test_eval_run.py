@@ -15,7 +15,7 @@ import eval_fixtures
 from eval_fixtures import ScriptedSession
 from hf_fixtures import save_tiny_hf_folder
 from llava_jax import cli
-from llava_jax.eval import runner
+from llava_jax.eval import processes, runner
 from llava_jax.eval.tasks import TASKS, Question
 
 ALL = ",".join(TASKS)
@@ -83,6 +83,33 @@ def test_every_task_scored_by_hand(data, model, scripted, tmp_path, capsys):
   assert table[2] == "| - | 33.3 | 100.0 | 50.0 | 80.0 | 33.3 | 200.0 | 50.0 | 50.0 | - | - |"
 
 
+def _without_submissions(results: dict) -> dict:
+  """The results but the submission files' paths (under each run's own --out)."""
+  return {t: {k: v for k, v in r.items() if k != "submission"} for t, r in results.items() if t != "run"}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+  return eval_fixtures.build_exports(tmp_path_factory.mktemp("exports"))
+
+
+def test_lmms_lab_exports_score_as_the_llava_layout(data, exports, model, scripted, tmp_path):
+  """The same questions as lmms-lab's parquet / save_to_disk exports: the same prompts, the same metrics."""
+  from_llava = runner.eval_command(str(model), ALL, str(data), str(tmp_path / "llava"), batch_size=3)
+  llava_prompts = sorted(scripted.texts)
+  scripted.texts.clear()
+  from_exports = runner.eval_command(str(model), ALL, str(exports), str(tmp_path / "exports"), batch_size=3)
+  assert sorted(scripted.texts) == llava_prompts
+  assert _without_submissions(from_exports) == _without_submissions(from_llava)
+  for sub in ("vqav2/submission.json", "mm_vet/submission.json"):
+    assert (tmp_path / "exports" / sub).read_text() == (tmp_path / "llava" / sub).read_text()
+  assert json.loads((tmp_path / "exports" / "vizwiz" / "submission.json").read_text()) == [
+      {"image": "VizWiz_val_1.jpg", "answer": "unanswerable"}]  # lmms-lab's question_id is the image less .jpg
+  sheets = [list(openpyxl.load_workbook(tmp_path / out / "mmbench" / "submission.xlsx").active.values)
+            for out in ("llava", "exports")]
+  assert sheets[0] == sheets[1]
+
+
 def test_rerun_asks_nothing_and_extends_results(data, model, scripted, tmp_path):
   out = tmp_path / "out"
   first = runner.eval_command(str(model), "gqa", str(data), str(out), batch_size=2, limit=2)
@@ -92,6 +119,15 @@ def test_rerun_asks_nothing_and_extends_results(data, model, scripted, tmp_path)
   assert again["gqa"] == first["gqa"] and again["pope"]["answered"] == 2
   lines = (out / "gqa" / "answers.jsonl").read_text().splitlines()
   assert [json.loads(l)["question_id"] for l in lines] == ["g1", "g2"]
+
+
+def test_without_answer_format_the_questions_are_asked_as_written(data, model, scripted, tmp_path):
+  results = runner.eval_command(str(model), "gqa,mme", str(data), str(tmp_path / "out"), limit=2, answer_format=False)
+  # LLaVA's MME file carries the suffix on one question: it goes too; MME's own "Please answer yes or no." stays.
+  assert sorted(scripted.texts) == ["Is it sunny?", "Is there a boat in this image? Please answer yes or no.",
+                                    "Is there a tree in this image? Please answer yes or no.",
+                                    "Which side is the cup on?"]
+  assert results["run"]["settings"]["answer_format"] is False
 
 
 def _cli_error(capsys, *args) -> str:
@@ -119,6 +155,12 @@ def test_bad_input_exits_2_naming_it(data, model, tmp_path, capsys):
   (bad / "pope" / "llava_pope_test.jsonl").write_text('{"question_id": 1, "image": "a.png"}\n')
   assert "llava_pope_test.jsonl:1: missing key 'text'" in _cli_error(
       capsys, *common, "--data", str(bad), "--task", "pope")
+  export = tmp_path / "export"
+  eval_fixtures.write_export(export, "test", [{"question_id": "1", "question": "Is it?", "answer": "yes"}])
+  assert f"{export}: row 0 has no column 'category'" in _cli_error(capsys, *common, "--data", str(export), "--task",
+                                                                   "pope")
+  assert f"{export} is one lmms-lab export: --task names one task" in _cli_error(
+      capsys, *common, "--data", str(export), "--task", "pope,mme")
 
 
 def test_answers_of_another_model_or_task_are_refused(data, model, tmp_path, capsys):
@@ -232,3 +274,40 @@ def test_answers_file_drops_a_torn_last_line_and_refuses_a_bad_one(tmp_path):
     f.write("garbage\n")
   with pytest.raises(LlavaJaxError, match="answers.jsonl:4: not an answers line"):
     answers.load()
+
+
+def test_questions_split_over_processes_then_resumed_by_one(data, model, scripted, tmp_path):
+  """Process 1 of 2 answers its share and leaves results.json to process 0; process 0 (run after it here, so it
+  sees those answers and splits what is left) answers its share of the rest and scores everything written; a
+  one-process rerun asks the remaining questions: every question asked once, the results of one process."""
+  tasks = "pope,mme,mmbench,textvqa"
+  alone = runner.eval_command(str(model), tasks, str(data), str(tmp_path / "alone"), batch_size=2)
+  asked_alone = sorted(scripted.texts)
+  scripted.texts.clear()
+  out = tmp_path / "split"
+  assert runner.eval_command(str(model), tasks, str(data), str(out), batch_size=2, share=processes.Share(1, 2)) is None
+  assert not (out / "results.json").exists()
+  ids = lambda f: [json.loads(l)["question_id"] for l in (out / "pope" / f).read_text().splitlines()]
+  assert ids("answers.1.jsonl") == ["1", "3"]  # every 2nd question from the 2nd
+  partial = runner.eval_command(str(model), tasks, str(data), str(out), batch_size=2, share=processes.Share(0, 2))
+  assert ids("answers.0.jsonl") == ["0"]  # of the rest, 0 and 2: the 1st
+  assert partial["pope"]["answered"] == 3 and partial == json.loads((out / "results.json").read_text())
+  final = runner.eval_command(str(model), tasks, str(data), str(out), batch_size=2)
+  assert ids("answers.jsonl") == ["2"]
+  assert sorted(scripted.texts) == asked_alone  # each question once
+  assert final == json.loads((out / "results.json").read_text())
+  assert _without_submissions(final) == _without_submissions(alone)
+
+
+def test_two_processes_split_the_questions_and_write_one_results(model, pope16, uninterrupted, tmp_path):
+  out, logs = tmp_path / "out", tmp_path / "logs"
+  command = [os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch", "local_multiprocess.sh"), "2",
+             "--devices", "1", sys.executable, "-m", "llava_jax", "eval", "--model", str(model), "--task", "pope",
+             "--data", str(pope16), "--out", str(out), "--batch-size", str(BATCH), "--max-new-tokens", str(MAX_NEW)]
+  done = subprocess.run(command, env=dict(os.environ, QUIET="1", LOG_DIR=str(logs)), capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, "\n".join(p.read_text()[-2000:] for p in sorted(logs.iterdir()))
+  ids = lambda f: sorted(int(json.loads(l)["question_id"]) for l in (out / "pope" / f).read_text().splitlines())
+  assert ids("answers.0.jsonl") == list(range(0, 16, 2)) and ids("answers.1.jsonl") == list(range(1, 16, 2))
+  assert (out / "results.json").read_text() == (uninterrupted / "results.json").read_text()
+  assert "| POPE |" in (logs / "process_0.log").read_text() and "| POPE |" not in (logs / "process_1.log").read_text()

@@ -31,7 +31,9 @@ def blank_image(size: int) -> Image.Image:
 class Asker:
   """Batched greedy answers to (question, image path) pairs; images preprocessed once."""
 
-  def __init__(self, session, image_folder: str, max_new_tokens: int = 20):  # "A red star? The stars are blue and red. No."
+  MAX_NEW_TOKENS = 20  # "A red star? The stars are blue and red. No."
+
+  def __init__(self, session, image_folder: str, max_new_tokens: int = MAX_NEW_TOKENS):
     self.session, self.folder, self.max_new_tokens = session, image_folder, max_new_tokens
     self._pixels: dict[str | None, np.ndarray] = {}
 
@@ -118,14 +120,25 @@ def evaluate(session, image_folder: str, sets: dict[str, list[dict]], *, num_exa
   """Per-type accuracy, POPE per split, the same with blank images, and a few examples, on the
   question sets of `questions`. `progress` is called with the number of prompts just answered
   (see distinct_prompts)."""
+  return summarize(sets, ask(session, image_folder, sets, progress=progress, seed=seed), image_folder, num_examples)
+
+
+def ask(session, image_folder: str, sets: dict[str, list[dict]], *, progress: Callable[[int], None] | None = None,
+        seed: int = 0) -> dict[bool, dict[str, list[str]]]:
+  """{blind: {set name: the replies to its questions}}, each distinct prompt asked once."""
   asker = Asker(session, image_folder)
   # Asked in random order, so every batch has about the same longest prompt and the engine
   # compiles a single shape.
   prompts = distinct_prompts(sets)
   order = np.random.default_rng(seed).permutation(len(prompts))
   replies = dict(zip((prompts[k] for k in order), asker.ask([prompts[k] for k in order], progress)))
-  answers = {blind: {name: [replies[_prompt(q, blind)] for q in qs] for name, qs in sets.items()}
-             for blind in (False, True)}
+  return {blind: {name: [replies[_prompt(q, blind)] for q in qs] for name, qs in sets.items()}
+          for blind in (False, True)}
+
+
+def summarize(sets: dict[str, list[dict]], answers: dict[bool, dict[str, list[str]]], image_folder: str,
+              num_examples: int = 4) -> dict:
+  """The results of `evaluate` from the replies of `ask`."""
   seen, blind = score(sets, answers[False]), score(sets, answers[True])
   result = {"accuracy": seen["accuracy"], "blind_accuracy": blind["accuracy"],
             "pope": seen["pope"], "blind_pope": blind["pope"],

@@ -205,13 +205,20 @@ def export(workdir: str, train_workdir: str) -> str:
 
 
 def evaluate(export_dir: str, data: dict, s) -> dict:
+  """The demo's evaluation of the export, and its POPE and short-answer questions scored by `llava-jax eval`
+  (results["eval"]; folders and answers under the export's sibling eval/)."""
+  from llava_jax.demo import eval_folders  # pylint: disable=import-outside-toplevel
   from llava_jax.demo import evaluate as evaluation  # pylint: disable=import-outside-toplevel
   from llava_jax.infer.run import load_session  # pylint: disable=import-outside-toplevel
   session = load_session(export_dir)
   sets = evaluation.questions(data["test"], s.seed)
   with tqdm(total=len(evaluation.distinct_prompts(sets)), desc="eval: held-out questions (with image and blind)",
             unit="q", dynamic_ncols=True) as bar:
-    results = evaluation.evaluate(session, data["folder"], sets, progress=bar.update, seed=s.seed)
+    answers = evaluation.ask(session, data["folder"], sets, progress=bar.update, seed=s.seed)
+  results = evaluation.summarize(sets, answers, data["folder"])
+  results["eval"] = eval_folders.score(export_dir, sets, answers[False], data["folder"],
+                                       os.path.join(os.path.dirname(os.path.abspath(export_dir)), "eval"),
+                                       evaluation.Asker.MAX_NEW_TOKENS)
   results["description"] = evaluation.describe(session, data["folder"], data["test"][0], s.seed)
   return results
 

@@ -72,6 +72,11 @@ def table(r: dict) -> str:
     m, b = r["pope"][split], r["blind_pope"][split]
     lines.append(f"{split:<13}" + "".join(f"{m[k]:8.3f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))
                  + f"{b['f1']:10.3f}")
+  if "eval" in r:  # the same answers, scored by llava-jax eval's POPE and GQA scorers
+    from llava_jax.eval.tasks import TASKS  # pylint: disable=import-outside-toplevel
+    headline = {task: TASKS[task].headline(metrics) for task, metrics in r["eval"].items()}
+    lines += ["", "llava-jax eval (exact-match GQA scorer): " + ", ".join(
+        f"{TASKS[task].label} {value:.1f}" for task, value in headline.items() if value is not None)]
   lines += ["", "seconds: " + ", ".join(f"{k} {r['seconds'].get(k, 0):.0f}" for k in PHASES),
             "params:  " + ", ".join(f"{k} {v:,}" for k, v in r["params"].items()), ""]
   for ex in r["examples"]:

@@ -5,7 +5,8 @@ first), answered by greedy decoding; each task's prompt suffix and scorer are in
 (llava_jax/eval/tasks/). All questions are read and checked, and answers files matched to this model,
 before any weights load; questions are then asked in batches of --batch-size, each batch one compiled
 engine program (the last one padded to the same shape), and every batch's answers are appended to the
-task's answers file before the next is asked, so a rerun resumes and never asks a question twice.
+task's answers file before the next is asked, so a rerun resumes and never asks a question twice. In a
+multi-process job each process asks its share of the questions (llava_jax.eval.processes).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from typing import IO, Sequence
 
 from llava_jax.data import images as images_lib
 from llava_jax.errors import LlavaJaxError
+from llava_jax.eval import processes
 from llava_jax.eval.answers import AnswersFile
 from llava_jax.eval.judge import JudgeClient, JudgedTask, judge_task
 from llava_jax.eval.tasks import Question, Task, parse_tasks
+from llava_jax.eval.tasks.exports import is_export
 from llava_jax.fileio import read_json, write_json_atomic
 
 RESULTS = "results.json"
@@ -34,26 +37,29 @@ RESULTS = "results.json"
 class TaskRun:
   task: Task
   questions: list[Question]
-  answers_file: AnswersFile
-  answers: dict[str, str]  # qid -> text, those already written included
+  answers_file: AnswersFile  # this process's
+  answers: dict[str, str]  # qid -> text, those already written (by any process) included
+  mine: list[Question]  # the questions this process asks
   skipped: list[str] = dataclasses.field(default_factory=list)  # questions whose image could not be used
-
-  @property
-  def pending(self) -> list[Question]:
-    return [q for q in self.questions if q.qid not in self.answers]
 
 
 def eval_command(model: str, task_names: str, data: str, out: str, batch_size: int = 8, limit: int | None = None,
                  max_new_tokens: int | None = None, mesh=None, judge: JudgeClient | None = None,
-                 log: IO[str] = sys.stderr) -> dict:
+                 log: IO[str] = sys.stderr, share: processes.Share | None = None,
+                 answer_format: bool = True) -> dict | None:
   """Runs the tasks and returns the results (also written to OUT/results.json); with `judge`, the judged tasks'
-  answers are also judged."""
+  answers are also judged. In a multi-process job (`share`: this process's, by default from JAX) only process 0
+  scores (and judges) and returns them, the others return None. Without `answer_format` the questions are asked
+  without LLaVA-1.5's answer-format instruction (for models not trained with it, e.g. the demo's)."""
+  share = share or processes.current()
   tasks = parse_tasks(task_names)
   for flag, value in (("--batch-size", batch_size), ("--limit", limit), ("--max-new-tokens", max_new_tokens)):
     if value is not None and value < 1:
       raise LlavaJaxError(f"{flag} must be >= 1, got {value}")
   if not os.path.isdir(data):
     raise LlavaJaxError(f"{data}: no such data folder")
+  if len(tasks) > 1 and is_export(data, configs=False):
+    raise LlavaJaxError(f"{data} is one lmms-lab export: --task names one task for it")
   model_id = os.path.realpath(model)
   model_config = _model_config(model)  # a missing model fails here, before any work
   results_path = os.path.join(out, RESULTS)
@@ -64,23 +70,36 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
   runs = []
   for task in tasks:
     questions = task.questions(data)[:limit]
+    if not answer_format and task.suffix:
+      questions = [dataclasses.replace(q, text=q.text.removesuffix(task.suffix).rstrip()) for q in questions]
     if not questions:
       raise LlavaJaxError(f"{task.path(data)}: no {task.name} questions")
     twice = next((qid for qid, n in collections.Counter(q.qid for q in questions).items() if n > 1), None)
     if twice is not None:
       raise LlavaJaxError(f"{task.path(data)}: question_id {twice!r} is used twice in {task.name}'s questions")
-    answers_file = AnswersFile(os.path.join(out, task.name, "answers.jsonl"), task.name, model_id)
-    runs.append(TaskRun(task, questions, answers_file, answers_file.load()))
+    folder = os.path.join(out, task.name)
+    answers = _written(folder, task.name, model_id)
+    pending = [q for q in questions if q.qid not in answers]
+    runs.append(TaskRun(task, questions, AnswersFile(share.answers_path(folder), task.name, model_id), answers,
+                        share.mine(pending)))
     if judge is not None and isinstance(task, JudgedTask):
       task.judge_references(data, questions)  # the judge's files are checked before any weights load
-  if any(run.pending for run in runs):
+  processes.barrier(share, "answers-read")  # before any process appends to its file
+  if any(run.mine for run in runs):
     from llava_jax.infer.run import load_session
     session = load_session(model, mesh)
     for run in runs:
       _ask(session, run, batch_size, max_new_tokens or run.task.max_new_tokens, log)
+  processes.barrier(share, "answered")
+  for run in runs:
+    run.skipped = processes.gather(share, run.skipped)
+  if not share.writes_results:
+    return None
+  for run in runs:
+    run.answers = _written(os.path.join(out, run.task.name), run.task.name, model_id)
   results["run"] = {"model": model_id, "config": model_config, "commit": _commit(),
                     "settings": {"batch_size": batch_size, "limit": limit, "max_new_tokens": max_new_tokens,
-                                 "decoding": "greedy"}}
+                                 "answer_format": answer_format, "decoding": "greedy"}}
   for run in runs:
     results[run.task.name] = _score(run, data, out, judge, log)
   write_json_atomic(results, results_path)
@@ -88,11 +107,20 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
   return results
 
 
+def _written(task_folder: str, task: str, model_id: str) -> dict[str, str]:
+  """qid -> answer of every answers file of the task (each process's)."""
+  answers = {}
+  for path in processes.answers_paths(task_folder):
+    for qid, text in AnswersFile(path, task, model_id).load().items():
+      answers.setdefault(qid, text)
+  return answers
+
+
 def _ask(session, run: TaskRun, batch_size: int, max_new_tokens: int, log: IO[str]) -> None:
   from llava_jax.infer.sampling import SamplingParams
-  pending, name = run.pending, run.task.name
+  pending, name = run.mine, run.task.name
   chunks = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
-  start, asked, answered_before = time.perf_counter(), 0, len(run.questions) - len(pending)
+  start, asked, answered_before = time.perf_counter(), 0, len(run.answers)
   # The next batch's images are decoded and preprocessed on a thread while the device answers this one. The
   # tokenizer is used under a lock: a fast tokenizer shared by two threads can fail ("Already borrowed").
   tokenizer_lock = threading.Lock()
@@ -123,7 +151,7 @@ def _prompts(session, run: TaskRun, questions: Sequence[Question], tokenizer_loc
   out = []
   for q in questions:
     try:
-      images = [images_lib.load_image(q.image)] if q.image is not None else []
+      images = [images_lib.load_image(q.image_source())] if q.image is not None else []
       with tokenizer_lock:
         inputs = session.processor.prepare(q.text, images, names=[_image_name(q)] * len(images))
       out.append((q, Prompt.of(inputs)))
@@ -134,7 +162,7 @@ def _prompts(session, run: TaskRun, questions: Sequence[Question], tokenizer_loc
 
 
 def _image_name(q: Question) -> str:
-  return q.image if isinstance(q.image, str) else f"the image of question {q.qid}"
+  return q.image_file() or f"the image of question {q.qid}"
 
 
 def _score(run: TaskRun, data: str, out: str, judge: JudgeClient | None, log: IO[str]) -> dict:

@@ -9,6 +9,7 @@ dispatch the next one early. Everything here that runs per step only talks host 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import signal
@@ -57,6 +58,17 @@ def barrier(name: str) -> None:
   client = _client()
   if client is not None:
     client.wait_at_barrier(name, timeout_in_ms=TIMEOUT_MINUTES * 60 * 1000)
+
+
+def all_gather_json(name: str, value) -> list:
+  """Every process's `value` (small, JSON-able), in process order, through the key-value store."""
+  client = _client()
+  if client is None:
+    return [value]
+  prefix = f"llava_jax/{name}/{next(_runs)}"
+  client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(value))
+  timeout = TIMEOUT_MINUTES * 60 * 1000
+  return [json.loads(client.blocking_key_value_get(f"{prefix}/{p}", timeout)) for p in range(jax.process_count())]
 
 
 class HostGather:

@@ -10,8 +10,20 @@ import statistics
 from llava_jax.errors import LlavaJaxError
 from llava_jax.eval import judge_prompts as prompts
 from llava_jax.eval.judge import JudgedTask, JudgeRequest
-from llava_jax.eval.tasks.base import Task, field, llava_questions, read_jsonl
+from llava_jax.eval.tasks.base import Question, Task, field, llava_questions, read_jsonl
+from llava_jax.eval.tasks.exports import Export
 from llava_jax.fileio import read_json, write_json_atomic
+
+
+def _plain_questions(export: Export, meta_columns: dict[str, str]) -> list[Question]:
+  """An export's questions asked as they are (no suffix), as LLaVA's model_vqa.py asks them; the judge's inputs
+  the rows carry (`meta_columns`: column -> meta key) go to the question's meta."""
+  out = []
+  for i, r in enumerate(export.records):
+    qid = str(export.column(r, "question_id", i))
+    meta = {key: r[column] for column, key in meta_columns.items() if r.get(column) is not None}
+    out.append(Question(qid, export.column(r, "question", i), export.image(i, f"{qid}.jpg"), meta))
+  return out
 
 
 class LlavaBench(Task, JudgedTask):
@@ -21,12 +33,17 @@ class LlavaBench(Task, JudgedTask):
   answer (answers_gpt4.jsonl) as Assistant 1 and ours as Assistant 2; the reply's first line holds the two
   scores. Score (summarize_gpt_review.py): our mean score relative to the reference's, x100, overall and per
   category. A reply unread after 3 tries is a failed judgment, left out of the means (LLaVA's script would
-  average its [-1, -1] in)."""
-  name, folder, label = "llava_bench", "llava-bench-in-the-wild", "LLaVA-W"
+  average its [-1, -1] in). lmms-lab/llava-bench-in-the-wild (split train): question_id, question, image, and
+  for the judge caption, category, gpt_answer (the reference)."""
+  name, folder, label, export = "llava_bench", "llava-bench-in-the-wild", "LLaVA-W", "llava-bench-in-the-wild"
   reference = "LLaVA llava/eval/eval_gpt_review_bench.py + summarize_gpt_review.py (judged with --judge-url)"
   max_new_tokens = 1024
 
-  def questions(self, root):
+  def read_export(self, folder):
+    return _plain_questions(Export(folder, (), ("train",)),
+                            {"category": "category", "caption": "caption", "gpt_answer": "reference"})
+
+  def read_llava(self, root):
     return llava_questions(self.path(root, "questions.jsonl"), self.path(root, "images"), None,
                            meta_keys=("category", "caption", "image"))
 
@@ -38,7 +55,9 @@ class LlavaBench(Task, JudgedTask):
 
   def judge_references(self, root, questions):
     path = self.path(root, "answers_gpt4.jsonl")
-    gpt4 = {str(field(row, "question_id", path)): str(field(row, "text", path)) for row in read_jsonl(path)}
+    gpt4 = {}  # answers_gpt4.jsonl, read only when a question carries no reference (an export's rows do)
+    if any("reference" not in q.meta for q in questions):
+      gpt4 = {str(field(row, "question_id", path)): str(field(row, "text", path)) for row in read_jsonl(path)}
     captions = None  # context.jsonl, read only when a question carries no caption
     out = {}
     for q in questions:
@@ -46,7 +65,8 @@ class LlavaBench(Task, JudgedTask):
       if category not in prompts.LLAVA_BENCH_CATEGORIES:
         raise LlavaJaxError(f"{self.path(root, 'questions.jsonl')}: question {q.qid}: category {category!r} is not "
                             f"one of {', '.join(prompts.LLAVA_BENCH_CATEGORIES)}")
-      if q.qid not in gpt4:
+      reference = q.meta.get("reference", gpt4.get(q.qid))
+      if reference is None:
         raise LlavaJaxError(f"{path}: no reference answer for question {q.qid}")
       caption = q.meta.get("caption")
       if caption is None:
@@ -58,7 +78,7 @@ class LlavaBench(Task, JudgedTask):
         caption = captions[q.meta["image"]]
       # LLaVA's context.jsonl captions are lists of sentences, joined a line each; a caption string is used as is.
       context_text = "\n".join(caption) if isinstance(caption, list) else str(caption)
-      out[q.qid] = {"category": category, "context": context_text, "question": q.text, "reference": gpt4[q.qid]}
+      out[q.qid] = {"category": category, "context": context_text, "question": q.text, "reference": str(reference)}
     return out
 
   def judge_request(self, item, attempt):
@@ -101,13 +121,17 @@ class MmVet(Task, JudgedTask):
   GPT-4 grader. Judge (MM-Vet's mm-vet_evaluator.py): the few-shot grading table with the question, the ground
   truth (mm-vet/mm-vet.json) and our answer; the reply's first word is a correctness in [0, 1]; up to 4 retries
   with the "(digit)" suffix at temperatures 0, 0.5, 1, 1.5, then 0.0 and a failed judgment. Score: total and per
-  capability (rec, ocr, know, gen, spat, math), the mean correctness x100."""
-  name, folder, label = "mm_vet", "mm-vet", "MM-Vet"
+  capability (rec, ocr, know, gen, spat, math), the mean correctness x100. lmms-lab/MMVet (split test):
+  question_id, question, image, and for the judge answer (the ground truth) and capability."""
+  name, folder, label, export = "mm_vet", "mm-vet", "MM-Vet", "MMVet"
   reference = "LLaVA scripts/convert_mmvet_for_eval.py + MM-Vet's mm-vet_evaluator.py (judged with --judge-url)"
   max_new_tokens = 1024
   judge_attempts = 5
 
-  def questions(self, root):
+  def read_export(self, folder):
+    return _plain_questions(Export(folder, (), ("test",)), {"answer": "ground_truth", "capability": "capabilities"})
+
+  def read_llava(self, root):
     return llava_questions(self.path(root, "llava-mm-vet.jsonl"), self.path(root, "images"), None)
 
   def score(self, root, questions, answers):
@@ -123,9 +147,14 @@ class MmVet(Task, JudgedTask):
 
   def judge_references(self, root, questions):
     path = self.path(root, "mm-vet.json")
-    truth = read_json(path)
+    # mm-vet.json, read only when a question carries no ground truth (an export's rows do)
+    truth = read_json(path) if any("ground_truth" not in q.meta for q in questions) else {}
     out = {}
     for q in questions:
+      if "ground_truth" in q.meta:
+        out[q.qid] = {"question": q.text, "ground_truth": str(q.meta["ground_truth"]),
+                      "capabilities": list(q.meta.get("capabilities", ()))}
+        continue
       row = truth.get(q.qid)
       if not isinstance(row, dict):
         raise LlavaJaxError(f"{path}: no ground truth for question {q.qid}")
