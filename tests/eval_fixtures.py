@@ -271,8 +271,16 @@ def build_exports(root):
           ("101", "Which object is round?", ("ball", "box", "book", "pen"), "A", "image", 3),
           ("102", "What is the weather?", ("rain", "snow", "sun", "fog"), "C", "image", 1),
           ("103", "What happens?", ("a", "b", "c", "d"), "B", "video", 10)]])
+  taxi = "A man irons on a taxi.\nThe street is busy."  # context.jsonl's sentences, a line each
   write_export(root / "llava-bench-in-the-wild" / "data", "train", [
-      {"question_id": 0, "question": "Describe the image.", "category": "detail", "image": image}])
-  write_export(root / "MMVet" / "data", "test", [{"question_id": "v1_0", "question": "What is written here?",
-                                             "image": image}])
+      {"question_id": qid, "question": q, "category": c, "caption": caption, "gpt_answer": ref, "image": image}
+      for qid, q, c, caption, ref in [
+          (0, "Describe the image.", "detail", taxi, "A man irons clothes on the back of a taxi."),
+          (1, "What is the man doing?", "conv", taxi, "He is ironing a shirt."),
+          (2, "Why is it funny?", "complex", "A cat wears a hat.", "Cats do not wear hats.")]])
+  write_export(root / "MMVet" / "data", "test", [
+      {"question_id": "v1_0", "question": "What is written here?", "answer": "Hello", "capability": ["ocr", "rec"],
+       "image": image},
+      {"question_id": "v1_1", "question": "What is x in the equation?", "answer": "-1<AND>-5",
+       "capability": ["ocr", "math"], "image": image}])
   return root

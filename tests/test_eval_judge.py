@@ -157,6 +157,24 @@ def test_judged_scores_by_hand_and_a_rerun_asks_nothing(data, model, scripted, j
   assert again == results
 
 
+
+def test_exports_carry_the_judges_inputs(data, model, scripted, judge_server, tmp_path):
+  """lmms-lab's exports hold the caption, category and reference (MM-Vet: ground truth, capabilities) in their
+  rows: judged from them, the requests and scores are those of LLaVA's layout."""
+  judge = JudgeClient.from_flags(judge_server.url, "judge-1", None)
+  exports = eval_fixtures.build_exports(tmp_path / "exports")
+  results = {}
+  for name, root in (("llava", data), ("exports", exports)):
+    before = len(judge_server.requests)
+    out = runner.eval_command(str(model), "llava_bench,mm_vet", str(root), str(tmp_path / name), batch_size=2,
+                              judge=judge)
+    results[name] = ({t: {k: v for k, v in out[t].items() if k != "submission"} for t in ("llava_bench", "mm_vet")},
+                     sorted(json.dumps(r["body"], sort_keys=True) for r in judge_server.requests[before:]))
+    judge_server.asked.clear()  # the second run gets the same scripted replies
+  assert results["exports"] == results["llava"]
+  assert results["exports"][0]["llava_bench"]["judged"] == 3 and results["exports"][0]["mm_vet"]["judged"] == 2
+
+
 def _cli_error(capsys, *args) -> str:
   with pytest.raises(SystemExit) as e:
     cli.main(["eval", *args])
