@@ -57,7 +57,7 @@ def _generate(args) -> None:
   run.generate_command(
       model=args.model, images=args.image, prompt=args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, out=sys.stdout, mesh=mesh,
-      adapter=args.adapter, videos=args.video, num_frames=args.num_frames)
+      adapter=args.adapter, videos=args.video, num_frames=args.num_frames, dtype=args.dtype)
 
 
 def _chat(args) -> None:
@@ -65,7 +65,7 @@ def _chat(args) -> None:
   mesh = _mesh(args.mesh)
   chat.chat_command(model=args.model, image=args.image, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, inp=sys.stdin, out=sys.stdout, mesh=mesh, adapter=args.adapter,
-                    video=args.video, num_frames=args.num_frames)
+                    video=args.video, num_frames=args.num_frames, dtype=args.dtype)
 
 
 def _serve(args) -> None:
@@ -73,7 +73,8 @@ def _serve(args) -> None:
   mesh = _mesh(args.mesh)
   command.serve_command(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
                         batch_wait_ms=args.batch_wait_ms, model_id=args.served_model_name, mesh=mesh,
-                        adapter=args.adapter, num_frames=args.num_frames, allow_local_media=args.allow_local_media)
+                        adapter=args.adapter, num_frames=args.num_frames, allow_local_media=args.allow_local_media,
+                        dtype=args.dtype)
 
 
 def _eval(args) -> None:
@@ -86,7 +87,7 @@ def _eval(args) -> None:
   mesh = _mesh(args.mesh, jax.local_devices())
   runner.eval_command(model=args.model, task_names=args.task, data=args.data, out=args.out, batch_size=args.batch_size,
                       limit=args.limit, max_new_tokens=args.max_new_tokens, mesh=mesh, judge=judge,
-                      answer_format=not args.no_answer_format)
+                      answer_format=not args.no_answer_format, dtype=args.dtype)
 
 
 def _demo(args) -> None:
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames sampled uniformly from each video (default: the model folder's num_frames, else 32 "
                         "for llava_onevision, 8 for llava_next_video)")
 
+  def add_dtype(p):
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype, the only one the weights are held in (default auto: bfloat16 on a GPU or TPU, "
+                        "float32 on a CPU)")
+
   def add_mesh(p):
     p.add_argument("--mesh", metavar="AXIS=SIZE,...",
                    help="split the model over a device mesh, e.g. fsdp=2,tensor=4 (axes data, fsdp, tensor as in the "
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="video file (mp4, webm, ...) or folder of frame images; repeat for several"))
   add_sampling(p)
   add_adapter(p)
+  add_dtype(p)
   add_mesh(p)
   p.set_defaults(func=_generate)
 
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=256)
   p.add_argument("--temperature", type=float, default=0.0)
   add_adapter(p)
+  add_dtype(p)
   add_mesh(p)
   p.set_defaults(func=_chat)
 
@@ -173,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: data: URLs only)")
   add_num_frames(p)
   add_adapter(p)
+  add_dtype(p)
   add_mesh(p)
   p.set_defaults(func=_serve)
 
@@ -201,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="environment variable holding the judge's API key (default: OPENAI_API_KEY, if set)")
   p.add_argument("--no-answer-format", action="store_true",
                  help="ask without LLaVA-1.5's answer-format instruction (models not trained with it: the demo's)")
+  add_dtype(p)
   add_mesh(p)
   p.set_defaults(func=_eval)
 

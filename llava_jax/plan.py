@@ -275,10 +275,11 @@ def plan(cfg, device_memory: int, decode: dict | None = None) -> dict:
 
 def plan_decode(model_config, mesh, prompt_tokens: int, device_memory: int, batch: int, new_tokens: int) -> dict:
   """The first program a generation request runs on the same mesh (prefill of `batch` prompts of
-  `prompt_tokens` (data.max_len), one image tile's tokens among them, and the first token, into a KV cache with room for `new_tokens` more), in the
-  accelerators' inference layout (infer/backend.py), from XLA's memory analysis per device. Its inputs
-  are the weights as the engine holds them (float32, cast per product) and the prompts; its outputs the
-  KV cache and the decode state."""
+  `prompt_tokens` (data.max_len), one image tile's tokens among them, and the first token, into a KV cache with
+  room for `new_tokens` more), in the accelerators' inference layout (infer/backend.py), from XLA's memory
+  analysis per device. Its inputs are the weights as the engine holds them (once, in the config's compute dtype:
+  `weights`) and the prompts; its outputs the KV cache and the decode state. As for the train step, the float32
+  copies XLA:CPU makes of whole bf16 arguments are left out of the temporaries (`xla_cpu_bf16_argument_upcasts`)."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from llava_jax.infer import backend  # pylint: disable=import-outside-toplevel
@@ -292,10 +293,15 @@ def plan_decode(model_config, mesh, prompt_tokens: int, device_memory: int, batc
   size = model_config.vision.image_size
   prompt = Prompt(ids, np.zeros((1, size, size, 3), np.float32), np.arange(image_tokens, dtype=np.int32))
   prompts = [prompt] * batch
-  memory = memory_bytes(engine.lower_start(prompts, new_tokens).compile())
-  return {"layout": layout.name, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+  compiled = engine.lower_start(prompts, new_tokens).compile()
+  memory = memory_bytes(compiled)
+  upcasts = bf16_argument_upcasts(compiled.as_text())
+  memory["temporaries"] -= upcasts
+  memory["total"] -= upcasts
+  return {"layout": layout.name, "dtype": model_config.dtype, "batch": batch, "prompt_tokens": prompt_tokens,
+          "new_tokens": new_tokens, "weights": per_device_bytes(engine.params),
           "per_device_bytes": {k: memory[k] for k in ("arguments", "outputs", "temporaries", "total")},
-          "fits": memory["total"] <= device_memory}
+          "xla_cpu_bf16_argument_upcasts": upcasts, "fits": memory["total"] <= device_memory}
 
 
 def table(report: dict) -> str:
@@ -316,8 +322,9 @@ def table(report: dict) -> str:
   d = report.get("decode")
   if d:
     m = d["per_device_bytes"]
-    lines.append(f"generation ({d['layout']} layout), batch {d['batch']} x {d['prompt_tokens']} prompt tokens + "
-                 f"{d['new_tokens']} new, per device: weights and inputs {m['arguments'] / 1e9:.2f} GB, KV cache "
+    lines.append(f"generation ({d['layout']} layout, {d['dtype']}), batch {d['batch']} x {d['prompt_tokens']} prompt "
+                 f"tokens + {d['new_tokens']} new, per device: weights {d['weights'] / 1e9:.2f} GB, weights and "
+                 f"inputs {m['arguments'] / 1e9:.2f} GB, KV cache "
                  f"and state {m['outputs'] / 1e9:.2f} GB, temporaries {m['temporaries'] / 1e9:.2f} GB, total "
                  f"{m['total'] / 1e9:.2f} GB; fits: {'yes' if d['fits'] else 'no'}")
   return "\n".join(lines)

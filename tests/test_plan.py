@@ -119,3 +119,21 @@ def test_bad_decode_batch_exits_2(tmp_path):
   result, out = _plan(tmp_path, "--mesh", "data=1", "--decode-batch", "0")
   assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "--decode-batch" in result.stderr
   assert not out.exists()
+
+
+def test_bf16_generation_program_holds_its_weights_once_in_bf16(tmp_path):
+  """A bf16 model's engine holds each weight once, at 2 bytes (replicated here: the mesh splits only the rows), and
+  a bf16 KV cache."""
+  from configs import models
+  from llava_jax.config import LlavaConfig
+  from llava_jax.infer.generate import bucket_length
+  config = LlavaConfig.from_hf_dict(models.hf_dict("tiny"), source="tiny")
+  text, pixels = config.text, config.vision.image_size ** 2 * 3 * 4  # a device's row: one float32 image
+  report = _report(tmp_path, "--mesh", "data=2", "--decode-batch", "2", "--decode-new-tokens", "20",
+                   "--config.dtype=bfloat16")
+  decode = report["decode"]
+  assert decode["dtype"] == "bfloat16" and decode["weights"] == 2 * (VISION + PROJECTOR + LANGUAGE)
+  cache = text.num_hidden_layers * 2 * text.num_key_value_heads * bucket_length(64 + 20) * text.head_dim * 2
+  held = decode["per_device_bytes"]
+  assert decode["weights"] + pixels <= held["arguments"] <= decode["weights"] + pixels + 1024  # + ids, mask, ...
+  assert cache <= held["outputs"] <= cache + 2 * 4 * (bucket_length(64 + 20) + 64)

@@ -46,7 +46,7 @@ class TaskRun:
 def eval_command(model: str, task_names: str, data: str, out: str, batch_size: int = 8, limit: int | None = None,
                  max_new_tokens: int | None = None, mesh=None, judge: JudgeClient | None = None,
                  log: IO[str] = sys.stderr, share: processes.Share | None = None,
-                 answer_format: bool = True) -> dict | None:
+                 answer_format: bool = True, dtype: str = "auto") -> dict | None:
   """Runs the tasks and returns the results (also written to OUT/results.json); with `judge`, the judged tasks'
   answers are also judged. In a multi-process job (`share`: this process's, by default from JAX) only process 0
   scores (and judges) and returns them, the others return None. Without `answer_format` the questions are asked
@@ -87,7 +87,7 @@ def eval_command(model: str, task_names: str, data: str, out: str, batch_size: i
   processes.barrier(share, "answers-read")  # before any process appends to its file
   if any(run.mine for run in runs):
     from llava_jax.infer.run import load_session
-    session = load_session(model, mesh)
+    session = load_session(model, mesh, dtype=dtype)
     for run in runs:
       _ask(session, run, batch_size, max_new_tokens or run.task.max_new_tokens, log)
   processes.barrier(share, "answered")

@@ -8,6 +8,8 @@ The tunings measured on a 2-core CPU (benchmarks/README.md) do not all carry ove
   copies slice by slice before every matmul of a decode step (compile time grows with depth).
 - output-first kernels: language-model kernels stored (out, in) and applied by `layers.weight_dot`
   behind an optimization barrier, the fast matrix-vector form on XLA:CPU; needs unrolled layers.
+- the compute dtype (`--dtype auto`): bfloat16 on an accelerator, float32 on XLA:CPU, which has no bf16
+  arithmetic (it converts bf16 operands to float32 first). The engine holds its weights in that dtype only.
 
 `Engine` takes the layout of `jax.default_backend()` unless given one (a name of LAYOUTS or an
 InferenceLayout); benchmarks/gpu.py times the others against it.
@@ -65,6 +67,20 @@ DEFAULT_LAYOUT = "batched"
 def layout_for(backend: str | None = None) -> InferenceLayout:
   """The layout of `backend` (default: jax.default_backend())."""
   return LAYOUTS[BACKEND_LAYOUTS.get(backend or jax.default_backend(), DEFAULT_LAYOUT)]
+
+
+DTYPES = ("float32", "bfloat16")
+BACKEND_DTYPES = {"cpu": "float32"}
+DEFAULT_DTYPE = "bfloat16"
+
+
+def inference_dtype(requested: str = "auto", backend: str | None = None) -> str:
+  """The compute dtype `--dtype` asks for: one of DTYPES, or "auto" (that of `backend`, default jax.default_backend())."""
+  if requested == "auto":
+    return BACKEND_DTYPES.get(backend or jax.default_backend(), DEFAULT_DTYPE)
+  if requested not in DTYPES:
+    raise LlavaJaxError(f"inference dtype must be auto or one of {DTYPES}, got {requested!r}")
+  return requested
 
 
 def resolve_layout(layout: str | InferenceLayout | None) -> InferenceLayout:

@@ -52,8 +52,8 @@ class Conversation:
 
 def chat_command(model: str, image: str | None, max_new_tokens: int, temperature: float, inp: IO[str],
                  out: IO[str], mesh=None, adapter: str | None = None, video: str | None = None,
-                 num_frames: int | None = None) -> None:
-  session = load_session(model, mesh, adapter, num_frames)
+                 num_frames: int | None = None, dtype: str = "auto") -> None:
+  session = load_session(model, mesh, adapter, num_frames, dtype)
   conversation = Conversation(session)
   if image:
     conversation.pending += load_images([image])

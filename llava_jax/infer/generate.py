@@ -123,7 +123,8 @@ class DeviceBatch(NamedTuple):
 class Engine:
   """Generation for one model; compiled programs are cached per (shapes, static options).
 
-  `params` are in the checkpoint layout (scanned layers). With a `mesh`, they are split over it
+  `params` are in the checkpoint layout (scanned layers), in any floating dtype: the engine holds them once, in
+  the compute dtype `config.dtype` (see `in_compute_dtype`). With a `mesh`, they are split over it
   (see `place_on_mesh`); without one, everything lives on the default device. `layout` (a name of
   backend.LAYOUTS or an InferenceLayout) defaults to the backend's. Abstract params (ShapeDtypeStructs)
   make an engine that can only `lower_start` (compile-time measurements).
@@ -136,6 +137,7 @@ class Engine:
     self.layout = resolve_layout(layout)
     self.model = Llava(self.layout.model_config(config))
     self.mesh = mesh
+    params = in_compute_dtype(params, config.dtype)
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
       self.params = jax.eval_shape(self.layout.params, params)
       if mesh is not None:  # placed as place_on_mesh would place them
@@ -416,6 +418,27 @@ class Engine:
     out = jax.lax.dynamic_update_slice(s.out, token[:, None], (0, s.step))
     done = s.done | jnp.any(token[:, None] == eos[None, :], axis=-1)
     return s._replace(token=token, step=s.step + 1, done=done, seen=seen, out=out)
+
+
+# QLoRA's group scales stay float32, as bitsandbytes keeps its absmax: in bf16 they would move every dequantized
+# weight by up to 2^-8 of itself. (The quantized codes are integers and stay as they are.)
+FLOAT32_WEIGHTS = ("kernel_scale",)
+
+
+def in_compute_dtype(params, dtype):
+  """Every floating weight (but FLOAT32_WEIGHTS) in `dtype`, converted where it lies: host arrays on the host, so
+  a device receives only the weights it computes with and the programs read them as they are (no float32 master
+  copy, no per-step conversion of the weights); ShapeDtypeStructs as shapes. Already in `dtype`: not copied."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(path, x):
+    if (not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype
+        or getattr(path[-1], "key", None) in FLOAT32_WEIGHTS):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype)
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def place_on_mesh(config: LlavaConfig, params, mesh: Mesh, layout: InferenceLayout):

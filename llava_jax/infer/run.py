@@ -13,7 +13,6 @@ import sys
 from typing import IO, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -23,6 +22,7 @@ from llava_jax.data.processor import Processor
 from llava_jax.data.video import VIDEO_LAYOUTS, video_layout_for
 from llava_jax.data.video_io import num_frames_for, read_video
 from llava_jax.errors import LlavaJaxError
+from llava_jax.infer.backend import inference_dtype
 from llava_jax.infer.generate import Engine, Prompt
 from llava_jax.infer.sampling import SamplingParams
 from llava_jax.infer.textstream import TextStream
@@ -47,8 +47,11 @@ class Session:
 
 
 def load_session(path: str, mesh: Mesh | None = None, adapter: str | None = None,
-                 num_frames: int | None = None) -> Session:
-  """Loads weights (float32), tokenizer, image processor and chat template of a model folder.
+                 num_frames: int | None = None, dtype: str = "auto") -> Session:
+  """Loads weights, tokenizer, image processor and chat template of a model folder.
+
+  The engine computes in `dtype` (--dtype; auto: the backend's, see infer/backend.py) and holds the weights in it
+  only, converted once on the host from their stored dtype.
 
   With a mesh, the engine splits the weights over it (see generate.Engine). A LoRA model (a LoRA run's workdir,
   or the base with `adapter`, a PEFT / LLaVA LoRA folder) runs its adapters through the LoRA layers rather than
@@ -56,6 +59,7 @@ def load_session(path: str, mesh: Mesh | None = None, adapter: str | None = None
   only rank/width of the layers' work. `num_frames` (--num-frames) overrides the folder's video frame count.
   """
   from llava_jax.weights.model_folder import load_model
+  dtype = inference_dtype(dtype)  # a bad one fails before the weights load
   loaded = load_model(path, adapter=adapter)
   config = loaded.config
   template = _config_template(loaded.config_path) or DEFAULT_TEMPLATE
@@ -63,17 +67,13 @@ def load_session(path: str, mesh: Mesh | None = None, adapter: str | None = None
   processor = Processor.from_folder(loaded.assets_dir, layout_for(config), image_size=config.vision.image_size,
                                     fallback_template=template, video_layout=video_layout)
   frames = num_frames_for(loaded.assets_dir, config.model_type, num_frames) if video_layout else None
-  params = jax.tree.map(_as_float32, loaded.params)
+  config = config.replace(dtype=dtype)
+  # Host views (the engine converts and places the weights: on one device, or each device only its slice).
+  params = jax.tree.map(np.asarray, loaded.params)
   engine = Engine(config, params, eos_token_ids=_eos_ids(loaded.assets_dir, config, processor),
                   pad_token_id=config.pad_token_id if config.pad_token_id is not None else processor.pad_token_id,
                   mesh=mesh)
   return Session(engine, processor, frames)
-
-
-def _as_float32(x):
-  # On the host: the engine places the weights (on one device, or each device only its slice).
-  x = np.asarray(x)
-  return x.astype(np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def _config_template(config_path: str | None) -> str | None:
@@ -120,7 +120,7 @@ def stream_text(session: Session, prompt: Prompt, max_new_tokens: int, sampling:
 def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, max_new_tokens: int,
                      temperature: float, top_p: float, top_k: int, seed: int, out: IO[str],
                      repetition_penalty: float = 1.0, mesh: Mesh | None = None, adapter: str | None = None,
-                     videos: Sequence[str] = (), num_frames: int | None = None) -> None:
+                     videos: Sequence[str] = (), num_frames: int | None = None, dtype: str = "auto") -> None:
   """Prints only the generated text to `out` (streamed); progress goes to stderr."""
   sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
@@ -138,7 +138,7 @@ def generate_command(model: str, images: Sequence[str], prompt: str, raw: bool, 
   if missing:
     raise LlavaJaxError(f"{missing[0]}: video file or frames folder not found")
   pictures = load_images(images)  # before loading weights: a bad image fails fast
-  session = load_session(model, mesh, adapter, num_frames)
+  session = load_session(model, mesh, adapter, num_frames, dtype)
   clips = session.load_videos(videos)
   inputs = session.processor.prepare(prompt, pictures, raw=raw, names=images, videos=clips)
   print(f"llava-jax: prompt of {len(inputs.input_ids)} tokens, {len(pictures)} image(s), {len(clips)} video(s)",

@@ -19,7 +19,7 @@ from llava_jax.infer.serve.service import ChatService
 def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                   batch_wait_ms: float = 10.0, model_id: Optional[str] = None, log_level: str = "info",
                   mesh=None, adapter: Optional[str] = None, num_frames: Optional[int] = None,
-                  allow_local_media: Optional[str] = None) -> None:
+                  allow_local_media: Optional[str] = None, dtype: str = "auto") -> None:
   """`llava-jax serve`: serves until interrupted (Ctrl-C / SIGTERM shut it down cleanly)."""
   import uvicorn  # pylint: disable=import-outside-toplevel
   if max_batch < 1:
@@ -34,7 +34,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_bat
     raise LlavaJaxError(f"--allow-local-media {allow_local_media}: no such folder")
   sock = listen_socket(host, port)
   service = load_service(model, model_id=model_id, max_batch=max_batch, batch_wait_ms=batch_wait_ms, mesh=mesh,
-                         adapter=adapter, num_frames=num_frames, media_dir=allow_local_media)
+                         adapter=adapter, num_frames=num_frames, media_dir=allow_local_media, dtype=dtype)
   server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=10))
   # uvicorn's logger is configured by now (and uvicorn names no URL when given a socket).
   logging.getLogger("uvicorn.error").info("serving model %r at http://%s:%d/v1", service.model_id, host,
@@ -66,9 +66,9 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def load_service(model: str, *, model_id: Optional[str] = None, max_batch: int = 8, batch_wait_ms: float = 10.0,
                  limits: Limits = Limits(), mesh=None, adapter: Optional[str] = None, num_frames: Optional[int] = None,
-                 media_dir: Optional[str] = None) -> ChatService:
+                 media_dir: Optional[str] = None, dtype: str = "auto") -> ChatService:
   """Loads a model folder (HF, llava-jax checkpoint or training workdir), with a LoRA `adapter`, as
   `llava-jax generate` does."""
   name = model_id or os.path.basename(os.path.normpath(os.path.abspath(model)))
-  return ChatService(load_session(model, mesh, adapter, num_frames), name, limits=limits, max_batch=max_batch,
+  return ChatService(load_session(model, mesh, adapter, num_frames, dtype), name, limits=limits, max_batch=max_batch,
                      batch_wait_ms=batch_wait_ms, media_dir=media_dir)
