@@ -55,9 +55,9 @@ def _run(folder, *args, stdin=None):
                         env=env, timeout=300)
 
 
-def _transformers_answer(folder, question):
+def _transformers_answer(folder, question, dtype=torch.float32):
   processor = transformers.LlavaProcessor.from_pretrained(str(folder), local_files_only=True)
-  model = transformers.LlavaForConditionalGeneration.from_pretrained(str(folder)).eval()
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).eval()
   messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
   text = processor.apply_chat_template(messages, add_generation_prompt=True)
   inputs = processor(images=[Image.open(folder / "img.png")], text=text, return_tensors="pt")
@@ -78,6 +78,14 @@ def test_generate_matches_transformers(folder, expected):
                 "--prompt", QUESTION, "--max-new-tokens", str(MAX_NEW))
   assert result.returncode == 0, result.stderr
   assert result.stdout == expected
+
+
+def test_generate_in_bfloat16_matches_transformers_in_bfloat16(folder):
+  """--dtype bfloat16 from a float32 folder (converted on the host) against transformers' torch_dtype=bfloat16."""
+  result = _run(folder, "generate", "--model", str(folder), "--image", str(folder / "img.png"),
+                "--prompt", QUESTION, "--max-new-tokens", str(MAX_NEW), "--dtype", "bfloat16")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == _transformers_answer(folder, QUESTION, torch.bfloat16) + "\n"
 
 
 def test_chat_answers_resets_and_quits(folder, expected):
@@ -107,6 +115,7 @@ def test_chat_keeps_history(folder):
     (["--image", "{folder}/bad.png", "--prompt", "hi"], "bad.png"),
     (["--image", "{folder}/missing.png", "--prompt", "hi"], "missing.png"),
     (["--image", "{folder}/img.png", "--prompt", "no tag", "--raw"], "has 0 <image> tag(s) but 1 image"),
+    (["--prompt", "hi", "--dtype", "float16"], "--dtype"),
 ])
 def test_generate_bad_input_exits_2(folder, args, message):
   assert_generate_exits_2(folder, args, message)

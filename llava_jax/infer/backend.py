@@ -70,12 +70,13 @@ def layout_for(backend: str | None = None) -> InferenceLayout:
 
 
 DTYPES = ("float32", "bfloat16")
+# XLA:CPU has no bf16 arithmetic: it would convert bf16 weights to float32 for every product.
 BACKEND_DTYPES = {"cpu": "float32"}
 DEFAULT_DTYPE = "bfloat16"
 
 
 def inference_dtype(requested: str = "auto", backend: str | None = None) -> str:
-  """The compute dtype `--dtype` asks for: one of DTYPES, or "auto" (that of `backend`, default jax.default_backend())."""
+  """The compute dtype `--dtype` asks for: one of DTYPES, or "auto": that of `backend` (default: JAX's)."""
   if requested == "auto":
     return BACKEND_DTYPES.get(backend or jax.default_backend(), DEFAULT_DTYPE)
   if requested not in DTYPES:
