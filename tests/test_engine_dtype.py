@@ -10,6 +10,7 @@ import torch
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import jaxprs_in_params
 
 from hf_fixtures import IMAGE_TOKEN, hf_state, our_config, tiny_hf_model
 from test_generate import PAD, _hf_generate, _hf_prefill_logits, _prompts
@@ -31,9 +32,8 @@ def bf16():
   hf32.generation_config.eos_token_id = None
   hf16 = tiny_hf_model(text="mistral").to(torch.bfloat16)
   hf16.generation_config.eos_token_id = None
-  config = our_config(hf32)
-  engine = Engine(config.replace(dtype="bfloat16"), hf_to_params(hf_state(hf16).__getitem__, config),
-                  eos_token_ids=[], pad_token_id=PAD)
+  config = our_config(hf32).replace(dtype="bfloat16")
+  engine = Engine(config, _checkpoint(hf16), eos_token_ids=[], pad_token_id=PAD)
   return hf32, hf16, engine, _prompts(config.image_seq_length)
 
 
@@ -94,7 +94,7 @@ def _weight_converts(jaxpr, shapes) -> int:
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "convert_element_type" and eqn.invars[0].aval.shape in shapes:
       count += 1
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in jaxprs_in_params(eqn.params):
       count += _weight_converts(sub, shapes)
   return count
 
