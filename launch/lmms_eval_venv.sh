@@ -13,8 +13,9 @@ VENV=${1:?usage: $0 VENV}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m venv "$VENV"
-grep -v '^\s*#' "$ROOT/requirements.txt" | sed 's/#.*//' | grep -v '^\s*$' > "$VENV/constraints.txt"
-"$VENV/bin/pip" install -q --no-compile -c "$VENV/constraints.txt" -r "$ROOT/requirements.txt" lmms-eval==0.7.3 \
+# PyAV is left to lmms-eval, which pins its own (video decoding is not what this venv is for).
+grep -v '^\s*#' "$ROOT/requirements.txt" | sed 's/#.*//' | grep -v '^\s*$' | grep -v '^av==' > "$VENV/constraints.txt"
+"$VENV/bin/pip" install -q --no-compile -c "$VENV/constraints.txt" -r "$VENV/constraints.txt" lmms-eval==0.7.3 \
   "filelock<4"
 "$VENV/bin/pip" uninstall -q -y torchvision
 "$VENV/bin/pip" install -q --no-compile --no-deps -e "$ROOT"
