@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import train_fixtures as F
+from xla_flags import with_device_count, without_device_count
 
 STEPS = 6
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+ONE_DEVICE = {"XLA_FLAGS": with_device_count(without_device_count(os.environ["XLA_FLAGS"]), 1), "JAX_PLATFORMS": "cpu"}
 
 # Runs `llava-jax train` with a hook: SIGKILL right after the step-2 checkpoint is committed, a
 # real SIGTERM delivered while step 3 runs (to process 1 only when there are several), or
