@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= demo_workdir
-# Tests run on 2 workers (pytest-xdist), one test file per worker at a time (--dist loadfile).
+# Tests run on 2 workers (pytest-xdist), one test file per worker at a time (--dist loadfile), in
+# collection order (--no-loadscope-reorder): tests/conftest.py puts the slowest files first.
 PYTEST_WORKERS ?= 2
 # pip byte-compiles every installed file (~17k, a third of a fresh install's time); instead,
 # importing what the demo and CLI load (their lazy imports included) writes bytecode for just
@@ -35,7 +36,7 @@ $(TEST_STAMP): $(STAMP)
 install: $(STAMP)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/llava-jax demo --workdir $(WORKDIR)
