@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from xla_flags import with_device_count, with_fast_compile, without_device_count
+from xla_flags import with_device_count, with_fast_compile, without_device_count, without_fast_compile
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,3 +47,4 @@ def test_without_device_count_leaves_the_other_flags():
   assert without_device_count("--xla_force_host_platform_device_count=8") == ""
   assert with_device_count("", 8) == "--xla_force_host_platform_device_count=8"
   assert with_fast_compile("--xla_dump_to=/tmp/x") == "--xla_dump_to=/tmp/x --xla_backend_optimization_level=0"
+  assert without_fast_compile(with_fast_compile("--xla_dump_to=/tmp/x")) == "--xla_dump_to=/tmp/x"

@@ -28,3 +28,8 @@ def with_fast_compile(flags: str) -> str:
   if _OPTIMIZATION_LEVEL.search(flags):
     return flags
   return f"{flags} --xla_backend_optimization_level=0".strip()
+
+
+def without_fast_compile(flags: str) -> str:
+  """FLAGS at XLA's default optimization level: for runs whose steps, not their compiles, take the time."""
+  return " ".join(_OPTIMIZATION_LEVEL.sub("", flags).split())
