@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= demo_workdir
-# Tests run on 2 workers (pytest-xdist), one test file per worker at a time (--dist loadfile).
+# Tests run on 2 workers (pytest-xdist), one test file per worker at a time (--dist loadfile), in
+# collection order (--no-loadscope-reorder): tests/conftest.py puts the slowest files first.
 PYTEST_WORKERS ?= 2
 # pip byte-compiles every installed file (~17k, a third of a fresh install's time); instead,
 # importing what the demo and CLI load (their lazy imports included) writes bytecode for just
@@ -37,7 +38,7 @@ install: $(STAMP)
 # tests/test_lmms_eval.py runs lmms-eval in a venv of its own (.venv-lmms-eval: ~4 min and 2.6 GB to build once,
 # then ~1 min of test): `make test-lmms-eval`.
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 --ignore tests/test_lmms_eval.py tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 --ignore tests/test_lmms_eval.py tests
 
 test-lmms-eval: $(TEST_STAMP)
 	$(PY) -m pytest -q tests/test_lmms_eval.py

@@ -6,8 +6,8 @@
 #
 # Each process gets D fake CPU devices (default 1) and the JAX_COORDINATOR_ADDRESS /
 # JAX_NUM_PROCESSES / JAX_PROCESS_ID variables `llava-jax train` reads to call
-# jax.distributed.initialize. Process i logs to $LOG_DIR/process_i.log (default: a temp folder)
-# and process 0 also to stderr. Exits with the first non-zero exit code, else 0.
+# jax.distributed.initialize (other XLA_FLAGS in the environment are kept). Process i logs to
+# $LOG_DIR/process_i.log (default: a temp folder) and process 0 also to stderr. Exits with the first non-zero exit code, else 0.
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
@@ -21,13 +21,15 @@ PORT=${COORDINATOR_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(
 LOG_DIR=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$LOG_DIR"
 
+OTHER_XLA_FLAGS=$(sed -E 's/--xla_force_host_platform_device_count=[^ ]*//g' <<< "${XLA_FLAGS:-}")
+
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup INT TERM
 
 for ((i = 0; i < N; i++)); do
   JAX_PLATFORMS=cpu \
-  XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" \
+  XLA_FLAGS="$OTHER_XLA_FLAGS --xla_force_host_platform_device_count=$DEVICES" \
   JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" JAX_NUM_PROCESSES="$N" JAX_PROCESS_ID="$i" \
     "$@" >"$LOG_DIR/process_$i.log" 2>&1 &
   pids+=($!)

@@ -18,6 +18,7 @@ from llava_jax.data.layouts import FixedLayout
 from llava_jax.data.processor import Processor
 from llava_jax.infer.chat import Conversation
 from tokenizer_fixture import build_tiny_tokenizer
+from xla_flags import without_device_count
 
 MAX_NEW = 12
 QUESTION = "What is in the image?"
@@ -50,7 +51,8 @@ def folder(tmp_path_factory):
 def _run(folder, *args, stdin=None):
   # A persistent compilation cache: runs in one worker reuse the programs an earlier run compiled.
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(folder / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             XLA_FLAGS=without_device_count(os.environ["XLA_FLAGS"]))
   return subprocess.run([sys.executable, "-m", "llava_jax", *args], input=stdin, capture_output=True, text=True,
                         env=env, timeout=300)
 

@@ -35,8 +35,14 @@ def _report(tmp_path, *args, stage="finetune") -> dict:
   return json.loads(out.read_text())
 
 
-def test_replicated_bytes_are_the_hand_count_and_fits_flips_at_the_total(tmp_path):
-  report = _report(tmp_path, "--mesh", "data=4")
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory) -> dict:
+  """The plan over 4 devices holding every parameter whole (data=4)."""
+  return _report(tmp_path_factory.mktemp("replicated"), "--mesh", "data=4")
+
+
+def test_replicated_bytes_are_the_hand_count_and_fits_flips_at_the_total(tmp_path, replicated):
+  report = replicated
   trainable = PROJECTOR + LANGUAGE  # stage 2 freezes the vision tower
   assert report["parameters"] == {"count": VISION + PROJECTOR + LANGUAGE, "trainable": trainable}
   held = report["per_device_bytes"]
@@ -71,8 +77,8 @@ def test_lora_holds_a_bf16_base_and_float32_trainables_and_leaves_out_the_cpus_f
   assert held["total"] == report["xla_cpu"]["total"] - upcasts  # accumulation: no gradient copy to remove
 
 
-def test_fsdp_splits_each_parameter_or_keeps_it_whole(tmp_path):
-  replicated = _report(tmp_path, "--mesh", "data=4")["per_device_bytes"]
+def test_fsdp_splits_each_parameter_or_keeps_it_whole(tmp_path, replicated):
+  replicated = replicated["per_device_bytes"]
   split = _report(tmp_path, "--mesh", "data=2,fsdp=2")["per_device_bytes"]
   for key in ("parameters", "gradients"):
     assert replicated[key] / 2 <= split[key] < replicated[key], key

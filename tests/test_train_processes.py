@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 
 import train_fixtures as F
+from xla_flags import with_device_count, without_device_count
 
 STEPS = 6
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+ONE_DEVICE = {"XLA_FLAGS": with_device_count(without_device_count(os.environ["XLA_FLAGS"]), 1), "JAX_PLATFORMS": "cpu"}
+# The runs compile the same programs as one another: the session's compilation cache (conftest) keeps every one.
+EVERY_PROGRAM_CACHED = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 # Runs `llava-jax train` with a hook: SIGKILL right after the step-2 checkpoint is committed, a
 # real SIGTERM delivered while step 3 runs (to process 1 only when there are several), or
@@ -81,7 +84,7 @@ def hooked(command):
 
 def two_processes(command, logs, **env):
   return start([os.path.join(F.REPO, "launch", "local_multiprocess.sh"), "2", "--devices", "2", *command],
-               dict(env, QUIET="1", LOG_DIR=str(logs)))
+               dict(env, QUIET="1", LOG_DIR=str(logs), **EVERY_PROGRAM_CACHED))
 
 
 def read_logs(folder):
@@ -104,8 +107,7 @@ def assert_params_close(expected, got):
 def assert_sigkill_then_rerun_equals_uninterrupted(command, tmp_path):
   """`command(workdir)` (a 1-device `llava-jax train` that checkpoints at step 2) run through, and killed right after
   the step-2 checkpoint then rerun: the same final parameters and the same last two metrics lines (but the rates)."""
-  env = dict(ONE_DEVICE, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(ONE_DEVICE, **EVERY_PROGRAM_CACHED)
   run = lambda argv, **extra: subprocess.run(argv, env=dict(os.environ, **env, **extra), capture_output=True,
                                              text=True, timeout=600)
   reference = run(command(tmp_path / "reference"))
@@ -132,30 +134,30 @@ def finish(proc, timeout=900):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """All the runs, started together where they are independent."""
+  """All the runs: the 1-device ones alongside the 2-process ones (each kind compiles its own programs), and within
+  each kind the first run alone, filling the compilation cache the others load from."""
   root = tmp_path_factory.mktemp("processes")
   world = F.make_world(root / "world")
-  # The 1-device runs compile the same programs: a persistent XLA cache compiles them once.
-  one_device = dict(ONE_DEVICE, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  one_device = dict(ONE_DEVICE, **EVERY_PROGRAM_CACHED)
   paths = {name: root / name for name in ("reference", "resumed", "multi", "multi_resumed", "multi_blocking")}
   logs = {name: root / f"{name}_logs" for name in ("multi", "multi_term", "multi_resumed", "multi_blocking")}
   mesh = {"mesh.data": 2, "mesh.fsdp": 2}
-  reference = start(train_command(world, paths["reference"]), one_device)
   multi = two_processes(hooked(train_command(world, paths["multi"], **mesh)), logs["multi"], TEST_INTERRUPT="count")
+  reference = finish(start(train_command(world, paths["reference"]), one_device))
   interrupted = []
   resumed = train_command(world, paths["resumed"])
   for mode in ("kill", "term"):
     interrupted.append(finish(start(hooked(resumed), dict(one_device, TEST_INTERRUPT=mode))))
     interrupted[-1] += ([str(step) for step in checkpoint_steps(paths["resumed"])],)
   final = finish(start(resumed, one_device))
+  multi = finish(multi)
   multi_resumed = train_command(world, paths["multi_resumed"], **mesh)
   multi_term = finish(two_processes(hooked(multi_resumed), logs["multi_term"], TEST_INTERRUPT="term"))
   multi_term += (checkpoint_steps(paths["multi_resumed"]),)
   multi_final = finish(two_processes(multi_resumed, logs["multi_resumed"]))
   multi_blocking = finish(two_processes(hooked(train_command(world, paths["multi_blocking"], **mesh)),
                                         logs["multi_blocking"], TEST_INTERRUPT="blocking", TESTS_DIR=F.TESTS))
-  return {"paths": paths, "reference": finish(reference), "multi": finish(multi), "kill": interrupted[0],
+  return {"paths": paths, "reference": reference, "multi": multi, "kill": interrupted[0],
           "term": interrupted[1], "final": final, "logs": logs, "multi_term": multi_term, "multi_final": multi_final,
           "multi_blocking": multi_blocking}
 
