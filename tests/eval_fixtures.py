@@ -186,6 +186,13 @@ def build(root):
   return root
 
 
+def use_scripted_session(monkeypatch) -> "ScriptedSession":
+  """A ScriptedSession in place of the model that infer.run.load_session would load (whatever its options)."""
+  session = ScriptedSession()
+  monkeypatch.setattr("llava_jax.infer.run.load_session", lambda path, mesh=None, **options: session)
+  return session
+
+
 class ScriptedSession:
   """Stands in for infer.run.Session: the reply to a prompt is reply(its text)."""
 
@@ -210,6 +217,7 @@ def write_export(folder, split, rows, image_column="image", saved=False):
   """One split of an lmms-lab export: rows with their images embedded ({"bytes"} cells of an Image column, or a
   list of them), written as the hub's parquet shard (or with save_to_disk)."""
   import datasets
+  datasets.disable_progress_bars()  # its bars on stderr would mix with the CLI's one-line errors under test
   features = datasets.Dataset.from_list([{k: v for k, v in rows[0].items() if k != image_column}]).features
   if image_column in rows[0]:
     many = isinstance(rows[0][image_column], list)

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import eval_fixtures
-from eval_fixtures import ScriptedSession
+from eval_fixtures import use_scripted_session
 from llava_jax import cli
 from llava_jax.eval import judge_prompts, runner
 from llava_jax.eval.judge import JudgeClient
@@ -84,9 +84,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def scripted(monkeypatch):
-  session = ScriptedSession()
-  monkeypatch.setattr("llava_jax.infer.run.load_session", lambda path, mesh=None: session)
-  return session
+  return use_scripted_session(monkeypatch)
 
 
 def _asked(body) -> str:

@@ -12,7 +12,7 @@ import openpyxl
 import pytest
 
 import eval_fixtures
-from eval_fixtures import ScriptedSession
+from eval_fixtures import use_scripted_session
 from hf_fixtures import save_tiny_hf_folder
 from llava_jax import cli
 from llava_jax.eval import processes, runner
@@ -33,9 +33,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def scripted(monkeypatch):
-  session = ScriptedSession()
-  monkeypatch.setattr("llava_jax.infer.run.load_session", lambda path, mesh=None: session)
-  return session
+  return use_scripted_session(monkeypatch)
 
 
 def test_every_task_scored_by_hand(data, model, scripted, tmp_path, capsys):
