@@ -17,8 +17,10 @@ whole model trains, the vision tower at its own learning rate, 2e-6 against 1e-5
 0.2), global batch 256, template `chatml` (Qwen2's). All stages: one epoch, cosine decay after 3% warmup, no weight
 decay, the model folder's anyres_max_9 image processing (a lone image tiled, its features downscaled past 9 tiles'
 worth), at most 8192 tokens a sample (an anyres_max_9 image takes up to about 7.4k). onevision takes samples of
-up to 12 images (`image: [a, b, c]`, one `<image>` each, one tile and a newline per image); samples with a `video`
-field are counted skips until the pipeline decodes videos. finetune_lora / finetune_qlora: LLaVA-1.5's LoRA stages
+up to 12 images (`image: [a, b, c]`, one `<image>` each, one tile and a newline per image) and videos (LLaVA-Video's
+JSON: `video: path` relative to --config.data.video_folder, a video file or a folder of frames), each sampled
+uniformly to 32 frames as OneVision trained (the paper's and lmms-eval's frame count; data.num_frames), every frame one
+tile pooled to 196 tokens: 6273 tokens a video. finetune_lora / finetune_qlora: LLaVA-1.5's LoRA stages
 (configs/llava_v1_5.py) with this recipe's template, length and images. `size=tiny` is the recipe at toy scale
 (random init of configs/models.py's tiny-ov).
 """
@@ -38,11 +40,12 @@ MAX_LEN = 8192
 MAX_IMAGES = 12  # onevision: images of one sample; more are counted skips
 
 SIZES = {  # LLaVA-1.5's runtime settings per scale, the OneVision model (configs/models.py), tower inputs per row
-    # (a lone image's most: its 6x6 tiles and the whole image, or MAX_IMAGES single-tile images)
-    "0.5b": dict(v1_5.SIZES["7b"], model="llava-onevision-qwen2-0.5b-ov", max_tiles=37),
-    "7b": dict(v1_5.SIZES["7b"], model="llava-onevision-qwen2-7b-ov", max_tiles=37),
-    "72b": dict(v1_5.SIZES["13b"], model="llava-onevision-qwen2-72b-ov", max_tiles=37),
-    "tiny": dict(v1_5.SIZES["tiny"], model="tiny-ov", max_tiles=MAX_IMAGES),  # 3x3 tiles + 1 <= 12
+    # (a lone image's most: its 6x6 tiles and the whole image, or MAX_IMAGES single-tile images, or a video's frames),
+    # frames per video in the onevision stage
+    "0.5b": dict(v1_5.SIZES["7b"], model="llava-onevision-qwen2-0.5b-ov", max_tiles=37, num_frames=32),
+    "7b": dict(v1_5.SIZES["7b"], model="llava-onevision-qwen2-7b-ov", max_tiles=37, num_frames=32),
+    "72b": dict(v1_5.SIZES["13b"], model="llava-onevision-qwen2-72b-ov", max_tiles=37, num_frames=32),
+    "tiny": dict(v1_5.SIZES["tiny"], model="tiny-ov", max_tiles=MAX_IMAGES, num_frames=8),  # 3x3 tiles + 1, 8 <= 12
 }
 
 
@@ -54,7 +57,7 @@ def stages(size: dict) -> dict:
       "pretrain": dict(images, lr=1e-3, batch_size=512, template="plain"),
       "knowledge": full_model,
       "single_image": full_model,
-      "onevision": dict(full_model, max_images=MAX_IMAGES),
+      "onevision": dict(full_model, max_images=MAX_IMAGES, num_frames=size["num_frames"]),
       **{name: dict(v1_5.STAGES[name], **images) for name in ("finetune_lora", "finetune_qlora")},
   }
 

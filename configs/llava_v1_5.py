@@ -66,7 +66,7 @@ def parse_args(arg: str, stages: dict, sizes: dict) -> dict:
 
 def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_collections.ConfigDict:
   """The training config of one stage and size; `stage` may set trainable, lr_multipliers, max_len, max_images,
-  max_tiles, lora and image_aspect_ratio beyond LLaVA-1.5's lr, batch_size and template."""
+  max_tiles, num_frames, lora and image_aspect_ratio beyond LLaVA-1.5's lr, batch_size and template."""
   c = ml_collections.ConfigDict()
   c.stage = stage_name
   c.size = size_name
@@ -86,7 +86,7 @@ def recipe(stage_name: str, size_name: str, stage: dict, size: dict) -> ml_colle
   c.data.json = ""
   c.data.image_folder = ""
   c.data.video_folder = ""          # video samples (LLaVA-Video's `video` field; video models only)
-  c.data.num_frames = 0             # frames sampled per video; 0 = the model folder's
+  c.data.num_frames = stage.get("num_frames", 0)  # frames sampled per video; 0 = the model folder's
   c.data.template = stage["template"]
   c.data.max_len = stage.get("max_len", 2048)
   c.data.max_images = stage.get("max_images", 1)

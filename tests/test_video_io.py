@@ -20,6 +20,7 @@ from PIL import Image
 import test_video_models as tvm  # the tiny models, tokenizer, per-frame reference pixels and token counts
 from hf_fixtures import save_tiny_hf_folder
 from tokenizer_fixture import build_word_tokenizer
+from video_fixtures import CODECS, write_video
 from llava_jax import cli
 from llava_jax.config import load_config
 from llava_jax.data import llava_json, pipeline, templates
@@ -44,9 +45,6 @@ TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}{%
             "{% if c['type'] == 'image' %}{{ '<image> ' }}{% elif c['type'] == 'video' %}{{ '<video> ' }}"
             "{% else %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
             "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-# (container, codec, pixel format): ffv1 is lossless, the others are compared with PyAV's own decoding
-CODECS = {"mkv": ("matroska", "ffv1", "bgr0"), "mp4": ("mp4", "libx264", "yuv420p"),
-          "webm": ("webm", "libvpx-vp9", "yuv420p")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,17 +55,6 @@ def tokenizer():
                   .split()))
   filler = " ".join(f"w{i:03d}" for i in range(128 - len(tvm.SPECIALS) - words))
   return build_word_tokenizer([tvm.VIDEO_TEXT, tvm.IMAGE_TEXT, "<video> <image> two", filler], tvm.SPECIALS)
-
-
-def _encode(path, frames, ext):
-  container, codec, pix_fmt = CODECS[ext]
-  with av.open(str(path), "w", format=container) as out:
-    stream = out.add_stream(codec, rate=4)
-    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-    for frame in frames:
-      out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-    out.mux(stream.encode())
-  return path
 
 
 def _encode_no_frames(path):
@@ -87,7 +74,7 @@ def _pyav_frames(path):
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
   root = tmp_path_factory.mktemp("media")
-  clips = {ext: _encode(root / f"clip.{ext}", FRAMES, ext) for ext in CODECS}
+  clips = {ext: write_video(root / f"clip.{ext}", FRAMES, ext) for ext in CODECS}
   (root / "frames").mkdir()
   for i in reversed(range(len(FRAMES))):  # written out of order: read in name order
     Image.fromarray(FRAMES[i]).save(root / "frames" / f"f{i:03d}.png")

@@ -112,7 +112,8 @@ def _reference_video_tokens(kind, hf_model, pixels) -> int:
   """The processor's replace_video_token for one video of these (F, 3, S, S) pixel values."""
   config = hf_model.config
   if kind == "onevision":
-    counter = types.SimpleNamespace(num_image_tokens=(OV_TILE // PATCH) ** 2, video_token="<video>")
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    counter = types.SimpleNamespace(num_image_tokens=side ** 2, video_token="<video>")
     return LlavaOnevisionProcessor.replace_video_token(counter, {"pixel_values_videos": [pixels]}, 0).count("<video>")
   counter = types.SimpleNamespace(patch_size=config.vision_config.patch_size, video_token="<video>")
   return LlavaNextVideoProcessor.replace_video_token(counter, {"pixel_values_videos": [pixels]}, 0).count("<video>")
