@@ -21,6 +21,7 @@ cuDNN's needs query, key and value split alike, which grouped KV heads need not 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -117,16 +118,22 @@ def select_kernel(requested: str, *, backend: str, dtype, head_dim: int, queries
   """
   if requested == "auto":
     requested = {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
-  if requested == "xla" or mask == "dense" or unsplittable is not None:
+  if requested == "xla" or mask == "dense":
     return "xla"
   if requested == "cudnn":
     platform = _emulated or (backend == "gpu" and jnp.dtype(dtype) in CUDNN_DTYPES)
     fits = head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM and not (mask == "segments" and queries % 2)
-    return "cudnn" if platform and fits else "xla"
-  if requested == "splash":
+  elif requested == "splash":
     platform = _emulated or backend == "tpu"
-    return "splash" if platform and queries % SPLASH_BLOCK == 0 and keys % SPLASH_BLOCK == 0 else "xla"
-  raise ValueError(f"unknown attention kernel {requested!r}")
+    fits = queries % SPLASH_BLOCK == 0 and keys % SPLASH_BLOCK == 0
+  else:
+    raise ValueError(f"unknown attention kernel {requested!r}")
+  if not (platform and fits):
+    return "xla"
+  if unsplittable is not None:  # the kernel would run but for the mesh: say why once (warnings deduplicates)
+    warnings.warn(f"attention: {requested} runs as xla on this mesh: {unsplittable}", stacklevel=3)
+    return "xla"
+  return requested
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, scale: float, *,
