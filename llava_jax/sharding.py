@@ -102,6 +102,11 @@ def active(mesh: Mesh, rules=LOGICAL_RULES):
     yield
 
 
+def axes_size(mesh, axes) -> int:
+  """How many pieces a dimension split over `axes` (one entry of a PartitionSpec) has on `mesh`."""
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
 def logical_to_spec(names) -> P:
   return nn.logical_to_mesh_axes(names, LOGICAL_RULES)
 
@@ -117,7 +122,7 @@ def tree_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
   def one(path, spec, leaf):
     spec = logical_to_spec(tuple(spec))
     for dim, axes in zip(leaf.shape, spec):
-      size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+      size = axes_size(mesh, axes)
       if dim % size:
         raise LlavaJaxError(
             f"sharding: {jax.tree_util.keystr(path, simple=True, separator='/')} has shape {tuple(leaf.shape)}; "

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from llava_jax import sharding
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.errors import LlavaJaxError
 from llava_jax.infer.generate import Engine, Prompt
@@ -26,11 +27,13 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
 def segment_rows(length: int) -> np.ndarray:
-  """Left padded, right padded, and three packed samples followed by padding."""
-  rows = np.zeros((3, length), np.int32)
+  """Left padded, right padded, three packed samples followed by padding, and one sample filling its row
+  (4 rows: one per batch device of the meshes below)."""
+  rows = np.zeros((4, length), np.int32)
   rows[0, 37:] = 1
   rows[1, :length - 90] = 1
   rows[2, :70], rows[2, 70:150], rows[2, 150:length - 20] = 1, 2, 3
+  rows[3] = 1
   return rows
 
 
@@ -39,15 +42,20 @@ def relative_error(ours, ref, rows) -> float:
   return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def outputs_and_grads(kernel, q, k, v, mask, cotangent, window):
-  """The attention output and the gradients of <output, cotangent> w.r.t. q, k, v (cotangent zero at padding)."""
+def attention_call(kernel, mask, window):
+  """(q, k, v) -> the output of one causal self-attention call (`kernel` "reference": the einsum path itself)."""
   def run(q, k, v):
     if kernel == "reference":
       return xla_attention(q, k, v, mask.dense, HEAD_DIM ** -0.5)
     return dot_product_attention(q, k, v, mask, HEAD_DIM ** -0.5, kernel=kernel, causal=True, sliding_window=window,
                                  skip_masked_blocks=kernel == "xla")
+  return run
+
+
+def outputs_and_grads(kernel, q, k, v, mask, cotangent, window):
+  """The attention output and the gradients of <output, cotangent> w.r.t. q, k, v (cotangent zero at padding)."""
   with attention.emulated_kernels():
-    out, pullback = jax.vjp(jax.jit(run), q, k, v)
+    out, pullback = jax.vjp(jax.jit(attention_call(kernel, mask, window)), q, k, v)
     return out, pullback(cotangent.astype(out.dtype))
 
 
@@ -67,18 +75,86 @@ def case(window, dtype):
   return inputs, real, outputs_and_grads("reference", *inputs)
 
 
+def assert_equal_to_reference(out, grads, ref, ref_grads, real, tol):
+  assert relative_error(out, ref, real) <= tol
+  real_kv = np.repeat(real, KV_HEADS, axis=0)  # heads-major rows: batch row b's heads are rows b*K .. b*K+K-1
+  for name, ours, theirs, rows in zip("qkv", grads, ref_grads, (real, real_kv, real_kv)):
+    assert relative_error(ours, theirs, rows) <= tol, name
+    assert not np.asarray(ours, np.float32)[~rows].any(), f"d{name} at padding"
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("window", [None, 100], ids=["causal", "sliding_window"])
 @pytest.mark.parametrize("kernel", ["xla", "cudnn", "splash"])
 def test_kernels_equal_the_einsum_path(kernel, window, dtype):
   inputs, real, (ref, ref_grads) = case(window, dtype)
   out, grads = outputs_and_grads(kernel, *inputs)
-  tol = TOLERANCE[dtype]
-  assert relative_error(out, ref, real) <= tol
-  real_kv = np.repeat(real, KV_HEADS, axis=0)  # heads-major rows: batch row b's heads are rows b*K .. b*K+K-1
-  for name, ours, theirs, rows in zip("qkv", grads, ref_grads, (real, real_kv, real_kv)):
-    assert relative_error(ours, theirs, rows) <= tol, name
-    assert not np.asarray(ours, np.float32)[~rows].any(), f"d{name} at padding"
+  assert_equal_to_reference(out, grads, ref, ref_grads, real, TOLERANCE[dtype])
+
+
+def shard_maps(jaxpr):
+  """Every shard_map equation in a jaxpr, nested ones (inside jit, custom_vjp, ...) included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "shard_map":
+      yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from shard_maps(sub)
+
+
+def primitives(jaxpr) -> set[str]:
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          names |= primitives(sub)
+  return names
+
+
+@pytest.mark.parametrize("kernel, mesh_spec", [
+    ("splash", {"data": 2, "fsdp": 2, "tensor": 2}),
+    ("splash", {"data": 1, "fsdp": 4, "tensor": 2}),
+    ("cudnn", {"data": 2, "fsdp": 2, "tensor": 2}),
+], ids=["splash-data2-fsdp2-tensor2", "splash-fsdp4-tensor2", "cudnn-data2-fsdp2-tensor2"])
+def test_flash_kernels_run_per_shard_on_a_mesh(kernel, mesh_spec):
+  """Under the training rules, each device runs the kernel on its row (batch over data x fsdp = 4) and its 4 of
+  the 8 query heads with their 1 of the 2 KV heads (tensor = 2), forward and backward; the result is the einsum
+  path's."""
+  inputs, real, (ref, ref_grads) = case(None, jnp.float32)
+  q, k, v, mask, cotangent, _ = inputs
+  with sharding.active(sharding.make_mesh(mesh_spec)):
+    out, grads = outputs_and_grads(kernel, *inputs)
+    with attention.emulated_kernels():
+      run = attention_call(kernel, mask, None)
+      jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(run, q, k, v)[1](cotangent))(q, k, v).jaxpr
+  assert_equal_to_reference(out, grads, ref, ref_grads, real, 1e-5)
+  maps = list(shard_maps(jaxpr))
+  assert len(maps) >= 2  # the forward, and the backward (its transpose)
+  local_q, local_kv = (1, LENGTH, HEADS // 2, HEAD_DIM), (1, KV_HEADS // 2, LENGTH, HEAD_DIM)
+  for eqn in maps:
+    assert "pallas_call" in primitives(eqn.params["jaxpr"]) or kernel == "cudnn"
+    body = eqn.params["jaxpr"]
+    local = [var.aval.shape for var in body.invars + body.outvars]  # forward: q, k, v in; backward: dq, dk, dv out
+    assert local_q in local and local_kv in local, local
+
+
+def test_mesh_that_cannot_split_the_kv_heads_falls_back_to_xla():
+  """tensor = 4 over 2 KV heads: the call runs on xla (no shard_map, no Pallas call) and a warning says why."""
+  inputs, real, (ref, _) = case(None, jnp.float32)
+  q, k, v, mask = inputs[:4]
+  with sharding.active(sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})), attention.emulated_kernels():
+    run = attention_call("splash", mask, None)
+    with pytest.warns(UserWarning, match="splash runs as xla on this mesh: KV heads 2 do not divide mesh axes "
+                                         "tensor of size 4"):
+      names = primitives(jax.make_jaxpr(run)(q, k, v).jaxpr)
+    out = jax.jit(run)(q, k, v)
+  assert "shard_map" not in names and "pallas_call" not in names
+  assert relative_error(out, ref, real) <= 1e-5
 
 
 def test_unmasked_attention_of_the_vision_towers():
@@ -139,19 +215,6 @@ def tiny_model():
   return config, params, ids, pixels
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-  """How often each flash kernel ran (traced), so a silent fallback to xla cannot pass for it."""
-  calls = {"cudnn": 0, "splash": 0}
-  for name in calls:
-    original = getattr(attention, f"{name}_attention")
-    def counted(*args, name=name, original=original):
-      calls[name] += 1
-      return original(*args)
-    monkeypatch.setattr(attention, f"{name}_attention", counted)
-  return calls
-
-
 @pytest.mark.parametrize("kernel", ["cudnn", "splash"])
 def test_model_logits_equal_across_kernels(tiny_model, kernel, kernel_calls):
   config, params, ids, pixels = tiny_model
@@ -170,13 +233,16 @@ def test_model_logits_equal_across_kernels(tiny_model, kernel, kernel_calls):
 
 
 def test_greedy_generation_identical_across_kernels(tiny_model, kernel_calls):
+  """Also splash on a mesh, under the inference rules: rows over `data`, heads over `tensor`, `fsdp` replicated."""
   config, params, ids, pixels = tiny_model
   prompts = [Prompt(ids[0, :120], pixels[0]), Prompt(ids[1, :97], pixels[1])]  # left padded to a 128 bucket
   tokens = {}
-  for kernel in ("xla", "cudnn", "splash"):
+  for kernel, mesh in (("xla", None), ("cudnn", None), ("splash", None),
+                       ("splash", sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))):
     with attention.emulated_kernels():
-      engine = Engine(config.replace(attention=kernel), params, eos_token_ids=[], pad_token_id=0)
-      tokens[kernel] = [c.tokens for c in engine.generate(prompts, 6)]
-  for kernel in ("cudnn", "splash"):
-    np.testing.assert_array_equal(tokens[kernel], tokens["xla"], err_msg=kernel)
-    assert kernel_calls[kernel] >= 2, kernel  # the prefill's decoder layers
+      engine = Engine(config.replace(attention=kernel), params, eos_token_ids=[], pad_token_id=0, mesh=mesh)
+      tokens[kernel, mesh] = [c.tokens for c in engine.generate(prompts, 6)]
+  for (kernel, mesh), ours in tokens.items():
+    np.testing.assert_array_equal(ours, tokens["xla", None], err_msg=f"{kernel} on {mesh}")
+  # Traced layers: cuDNN's in the prefill's decoder and the vision tower; splash's in the decoder, twice (a mesh).
+  assert kernel_calls == {"cudnn": 4, "splash": 4}

@@ -10,6 +10,7 @@ import pytest
 from llava_jax import sharding
 from llava_jax.data.pipeline import make_global_batch
 from llava_jax.errors import LlavaJaxError
+from llava_jax.models.attention import emulated_kernels
 from llava_jax.models.llava import Llava
 from llava_jax.train import build, optim, trainer
 
@@ -18,17 +19,17 @@ from hf_fixtures import IMAGE_TOKEN, our_config, tiny_hf_model
 B, S = 8, 40
 
 
-def make_batch(seed=0):
+def make_batch(seed=0, rows=B, length=S):
   rng = np.random.default_rng(seed)
-  ids = rng.integers(3, 120, (B, S)).astype(np.int32)
+  ids = rng.integers(3, 120, (rows, length)).astype(np.int32)
   ids[:, 2:18] = IMAGE_TOKEN  # 16 image tokens = one 28px image of 7px patches
-  attention = np.ones((B, S), np.int32)
-  loss_mask = np.zeros((B, S), np.float32)
-  for row in range(B):  # ragged answers and right padding
-    end = S - row
+  attention = np.ones((rows, length), np.int32)
+  loss_mask = np.zeros((rows, length), np.float32)
+  for row in range(rows):  # ragged answers and right padding
+    end = length - row
     attention[row, end:] = 0
     loss_mask[row, 20 + row % 3:end] = 1
-  pixels = rng.standard_normal((B, 1, 28, 28, 3)).astype(np.float32)
+  pixels = rng.standard_normal((rows, 1, 28, 28, 3)).astype(np.float32)
   return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "pixel_values": pixels}
 
 
@@ -51,8 +52,8 @@ def setup():
   return model, abstract, batch, jax.device_get(init(jax.random.key(0), *example))
 
 
-def make_trainer(setup, stage, mesh_spec, devices, accum=1):
-  model, abstract = setup[:2]
+def make_trainer(setup, stage, mesh_spec, devices, accum=1, model=None):
+  model, abstract = model or setup[0], setup[1]
   mask = optim.trainable_mask(nn.unbox(abstract), build.STAGE_TRAINABLE[stage])
   tx, lr = optim.make_optimizer(opt_config(), mask, total_steps=10)
   mesh = sharding.make_mesh(mesh_spec, devices)
@@ -153,6 +154,26 @@ def test_sharded_mesh_with_accumulation_equals_one_device(setup, finetune_one_de
   for path, value in flat(state.params).items():
     error, scale = np.linalg.norm(value - reference[path]), np.linalg.norm(reference[path])
     assert error <= 1e-5 * scale, (path, error / scale)
+
+
+def test_splash_attention_on_a_mesh_trains_as_xla(setup, kernel_calls):
+  """attention=splash (Pallas interpret mode, one call per device inside shard_map) on data=2, fsdp=2, tensor=2
+  takes the step attention=xla takes (loss, gradient norm, new weights): 128-token rows, right padding, the
+  second row packed with a sample after the first."""
+  batch = make_batch(rows=4, length=128)
+  batch["attention_mask"][1, 60:127] = 2
+  runs = {}
+  for kernel in ("xla", "splash"):
+    model = Llava(setup[0].config.replace(attention=kernel))
+    t = make_trainer(setup, "finetune", {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices(), model=model)
+    with emulated_kernels():
+      state, metrics = t.step(t.init_state(t.place_params(setup[3])), make_global_batch(batch, t.mesh))
+    runs[kernel] = [float(metrics["loss"]), float(metrics["grad_norm"])], flat(state.params)
+  assert kernel_calls["splash"] == 2  # the decoder's two layers, traced once
+  np.testing.assert_allclose(runs["splash"][0], runs["xla"][0], rtol=1e-5)
+  for path, value in runs["splash"][1].items():
+    reference = runs["xla"][1][path]
+    assert np.linalg.norm(value - reference) <= 1e-5 * np.linalg.norm(reference), path
 
 
 def test_mesh_errors_name_the_problem(setup):

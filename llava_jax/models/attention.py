@@ -11,15 +11,25 @@ sees the earlier keys (within `sliding_window` slots) of its own segment. Paddin
 own (id 0) there, so every query sees at least itself and no softmax is empty; the XLA path reads the
 dense mask, where padding queries see nothing. Either way a padding query's output is never read: no
 real query sees a padding key.
+
+On a mesh (traced under `sharding.active`) a flash kernel runs inside `shard_map`, one call per
+device on its rows and heads as the logical-axis rules place them (`mesh_split`): neither the Pallas
+call nor cuDNN's custom call may be left to XLA's partitioner (splash has no partitioning rule, and
+cuDNN's needs query, key and value split alike, which grouped KV heads need not be).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+from llava_jax import sharding
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 128
@@ -60,12 +70,41 @@ def heads_major(x: jax.Array) -> jax.Array:
   return x.swapaxes(1, 2).reshape(b * k, s, d)
 
 
+class MeshSplit(NamedTuple):
+  """How one flash-kernel call is split over the active mesh: the partition specs of q and the output
+  (B, S, H, D), of keys and values (B, K, T, D) and of the segment ids (B, T)."""
+  q: P
+  kv: P
+  segments: P
+
+
+def mesh_split(batch: int, heads: int, kv_heads: int) -> MeshSplit | str | None:
+  """The split of a flash-kernel call over the mesh being traced under: rows as the logical-axis rules
+  place "batch", query and KV heads as they place "heads" and "kv_heads" (so a device's query heads
+  are exactly those of its KV heads' groups). None without a mesh; a sentence saying why where the call
+  cannot be split so (then it runs on xla, which XLA partitions itself).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  # Separate calls: within one array, flax's rules never use a mesh axis twice (heads and kv_heads).
+  q = nn.logical_to_mesh_axes(("batch", None, "heads", None))
+  kv = nn.logical_to_mesh_axes(("batch", "kv_heads", None, None))
+  if q[2] != kv[1]:
+    return f"query heads are split over {q[2]} but KV heads over {kv[1]}"
+  for what, size, axes in (("batch", batch, q[0]), ("query heads", heads, q[2]), ("KV heads", kv_heads, kv[1])):
+    if size % sharding.axes_size(mesh, axes):
+      return f"{what} {size} do not divide mesh axes {axes} of size {sharding.axes_size(mesh, axes)}"
+  return MeshSplit(q, kv, P(q[0], None))
+
+
 def select_kernel(requested: str, *, backend: str, dtype, head_dim: int, queries: int, keys: int,
-                  mask: str) -> str:
+                  mask: str, unsplittable: str | None = None) -> str:
   """The kernel one attention call runs: `requested` where it applies, else xla.
 
   mask: "none" (every query sees every key), "segments" (causal self-attention with segment ids) or
-  "dense" (any other mask, e.g. a decode step's queries over a KV cache: xla only).
+  "dense" (any other mask, e.g. a decode step's queries over a KV cache: xla only). unsplittable:
+  why the active mesh cannot split the call (`mesh_split`), if it cannot: then xla.
 
   | kernel | applies on | dtype           | shape                                                 |
   |--------|------------|-----------------|-------------------------------------------------------|
@@ -74,7 +113,8 @@ def select_kernel(requested: str, *, backend: str, dtype, head_dim: int, queries
   | splash | TPU        | any             | query and key lengths multiples of 128                |
 
   `auto` is cudnn on a GPU, splash on a TPU and xla elsewhere, each falling back to xla where it
-  does not apply. Under `emulated_kernels` the backend and dtype columns are not checked.
+  does not apply. Under `emulated_kernels` the backend and dtype columns are not checked. On a mesh,
+  cudnn and splash also need the rows and (KV) heads to divide the mesh axes they are split over.
   """
   if requested == "auto":
     requested = {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
@@ -83,11 +123,17 @@ def select_kernel(requested: str, *, backend: str, dtype, head_dim: int, queries
   if requested == "cudnn":
     platform = _emulated or (backend == "gpu" and jnp.dtype(dtype) in CUDNN_DTYPES)
     fits = head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM and not (mask == "segments" and queries % 2)
-    return "cudnn" if platform and fits else "xla"
-  if requested == "splash":
+  elif requested == "splash":
     platform = _emulated or backend == "tpu"
-    return "splash" if platform and queries % SPLASH_BLOCK == 0 and keys % SPLASH_BLOCK == 0 else "xla"
-  raise ValueError(f"unknown attention kernel {requested!r}")
+    fits = queries % SPLASH_BLOCK == 0 and keys % SPLASH_BLOCK == 0
+  else:
+    raise ValueError(f"unknown attention kernel {requested!r}")
+  if not (platform and fits):
+    return "xla"
+  if unsplittable is not None:  # the kernel would run but for the mesh: say why once (warnings deduplicates)
+    warnings.warn(f"attention: {requested} runs as xla on this mesh: {unsplittable}", stacklevel=3)
+    return "xla"
+  return requested
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, scale: float, *,
@@ -107,20 +153,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attent
     k, v = k[:, :s], v[:, :s]
     mask = AttentionMask(mask.dense[:, :, :s], None if mask.segment_ids is None else mask.segment_ids[:, :s])
   kind = "none" if mask is None else "segments" if causal and mask.segment_ids is not None else "dense"
+  kv_heads = k.shape[0] // b
+  split = mesh_split(b, h, kv_heads)
   chosen = select_kernel(kernel, backend=jax.default_backend(), dtype=q.dtype, head_dim=d, queries=s,
-                         keys=k.shape[1], mask=kind)
+                         keys=k.shape[1], mask=kind, unsplittable=split if isinstance(split, str) else None)
   if chosen == "xla":
     dense = None if mask is None else mask.dense
     if causal and skip_masked_blocks:
       return causal_xla_attention(q, k, v, dense, scale, sliding_window)
     return xla_attention(q, k, v, dense, scale)
-  kv_heads = k.shape[0] // b
   k, v = (x.reshape(b, kv_heads, k.shape[1], d) for x in (k, v))
-  segments = None if mask is None else mask.segment_ids.astype(jnp.int32)
+  args = (q, k, v) if mask is None else (q, k, v, mask.segment_ids.astype(jnp.int32))
   window = sliding_window if causal else None
-  if chosen == "cudnn":
-    return cudnn_attention(q, k, v, segments, scale, causal, window)
-  return splash_attention(q, k, v, segments, scale, causal, window)
+
+  def flash(q, k, v, *segments):  # looked up per call, so that tests can count the kernels' calls
+    run = cudnn_attention if chosen == "cudnn" else splash_attention
+    return run(q, k, v, *(segments or (None,)), scale, causal, window)
+  if split is not None:  # splash's pallas_call states no varying mesh axes for its outputs: no vma check
+    flash = jax.shard_map(flash, in_specs=(split.q, split.kv, split.kv, split.segments)[:len(args)],
+                          out_specs=split.q, check_vma=False)
+  return flash(*args)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
