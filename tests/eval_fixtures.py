@@ -11,6 +11,7 @@ import json
 import types
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -184,6 +185,17 @@ def build(root):
       "v1_1": {"imagename": "v1_0.png", "capability": ["ocr", "math"], "question": "What is x in the equation?",
                "answer": "-1<AND>-5"}}))
   return root
+
+
+def eval_cli_error(capsys, *args) -> str:
+  """The one line `llava-jax eval ARGS` writes on stderr as it exits 2."""
+  from llava_jax import cli
+  with pytest.raises(SystemExit) as e:
+    cli.main(["eval", *args])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  return err
 
 
 def use_scripted_session(monkeypatch) -> "ScriptedSession":

@@ -10,8 +10,7 @@ import threading
 import pytest
 
 import eval_fixtures
-from eval_fixtures import use_scripted_session
-from llava_jax import cli
+from eval_fixtures import eval_cli_error, use_scripted_session
 from llava_jax.eval import judge_prompts, runner
 from llava_jax.eval.judge import JudgeClient
 from llava_jax.eval.tasks import parse_tasks
@@ -173,15 +172,6 @@ def test_exports_carry_the_judges_inputs(data, model, scripted, judge_server, tm
   assert results["exports"][0]["llava_bench"]["judged"] == 3 and results["exports"][0]["mm_vet"]["judged"] == 2
 
 
-def _cli_error(capsys, *args) -> str:
-  with pytest.raises(SystemExit) as e:
-    cli.main(["eval", *args])
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1
-  return err
-
-
 def test_an_unreachable_or_failing_judge_exits_2_with_one_line(data, model, scripted, judge_server, tmp_path,
                                                               capsys, monkeypatch):
   with socket.socket() as s:  # a port nothing listens on
@@ -189,18 +179,18 @@ def test_an_unreachable_or_failing_judge_exits_2_with_one_line(data, model, scri
     port = s.getsockname()[1]
   out = tmp_path / "out"
   args = ["--model", str(model), "--data", str(data), "--out", str(out), "--task", "mm_vet", "--judge-model", "j"]
-  err = _cli_error(capsys, *args, "--judge-url", f"http://127.0.0.1:{port}/v1")
+  err = eval_cli_error(capsys, *args, "--judge-url", f"http://127.0.0.1:{port}/v1")
   assert err.startswith(f"llava-jax: error: judge http://127.0.0.1:{port}/v1/chat/completions: cannot connect")
   assert not (out / "results.json").exists() and not (out / "mm_vet" / "judgments.jsonl").exists()
   assert len((out / "mm_vet" / "answers.jsonl").read_text().splitlines()) == 2  # the answers are kept
   monkeypatch.setenv("OPENAI_API_KEY", KEY)  # the default key variable
-  err = _cli_error(capsys, *args, "--judge-url", judge_server.url.replace("/v1", "/broken/v1"))
+  err = eval_cli_error(capsys, *args, "--judge-url", judge_server.url.replace("/v1", "/broken/v1"))
   assert "chat/completions: HTTP 500 upstream failed for key ***" in err and KEY not in err
   assert judge_server.requests[-1]["auth"] == f"Bearer {KEY}"
-  assert "environment variable NOPE is not set" in _cli_error(capsys, *args, "--judge-url", judge_server.url,
+  assert "environment variable NOPE is not set" in eval_cli_error(capsys, *args, "--judge-url", judge_server.url,
                                                                "--judge-key-env", "NOPE")
   assert not (out / "results.json").exists()
-  assert "--judge-model/--judge-key-env: also give --judge-url" in _cli_error(capsys, *args)
+  assert "--judge-model/--judge-key-env: also give --judge-url" in eval_cli_error(capsys, *args)
 
 
 def test_the_judges_files_are_checked_before_the_model_is_asked(model, scripted, judge_server, tmp_path, capsys):
@@ -210,7 +200,7 @@ def test_the_judges_files_are_checked_before_the_model_is_asked(model, scripted,
                                                      "category": "detail"}) + "\n")
   args = ["--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
           "--task", "llava_bench", "--judge-url", judge_server.url, "--judge-model", "j"]
-  assert f"{bench}/answers_gpt4.jsonl: no such file" in _cli_error(capsys, *args)
+  assert f"{bench}/answers_gpt4.jsonl: no such file" in eval_cli_error(capsys, *args)
   (bench / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 0, "text": "A photo."}) + "\n")
-  assert f"{bench}/context.jsonl: no such file" in _cli_error(capsys, *args)
+  assert f"{bench}/context.jsonl: no such file" in eval_cli_error(capsys, *args)
   assert scripted.batches == [] and judge_server.requests == []

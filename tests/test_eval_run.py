@@ -12,9 +12,8 @@ import openpyxl
 import pytest
 
 import eval_fixtures
-from eval_fixtures import use_scripted_session
+from eval_fixtures import eval_cli_error, use_scripted_session
 from hf_fixtures import save_tiny_hf_folder
-from llava_jax import cli
 from llava_jax.eval import processes, runner
 from llava_jax.eval.tasks import TASKS, Question
 
@@ -128,36 +127,27 @@ def test_without_answer_format_the_questions_are_asked_as_written(data, model, s
   assert results["run"]["settings"]["answer_format"] is False
 
 
-def _cli_error(capsys, *args) -> str:
-  with pytest.raises(SystemExit) as e:
-    cli.main(["eval", *args])
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1
-  return err
-
-
 def test_bad_input_exits_2_naming_it(data, model, tmp_path, capsys):
   common = ["--model", str(model), "--out", str(tmp_path / "out")]
-  assert "unknown task 'vqa3'" in _cli_error(capsys, *common, "--data", str(data), "--task", "pope,vqa3")
+  assert "unknown task 'vqa3'" in eval_cli_error(capsys, *common, "--data", str(data), "--task", "pope,vqa3")
   empty = tmp_path / "empty"
   empty.mkdir()
-  assert f"{empty}/gqa/llava_gqa_testdev_balanced.jsonl: no such file" in _cli_error(
+  assert f"{empty}/gqa/llava_gqa_testdev_balanced.jsonl: no such file" in eval_cli_error(
       capsys, *common, "--data", str(empty), "--task", "gqa")
   bad = tmp_path / "bad"
   (bad / "pope").mkdir(parents=True)
   (bad / "pope" / "llava_pope_test.jsonl").write_text(
       '{"question_id": 1, "image": "a.png", "text": "q"}\n{"question_id": 2,\n')
-  assert f"{bad}/pope/llava_pope_test.jsonl:2: invalid JSON" in _cli_error(
+  assert f"{bad}/pope/llava_pope_test.jsonl:2: invalid JSON" in eval_cli_error(
       capsys, *common, "--data", str(bad), "--task", "pope")
   (bad / "pope" / "llava_pope_test.jsonl").write_text('{"question_id": 1, "image": "a.png"}\n')
-  assert "llava_pope_test.jsonl:1: missing key 'text'" in _cli_error(
+  assert "llava_pope_test.jsonl:1: missing key 'text'" in eval_cli_error(
       capsys, *common, "--data", str(bad), "--task", "pope")
   export = tmp_path / "export"
   eval_fixtures.write_export(export, "test", [{"question_id": "1", "question": "Is it?", "answer": "yes"}])
-  assert f"{export}: row 0 has no column 'category'" in _cli_error(capsys, *common, "--data", str(export), "--task",
+  assert f"{export}: row 0 has no column 'category'" in eval_cli_error(capsys, *common, "--data", str(export), "--task",
                                                                    "pope")
-  assert f"{export} is one lmms-lab export: --task names one task" in _cli_error(
+  assert f"{export} is one lmms-lab export: --task names one task" in eval_cli_error(
       capsys, *common, "--data", str(export), "--task", "pope,mme")
 
 
@@ -168,12 +158,12 @@ def test_answers_of_another_model_or_task_are_refused(data, model, tmp_path, cap
   row = {"question_id": 0, "prompt": "p", "text": "yes", "task": "pope", "model_id": "/elsewhere/model"}
   answers.write_text(json.dumps(row) + "\n")
   args = ["--model", str(model), "--data", str(data), "--out", str(out), "--task", "pope"]
-  assert f"{answers}: answers of model /elsewhere/model" in _cli_error(capsys, *args)
+  assert f"{answers}: answers of model /elsewhere/model" in eval_cli_error(capsys, *args)
   answers.write_text(json.dumps(dict(row, task="gqa", model_id=os.path.realpath(model))) + "\n")
-  assert f"{answers}: answers of task 'gqa', not 'pope'" in _cli_error(capsys, *args)
+  assert f"{answers}: answers of task 'gqa', not 'pope'" in eval_cli_error(capsys, *args)
   answers.unlink()
   (out / "results.json").write_text(json.dumps({"run": {"model": "/elsewhere/model"}}))
-  assert f"{out}/results.json: results of model /elsewhere/model" in _cli_error(capsys, *args)
+  assert f"{out}/results.json: results of model /elsewhere/model" in eval_cli_error(capsys, *args)
 
 
 def test_vqav2_scored_when_annotations_exist(tmp_path):

@@ -7,11 +7,24 @@ import dataclasses
 import glob
 import os
 import re
+
 from llava_jax.errors import LlavaJaxError
 from llava_jax.eval import mme, pope
 from llava_jax.eval.tasks.base import (SHORT_ANSWER, Question, Task, export_truth, llava_questions, read_jsonl,
                                        with_suffix)
 from llava_jax.eval.tasks.exports import Export
+
+
+def _export_questions(folder: str, suffix: str, image_name) -> list[Question]:
+  """The yes/no questions of an lmms-lab export's test split (question_id, question, image, category, answer):
+  asked with `suffix`, the image named image_name(row, question id), category and answer to the scorer."""
+  export = Export(folder, (), ("test",))
+  out = []
+  for i, r in enumerate(export.records):
+    qid = str(export.column(r, "question_id", i))
+    out.append(Question(qid, with_suffix(export.column(r, "question", i), suffix), export.image(i, image_name(r, qid)),
+                        {"category": export.column(r, "category", i), "truth": export.column(r, "answer", i)}))
+  return out
 
 
 class Pope(Task):
@@ -30,14 +43,7 @@ class Pope(Task):
                            ("category",))
 
   def read_export(self, folder):
-    export = Export(folder, (), ("test",))
-    out = []
-    for i, r in enumerate(export.records):
-      qid = str(export.column(r, "question_id", i))
-      out.append(Question(qid, with_suffix(export.column(r, "question", i), self.suffix),
-                          export.image(i, f"{r.get('image_source') or qid}.jpg"),
-                          {"category": export.column(r, "category", i), "truth": export.column(r, "answer", i)}))
-    return out
+    return _export_questions(folder, self.suffix, lambda r, qid: f"{r.get('image_source') or qid}.jpg")
 
   def score(self, root, questions, answers):
     out, truth = {}, export_truth(questions)
@@ -109,14 +115,7 @@ class Mme(Task):
     return _numbered(out)
 
   def read_export(self, folder):
-    export = Export(folder, (), ("test",))
-    out = []
-    for i, r in enumerate(export.records):
-      qid = str(export.column(r, "question_id", i))
-      out.append(Question(qid, with_suffix(export.column(r, "question", i), self.suffix),
-                          export.image(i, os.path.basename(qid)),
-                          {"category": export.column(r, "category", i), "truth": export.column(r, "answer", i)}))
-    return _numbered(out)
+    return _numbered(_export_questions(folder, self.suffix, lambda r, qid: os.path.basename(qid)))
 
   def _truth(self, root) -> dict[tuple[str, str, str], str]:
     """(category, file stem, question key) -> yes/no, from the release's .txt files."""
