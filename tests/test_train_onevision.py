@@ -255,11 +255,12 @@ def test_onevision_stage_batches_hold_the_video(world, tmp_path):
   assert int((out["input_ids"] == source.config.video_token_index).sum()) == NUM_FRAMES * 2 * 2 + 1
 
 
-def test_onevision_stage_sigkill_then_rerun_equals_uninterrupted(world, tmp_path):
-  """The stage mixing single-image, multi-image, video and text samples, the vision tower at its own learning
-  rate."""
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_sigkill_then_rerun_equals_uninterrupted(world, tmp_path, stage):
+  """Every stage on the mix of single-image, multi-image, video and text samples (its own trainable set, learning
+  rates, template; QLoRA's quantized base)."""
   command = lambda workdir: [sys.executable, "-m", "llava_jax", "train",
-                             *_stage_args(world, workdir, "onevision", total_steps=4, checkpoint_every=2)]
+                             *_stage_args(world, workdir, stage, total_steps=4, checkpoint_every=2)]
   assert_sigkill_then_rerun_equals_uninterrupted(command, tmp_path)
 
 
