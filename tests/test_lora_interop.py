@@ -1,8 +1,10 @@
 """LoRA adapters in and out (weights/adapters.py) against peft 0.21.2 on the tiny transformers LLaVA and LLaVA-NeXT:
 our PEFT export loaded by `PeftModel.from_pretrained`, a PEFT adapter trained a step in PyTorch and LLaVA's release
-layout of it imported into ours, `convert merge-lora` loaded by transformers, `generate --adapter` against
-transformers + peft greedy decoding, and bad adapters."""
+layout of it imported into ours, `convert merge-lora` loaded by transformers, `generate --adapter` (on a mesh too), `chat --adapter`
+and `serve --adapter` against transformers + peft greedy decoding, and bad adapters."""
 
+import base64
+import io
 import json
 import os
 
@@ -11,12 +13,15 @@ import peft
 import pytest
 import torch
 import transformers
+from fastapi.testclient import TestClient
 from flax import traverse_util
 from PIL import Image
 
 from hf_fixtures import hf_state, our_config, tiny_hf_model, tiny_hf_next_model
 from llava_jax import cli
 from llava_jax.data.images import ImageProcessor
+from llava_jax.infer.serve.app import create_app
+from llava_jax.infer.serve.command import load_service
 from llava_jax.models.lora import LoraConfig
 from llava_jax.weights.mapping import hf_to_params
 from llava_jax.weights.model_folder import save_checkpoint_folder
@@ -179,7 +184,7 @@ def test_merge_lora_loads_in_transformers_with_the_unmerged_logits(family, train
 
 
 @pytest.mark.parametrize("family", ["llava"], indirect=True)
-def test_generate_with_adapter_equals_transformers_peft_greedy(family, trained, capsys):
+def test_generate_chat_and_serve_with_adapter_equal_transformers_peft_greedy(family, trained, capsys, monkeypatch):
   model, folder, _ = trained
   with torch.no_grad():
     out = model.generate(**family.inputs, do_sample=False, max_new_tokens=MAX_NEW)
@@ -187,9 +192,20 @@ def test_generate_with_adapter_equals_transformers_peft_greedy(family, trained, 
   width = family.inputs["input_ids"].shape[1]
   assert not torch.equal(out[0, width:], base[0, width:])  # the adapter changes the answer
   want = family.processor.decode(out[0, width:], skip_special_tokens=True)
-  cli.main(["generate", "--model", str(family.path), "--adapter", str(folder), "--image", str(family.path / "img.png"),
-            "--prompt", QUESTION, "--max-new-tokens", str(MAX_NEW)])
+  image, adapter = str(family.path / "img.png"), ["--model", str(family.path), "--adapter", str(folder)]
+  for mesh in ([], ["--mesh", "data=2,fsdp=2,tensor=2"]):  # the adapters sharded with their kernels too
+    cli.main(["generate", *adapter, *mesh, "--image", image, "--prompt", QUESTION, "--max-new-tokens", str(MAX_NEW)])
+    assert capsys.readouterr().out == want + "\n"
+  monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n/quit\n"))
+  cli.main(["chat", *adapter, "--image", image, "--max-new-tokens", str(MAX_NEW)])
   assert capsys.readouterr().out == want + "\n"
+  service = load_service(str(family.path), model_id="tiny", adapter=str(folder))
+  url = "data:image/png;base64," + base64.b64encode((family.path / "img.png").read_bytes()).decode()
+  with TestClient(create_app(service)) as client:
+    reply = client.post("/v1/chat/completions", json={
+        "model": "tiny", "temperature": 0, "max_tokens": MAX_NEW, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]})
+  assert reply.json()["choices"][0]["message"]["content"] == want
 
 
 # ---- bad input --------------------------------------------------------------------------------------
