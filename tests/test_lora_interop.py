@@ -1,9 +1,8 @@
 """LoRA adapters in and out (weights/adapters.py) against peft 0.21.2 on the tiny transformers LLaVA and LLaVA-NeXT:
 our PEFT export loaded by `PeftModel.from_pretrained`, a PEFT adapter trained a step in PyTorch and LLaVA's release
-layout of it imported into ours, `convert merge-lora` loaded by transformers, `generate --adapter` (on a mesh too), `chat --adapter`
-and `serve --adapter` against transformers + peft greedy decoding, and bad adapters."""
+layout of it imported into ours, `convert merge-lora` loaded by transformers, `generate --adapter` (on a mesh too),
+`chat --adapter` and `serve --adapter` against transformers + peft greedy decoding, and bad adapters."""
 
-import base64
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from llava_jax.weights.mapping import hf_to_params
 from llava_jax.weights.model_folder import save_checkpoint_folder
 from test_generate_cli import TEMPLATE
 from test_llava_next import reference_processor
+from test_server import MODEL_ID as SERVED_MODEL_ID, _request as server_request
 from test_lora import _lora_params, session_logits
 from tokenizer_fixture import build_tiny_tokenizer
 
@@ -199,12 +199,10 @@ def test_generate_chat_and_serve_with_adapter_equal_transformers_peft_greedy(fam
   monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n/quit\n"))
   cli.main(["chat", *adapter, "--image", image, "--max-new-tokens", str(MAX_NEW)])
   assert capsys.readouterr().out == want + "\n"
-  service = load_service(str(family.path), model_id="tiny", adapter=str(folder))
-  url = "data:image/png;base64," + base64.b64encode((family.path / "img.png").read_bytes()).decode()
+  service = load_service(str(family.path), model_id=SERVED_MODEL_ID, adapter=str(folder))
   with TestClient(create_app(service)) as client:
-    reply = client.post("/v1/chat/completions", json={
-        "model": "tiny", "temperature": 0, "max_tokens": MAX_NEW, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]})
+    body = server_request(QUESTION, (family.path / "img.png").read_bytes(), max_tokens=MAX_NEW)
+    reply = client.post("/v1/chat/completions", json=body)
   assert reply.json()["choices"][0]["message"]["content"] == want
 
 
